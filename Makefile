@@ -1,0 +1,33 @@
+# The two commands a new user runs: `make demo` and `make test`.
+# Both create .venv if needed; both work with no PostgreSQL installed (an
+# embedded one is started), with a server on 127.0.0.1:5432, or with $DGP_DSN.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: test demo lint clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+# The suite runs twice: with gevent's monkey-patching (greenlets) and without
+# it (OS threads), so both ways of serving are proven.
+test: $(STAMP)
+	$(PY) -m ruff check .
+	DGP_TEST_MODE=gevent $(PY) -m pytest
+	DGP_TEST_MODE=threads $(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check django_gevent_pool
+
+clean:
+	rm -rf $(VENV) build *.egg-info

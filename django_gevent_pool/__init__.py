@@ -1,0 +1,23 @@
+"""A gevent-aware, greenlet-safe pool of psycopg2 connections for Django."""
+
+from __future__ import annotations
+
+from .errors import PoolClosed, PoolConfigError, PoolError, PoolTimeout, TooManyRequests
+from .green import is_psycopg2_cooperative, patch_psycopg2
+from .options import PoolOptions
+from .pool import ConnectionPool
+
+__version__ = "1.0.0"
+
+__all__ = [
+    "ConnectionPool",
+    "PoolClosed",
+    "PoolConfigError",
+    "PoolError",
+    "PoolOptions",
+    "PoolTimeout",
+    "TooManyRequests",
+    "__version__",
+    "is_psycopg2_cooperative",
+    "patch_psycopg2",
+]

@@ -1,0 +1,239 @@
+"""The Django layer: translates a connection's lifecycle into pool checkout and return.
+
+No locks and no pool logic live here. Django calls ``connect()`` ->
+``get_new_connection()`` when code first needs the database: we borrow from the
+alias's pool. ``close()`` -> ``_close()``, and ``close_if_unusable_or_obsolete()``
+at request start and finish: we give the connection back, discarding it when
+Django judged it broken (errors occurred and ``is_usable()`` failed, or
+autocommit was left changed).
+
+Every *physical* connection goes through Django's own ``get_new_connection``
+and ``init_connection_state`` exactly once, when the pool opens it, so
+``isolation_level``, ``assume_role``, the time zone, the JSON adapters and
+PostGIS's adapters are set up as by the stock backend.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+from django.db import DEFAULT_DB_ALIAS
+from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
+
+from ..errors import PoolConfigError
+from ..green import ensure_cooperative
+from ..options import PoolOptions
+from ..pool import ConnectionPool
+from ..registry import PoolRegistry
+
+logger = logging.getLogger("django_gevent_pool")
+
+#: Every pool of this process, one per database alias.
+registry = PoolRegistry()
+
+
+def get_pool(alias: str = DEFAULT_DB_ALIAS) -> ConnectionPool | None:
+    """The pool currently serving ``alias`` in this process, or None if none was made yet."""
+    return registry.pools().get(alias)
+
+
+def all_stats() -> dict[str, dict[str, float]]:
+    """``get_stats()`` of every pool of this process, by alias."""
+    return {str(alias): pool.get_stats() for alias, pool in registry.pools().items()}
+
+
+def close_pools(alias: str | None = None) -> int:
+    """Close the pool of ``alias`` (or all pools); the next use makes a new one."""
+    return registry.close(alias)
+
+
+def pool_options_for(alias: str, options: dict[str, Any]) -> tuple[PoolOptions, dict[str, Any]]:
+    """Validate ``OPTIONS`` of ``alias``; ``ImproperlyConfigured`` names the alias and key."""
+    try:
+        return PoolOptions.from_mapping(options, name=f"DATABASES[{alias!r}]")
+    except PoolConfigError as exc:
+        raise ImproperlyConfigured(str(exc)) from exc
+
+
+class PooledDatabaseWrapperMixin:
+    """Mix in front of a PostgreSQL ``DatabaseWrapper`` (psycopg2) to pool its connections."""
+
+    # Provided by BaseDatabaseWrapper; declared for type checkers.
+    alias: str
+    settings_dict: dict[str, Any]
+    connection: Any
+    errors_occurred: bool
+    health_check_done: bool
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pool: ConnectionPool | None = None  # where the current connection came from
+        self._pool_discard = False  # Django judged the current connection broken
+        if self.alias != NO_DB_ALIAS:
+            pool_options_for(self.alias, self.settings_dict["OPTIONS"])
+
+    # ----------------------------------------------------------- settings
+
+    def check_settings(self) -> None:
+        super().check_settings()  # type: ignore[misc]
+        if self.alias != NO_DB_ALIAS:
+            pool_options_for(self.alias, self.settings_dict["OPTIONS"])
+
+    def get_connection_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = super().get_connection_params()  # type: ignore[misc]
+        for name in PoolOptions.names():
+            params.pop(name, None)
+        return params
+
+    # --------------------------------------------------------- checkout
+
+    def get_new_connection(self, conn_params: dict[str, Any]) -> Any:
+        if self.alias == NO_DB_ALIAS:
+            # Django's short-lived connections to the 'postgres' database (test
+            # database creation and such) are not pooled.
+            return super().get_new_connection(conn_params)  # type: ignore[misc]
+        pool = self._pool_for(conn_params)
+        conn = pool.getconn()
+        self._pool = pool
+        self._pool_discard = False
+        self.isolation_level = _isolation_level(self.settings_dict["OPTIONS"])
+        return conn
+
+    def init_connection_state(self) -> None:
+        if self._pool is None:
+            super().init_connection_state()  # type: ignore[misc]
+            return
+        # The PostgreSQL part (time zone, role) ran once when the pool opened
+        # this connection; only Django's once-per-alias version check is left.
+        BaseDatabaseWrapper.init_connection_state(self)  # type: ignore[arg-type]
+
+    def _pool_for(self, conn_params: dict[str, Any]) -> ConnectionPool:
+        pool_options, _ = pool_options_for(self.alias, self.settings_dict["OPTIONS"])
+        fingerprint = (
+            repr(sorted(conn_params.items(), key=lambda kv: kv[0])),
+            pool_options,
+            self.timezone_name,  # type: ignore[attr-defined]
+            settings.USE_TZ,
+            self.settings_dict["AUTOCOMMIT"],
+            repr(self.settings_dict["OPTIONS"].get("isolation_level")),
+            self.settings_dict["OPTIONS"].get("assume_role"),
+        )
+        return registry.get(
+            self.alias,
+            fingerprint,
+            functools.partial(self._make_pool, conn_params, pool_options),
+            tags={"dbname": conn_params.get("dbname")},
+        )
+
+    def _make_pool(self, conn_params: dict[str, Any], pool_options: PoolOptions) -> ConnectionPool:
+        ensure_cooperative()
+        # A snapshot: the test runner mutates settings_dict in place later, and
+        # this pool must keep connecting where its fingerprint says.
+        settings_dict = {**self.settings_dict, "OPTIONS": dict(self.settings_dict["OPTIONS"])}
+        connect = functools.partial(
+            _open_physical, type(self), settings_dict, self.alias, conn_params
+        )
+        return ConnectionPool(
+            connect,
+            name=self.alias,
+            options=pool_options,
+            after_reset=functools.partial(_setup_session, type(self), settings_dict, self.alias),
+        )
+
+    # ---------------------------------------------------------- return
+
+    def _close(self) -> None:
+        pool = self._pool
+        if pool is None or self.connection is None:
+            super()._close()  # type: ignore[misc]
+            return
+        conn, discard = self.connection, self._pool_discard
+        self._pool, self._pool_discard = None, False
+        # The connection is the pool's again: this wrapper must not touch it,
+        # even when close() was called inside an atomic block.
+        self.connection = None
+        with self.wrap_database_errors:  # type: ignore[attr-defined]
+            pool.putconn(conn, discard=discard)
+
+    def is_usable(self) -> bool:
+        usable: bool = super().is_usable()  # type: ignore[misc]
+        if not usable and self._pool is not None:
+            self._pool_discard = True
+        return usable
+
+    def close_if_unusable_or_obsolete(self) -> None:
+        """At request start and finish: give the connection back, or discard it if broken.
+
+        Django's own judgement decides what is broken: autocommit left changed,
+        or errors occurred and ``is_usable()`` fails. Whatever ``CONN_MAX_AGE``
+        says, a pooled connection goes back to the pool here: the pool, not the
+        greenlet that happened to serve a request, keeps connections alive.
+        """
+        if self._pool is None or self.connection is None:
+            super().close_if_unusable_or_obsolete()  # type: ignore[misc]
+            return
+        self.health_check_done = False
+        if self.get_autocommit() != self.settings_dict["AUTOCOMMIT"]:  # type: ignore[attr-defined]
+            self._pool_discard = True
+        elif self.errors_occurred and self.is_usable():
+            self.errors_occurred = False
+        self.close()  # type: ignore[attr-defined]
+
+
+def _isolation_level(options: dict[str, Any]) -> Any:
+    """The wrapper's ``isolation_level`` attribute, as Django's get_new_connection sets it."""
+    from django.db.backends.postgresql.psycopg_any import IsolationLevel
+
+    value = options.get("isolation_level")
+    return IsolationLevel.READ_COMMITTED if value is None else IsolationLevel(value)
+
+
+def _scratch(cls: type, settings_dict: dict[str, Any], alias: str, conn: Any) -> Any:
+    wrapper = cls(settings_dict, alias)
+    wrapper.connection = conn
+    return wrapper
+
+
+def _open_physical(
+    cls: type, settings_dict: dict[str, Any], alias: str, conn_params: dict[str, Any]
+) -> Any:
+    """Open one physical connection through Django's own stock setup.
+
+    A scratch wrapper of the same class runs the stock ``get_new_connection``
+    (isolation level, JSON adapters), then ``set_autocommit`` and the stock
+    ``init_connection_state`` (time zone, ``assume_role``), exactly as Django's
+    ``connect()`` would. The connection is closed if any of it fails.
+    """
+    wrapper = cls(settings_dict, alias)
+    conn = super(PooledDatabaseWrapperMixin, wrapper).get_new_connection(conn_params)
+    try:
+        _setup_session(cls, settings_dict, alias, conn, wrapper=wrapper)
+    except BaseException:
+        # Also on GreenletExit/gevent.Timeout: a half set-up connection is closed here,
+        # the pool gives its slot back.
+        conn.close()
+        raise
+    return conn
+
+
+def _setup_session(
+    cls: type,
+    settings_dict: dict[str, Any],
+    alias: str,
+    conn: Any,
+    *,
+    wrapper: Any = None,
+) -> None:
+    """Run Django's per-connection session setup on ``conn`` (also after RESET_QUERY)."""
+    if wrapper is None:
+        wrapper = cls(settings_dict, alias)
+    wrapper.connection = conn
+    try:
+        wrapper.set_autocommit(settings_dict["AUTOCOMMIT"])
+        super(PooledDatabaseWrapperMixin, wrapper).init_connection_state()
+    finally:
+        wrapper.connection = None

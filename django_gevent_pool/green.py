@@ -1,0 +1,91 @@
+"""Making psycopg2 cooperative under gevent.
+
+psycopg2 talks to libpq in C, so gevent's socket patching does not reach it: a
+query blocks the whole process unless psycopg2 is given a *wait callback* that
+polls the connection and yields to the gevent hub while the socket is not
+ready. This module installs one (the same algorithm as psycogreen's), either
+explicitly with :func:`patch_psycopg2` or automatically, when a pool is used in
+a process where gevent has patched ``socket``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+
+logger = logging.getLogger("django_gevent_pool")
+
+
+def gevent_wait_callback(conn: Any, timeout: float | None = None) -> None:
+    """psycopg2 wait callback: poll ``conn``, yielding to the gevent hub until done.
+
+    Raises whatever the wait raises: ``gevent.Timeout`` or ``GreenletExit`` in
+    a killed greenlet, after which psycopg2 abandons the query and the
+    connection must not be reused in an unknown state.
+    """
+    from gevent.socket import wait_read, wait_write
+
+    poll = conn.poll
+    fileno = conn.fileno
+    while True:
+        state = poll()
+        if state == psycopg2.extensions.POLL_OK:
+            return
+        if state == psycopg2.extensions.POLL_READ:
+            wait_read(fileno(), timeout=timeout)
+        elif state == psycopg2.extensions.POLL_WRITE:
+            wait_write(fileno(), timeout=timeout)
+        else:
+            raise psycopg2.OperationalError(f"bad result from poll: {state!r}")
+
+
+def _is_green(callback: Any) -> bool:
+    if callback is None:
+        return False
+    if callback is gevent_wait_callback:
+        return True
+    # psycogreen's own callback is just as good.
+    return getattr(callback, "__module__", "").startswith("psycogreen")
+
+
+def is_psycopg2_cooperative() -> bool:
+    """True when psycopg2 has a gevent wait callback installed (ours or psycogreen's)."""
+    return _is_green(psycopg2.extensions.get_wait_callback())
+
+
+def patch_psycopg2() -> None:
+    """Make psycopg2 yield to gevent while it waits on the network. Idempotent.
+
+    Call it in gunicorn's ``post_fork`` or at the top of a monkey-patched script
+    if you want it explicit; pools also call :func:`ensure_cooperative` on their
+    own. A wait callback set by someone else (not ours, not psycogreen's) is
+    replaced, with a warning.
+    """
+    current = psycopg2.extensions.get_wait_callback()
+    if _is_green(current):
+        return
+    if current is not None:
+        logger.warning("replacing psycopg2 wait callback %r with the gevent one", current)
+    psycopg2.extensions.set_wait_callback(gevent_wait_callback)
+
+
+def gevent_patched_socket() -> bool:
+    """True when gevent has monkey-patched the ``socket`` module."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched("socket"))
+
+
+def ensure_cooperative() -> bool:
+    """Patch psycopg2 if gevent has patched sockets and nobody else did; return the result.
+
+    Leaves an unpatched process alone: there, a wait callback would only add
+    overhead to OS-thread users.
+    """
+    if gevent_patched_socket() and not is_psycopg2_cooperative():
+        patch_psycopg2()
+        logger.debug("psycopg2 made cooperative: gevent has patched socket")
+    return is_psycopg2_cooperative()

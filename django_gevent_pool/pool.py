@@ -1,0 +1,644 @@
+"""The connection pool: slots, idle connections, waiters, lifetimes, stats.
+
+No Django here, and no direct gevent import: the primitives come from
+:mod:`django_gevent_pool.sync`, chosen when the pool is built or when a caller
+has to wait.
+
+The state machine, guarded by one OS lock whose critical sections never do I/O::
+
+    open connections = idle + in use + opening <= MAX_CONNS
+
+- A checkout takes the most recently returned idle connection; failing that it
+  *reserves a slot* (``opening += 1``) under the lock and connects outside it,
+  giving the slot back on any failure (a refused connect, ``gevent.Timeout``,
+  ``GreenletExit``); failing that it queues, FIFO, until a returning connection
+  or a freed slot is handed to it, or its deadline passes.
+- A returned connection is handed straight to the first waiter, or kept idle
+  (up to ``REUSE_CONNS``), or closed. A discarded connection's slot goes to the
+  first waiter, who opens a new connection with it.
+- Every idle connection is checked without a round trip on checkout (closed
+  flag, transaction status, a non-blocking look at its socket); a real ping
+  only after ``PING_AFTER`` seconds idle, or when it is older than a lost
+  connection seen since (the server may have restarted).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions as ext
+
+from . import sync
+from .errors import PoolClosed, PoolConfigError, PoolTimeout, TooManyRequests
+from .options import PoolOptions
+
+logger = logging.getLogger("django_gevent_pool")
+
+_STATUS_NAMES = {
+    ext.TRANSACTION_STATUS_IDLE: "IDLE",
+    ext.TRANSACTION_STATUS_ACTIVE: "ACTIVE",
+    ext.TRANSACTION_STATUS_INTRANS: "INTRANS",
+    ext.TRANSACTION_STATUS_INERROR: "INERROR",
+    ext.TRANSACTION_STATUS_UNKNOWN: "UNKNOWN",
+}
+
+# What a waiter can be handed besides a connection entry.
+_SLOT = "slot"  # a reserved slot: the waiter opens a connection with it
+_CLOSED = "closed"  # the pool was closed while it waited
+
+
+class _ConnectDeadline(Exception):
+    """Raised inside a connect that ran past the checkout deadline (gevent only)."""
+
+
+class _Entry:
+    """A pooled connection and the times the pool keeps about it."""
+
+    __slots__ = ("conn", "created_at", "expires_at", "last_used", "returning", "verified_at")
+
+    def __init__(self, conn: Any, now: float, lifetime: float | None) -> None:
+        self.conn = conn
+        self.created_at = now
+        # Jittered down by up to 10% so connections opened together retire apart.
+        self.expires_at = None if lifetime is None else now + lifetime * random.uniform(0.9, 1.0)
+        self.last_used = now
+        self.verified_at = now  # last time the server was seen answering on it
+        self.returning = False
+
+
+class _Waiter:
+    """A queued checkout. ``item`` is set, under the pool lock, by whoever serves it."""
+
+    __slots__ = ("item", "signal")
+
+    def __init__(self) -> None:
+        self.signal = sync.new_signal()
+        self.item: _Entry | str | None = None
+
+
+class ConnectionPool:
+    """A bounded, greenlet- and thread-safe pool of psycopg2 connections.
+
+    ``connect`` is called with no argument to open a new connection; it runs
+    outside the pool's lock, in the caller's greenlet or thread, and whatever it
+    raises reaches that caller after the reserved slot has been given back.
+
+    ``options`` is a :class:`PoolOptions` or a mapping of the same upper-case
+    names (``MAX_CONNS``, ``REUSE_CONNS``, ``POOL_TIMEOUT``, ...).
+    ``after_reset`` is called with a connection after ``RESET_QUERY`` ran on it,
+    to restore the session state its creator set up (a failure discards it).
+    ``clock`` returns monotonic seconds; tests replace it.
+    """
+
+    def __init__(
+        self,
+        connect: Callable[[], Any],
+        *,
+        name: str = "pool",
+        options: PoolOptions | Mapping[str, Any] | None = None,
+        after_reset: Callable[[Any], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if options is None:
+            options = PoolOptions()
+        elif not isinstance(options, PoolOptions):
+            options, rest = PoolOptions.from_mapping(options, name=f"pool {name!r}")
+            if rest:
+                raise PoolConfigError(
+                    f"pool {name!r}: unknown options {sorted(rest)!r}; allowed: "
+                    + ", ".join(PoolOptions.names())
+                )
+        self.name = name
+        self.options = options
+        self.max_conns = options.MAX_CONNS
+        self.reuse_conns = options.reuse_conns
+        self.timeout = options.POOL_TIMEOUT
+        self._connect = connect
+        self._after_reset = after_reset
+        self._clock = clock
+        self._readable = sync.socket_readable()
+
+        self._lock = sync.allocate_lock()
+        # --- state below is changed only under self._lock ---
+        self._idle: list[_Entry] = []  # a stack: the most recently returned is reused first
+        self._in_use: dict[int, _Entry] = {}
+        self._opening = 0
+        self._nconns = 0  # idle + in use + opening
+        self._waiting: deque[_Waiter] = deque()
+        self._closed = False
+        self._invalidated_at = float("-inf")  # connections created before this get pinged
+        self._counters: dict[str, float] = dict.fromkeys(_COUNTERS, 0)
+
+    # ------------------------------------------------------------------ api
+
+    def getconn(self, timeout: float | None = None) -> Any:
+        """Borrow a connection, waiting at most ``timeout`` (default ``POOL_TIMEOUT``) seconds.
+
+        Raises :class:`PoolTimeout` when no connection is had in time (the
+        message names the pool, the wait and its counts), :class:`TooManyRequests`
+        at once when ``MAX_WAITING`` checkouts already wait, :class:`PoolClosed`
+        after :meth:`close`, or the connect error when opening a connection fails.
+        """
+        start = self._clock()
+        deadline = start + (self.timeout if timeout is None else timeout)
+        item, waiter = self._take_or_reserve()
+        if waiter is not None:
+            item = self._wait(waiter, start, deadline)
+        while True:
+            if item is _SLOT:
+                entry = self._open(deadline)
+                break
+            assert isinstance(item, _Entry)
+            if self._usable(item):
+                entry = item
+                break
+            item = self._replace_bad(item)
+        entry.returning = False
+        logger.debug("pool %r: checkout %s", self.name, self)
+        return entry.conn
+
+    def putconn(self, conn: Any, *, discard: bool = False) -> None:
+        """Give ``conn`` back. ``discard=True`` closes it instead of reusing it.
+
+        The connection is kept only if its transaction status is IDLE; INTRANS
+        and INERROR are rolled back first (and discarded if the rollback fails);
+        ACTIVE, UNKNOWN and closed connections are discarded. Either way its
+        slot is free when this returns. Raises ``psycopg2.ProgrammingError``
+        for a connection this pool did not lend, or one already returned.
+        """
+        with self._lock:  # critical section: find and flag the entry
+            entry = self._in_use.get(id(conn))
+            if entry is None or entry.conn is not conn or entry.returning:
+                raise psycopg2.ProgrammingError(
+                    f"pool {self.name!r}: can't return a connection the pool did not lend "
+                    "or that was already returned"
+                )
+            entry.returning = True
+        try:
+            reason = "discarded by the caller" if discard else self._clean_for_reuse(entry)
+        except BaseException:
+            # Killed (GreenletExit, gevent.Timeout) in the middle of a rollback: the
+            # connection's state is unknown; drop it and free the slot, then re-raise.
+            self._drop(entry, "interrupted while being returned")
+            raise
+        if reason is not None:
+            self._drop(entry, reason)
+        else:
+            self._release(entry)
+
+    @contextmanager
+    def connection(self, timeout: float | None = None) -> Iterator[Any]:
+        """``with pool.connection() as conn:`` borrow a connection and always give it back."""
+        conn = self.getconn(timeout)
+        try:
+            yield conn
+        finally:
+            self.putconn(conn)
+
+    def close(self) -> None:
+        """Stop lending: close idle connections, fail waiters with :class:`PoolClosed`.
+
+        Connections in use are closed when they are returned. Idempotent.
+        """
+        with self._lock:  # critical section: flip to closed, take idle and waiters
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._nconns -= len(idle)
+            waiters = list(self._waiting)
+            self._waiting.clear()
+            for waiter in waiters:
+                waiter.item = _CLOSED
+            self._counters["connections_closed"] += len(idle)
+        for waiter in waiters:
+            waiter.signal.set()
+        for entry in idle:
+            _close_quietly(entry.conn)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def get_stats(self) -> dict[str, float]:
+        """Counts now and counters since creation (or the last :meth:`pop_stats`).
+
+        Keys follow psycopg_pool where they fit: ``pool_min``, ``pool_max``,
+        ``pool_size`` (open: idle + in use + opening), ``pool_available`` (idle),
+        ``pool_in_use``, ``pool_opening``, ``requests_waiting``; counters
+        ``requests_num`` (checkouts), ``requests_queued``, ``requests_wait_ms``,
+        ``requests_wait_max_ms``, ``requests_timeouts``, ``requests_too_many``,
+        ``requests_errors``, ``connections_num`` (opened), ``connections_errors``,
+        ``connections_lost``, ``connections_closed``, ``returns_bad``,
+        ``returns_rolled_back``, ``pings``.
+        """
+        with self._lock:  # critical section: a consistent snapshot
+            return self._snapshot()
+
+    stats = get_stats
+
+    def pop_stats(self) -> dict[str, float]:
+        """Like :meth:`get_stats`, then reset the counters to zero."""
+        with self._lock:  # critical section: snapshot and reset
+            snap = self._snapshot()
+            self._counters = dict.fromkeys(_COUNTERS, 0)
+        return snap
+
+    def __repr__(self) -> str:
+        return (
+            f"<{type(self).__name__} {self.name!r} max={self.max_conns} size={self._nconns} "
+            f"in_use={len(self._in_use)} idle={len(self._idle)} "
+            f"waiting={len(self._waiting)}{' closed' if self._closed else ''}>"
+        )
+
+    # --------------------------------------------------------- checkout path
+
+    def _take_or_reserve(self) -> tuple[_Entry | str | None, _Waiter | None]:
+        """Under the lock: an idle entry, or a reserved slot, or a queued waiter."""
+        with self._lock:  # critical section: pick what this checkout gets
+            if self._closed:
+                raise PoolClosed(f"pool {self.name!r} is closed")
+            self._counters["requests_num"] += 1
+            if not self._waiting:
+                if self._idle:
+                    entry = self._idle.pop()
+                    self._in_use[id(entry.conn)] = entry
+                    return entry, None
+                if self._nconns < self.max_conns:
+                    self._nconns += 1
+                    self._opening += 1
+                    return _SLOT, None
+            max_waiting = self.options.MAX_WAITING
+            if max_waiting and len(self._waiting) >= max_waiting:
+                self._counters["requests_too_many"] += 1
+                self._counters["requests_errors"] += 1
+                raise TooManyRequests(
+                    f"pool {self.name!r}: {len(self._waiting)} checkouts already waiting "
+                    f"(MAX_WAITING={max_waiting}) {self._counts()}"
+                )
+            waiter = _Waiter()
+            self._waiting.append(waiter)
+            self._counters["requests_queued"] += 1
+            return None, waiter
+
+    def _wait(self, waiter: _Waiter, start: float, deadline: float) -> _Entry | str:
+        """Block until ``waiter`` is served or ``deadline``; return what it was handed."""
+        try:
+            remaining = deadline - self._clock()
+            if remaining > 0:
+                waiter.signal.wait(remaining)
+        except BaseException:
+            # A killed greenlet or an outer gevent.Timeout (BaseExceptions both):
+            # whatever was handed to us meanwhile goes on to the next waiter.
+            item = self._leave_queue(waiter, start)
+            if isinstance(item, _Entry):
+                self._release(item)
+            elif item == _SLOT:
+                self._give_back_slot(opening=True)
+            raise
+        item = self._leave_queue(waiter, start)
+        if item is None:
+            waited = self._clock() - start
+            with self._lock:  # critical section: count and read the state for the message
+                self._counters["requests_timeouts"] += 1
+                self._counters["requests_errors"] += 1
+                counts = self._counts()
+            raise PoolTimeout(
+                f"pool {self.name!r}: no connection available after {waited:.2f} s "
+                f"(MAX_CONNS={self.max_conns}) {counts}"
+            )
+        if item == _CLOSED:
+            raise PoolClosed(f"pool {self.name!r} was closed while waiting for a connection")
+        return item
+
+    def _leave_queue(self, waiter: _Waiter, start: float) -> _Entry | str | None:
+        """Under the lock: take what the waiter was handed, or unqueue it if nothing."""
+        waited_ms = (self._clock() - start) * 1000.0
+        with self._lock:  # critical section: either served or removed, never both
+            item = waiter.item
+            if item is None:
+                self._waiting.remove(waiter)
+            self._counters["requests_wait_ms"] += waited_ms
+            if waited_ms > self._counters["requests_wait_max_ms"]:
+                self._counters["requests_wait_max_ms"] = waited_ms
+        return item
+
+    def _open(self, deadline: float) -> _Entry:
+        """Connect with the slot already reserved; give the slot back on any failure."""
+        try:
+            conn = self._connect_before(deadline)
+        except BaseException as exc:
+            # BaseException on purpose: GreenletExit and gevent.Timeout must give
+            # the slot back too, or the pool shrinks for good.
+            self._give_back_slot(opening=True, failed=not isinstance(exc, _ConnectDeadline))
+            if isinstance(exc, _ConnectDeadline):
+                raise PoolTimeout(
+                    f"pool {self.name!r}: connecting took longer than the checkout timeout "
+                    f"(MAX_CONNS={self.max_conns}) {self._counts()}"
+                ) from None
+            raise
+        entry = _Entry(conn, self._clock(), self.options.MAX_LIFETIME)
+        to_close = None
+        with self._lock:  # critical section: the reserved slot becomes a connection in use
+            self._opening -= 1
+            self._counters["connections_num"] += 1
+            if self._closed:
+                self._nconns -= 1
+                to_close = conn
+            else:
+                self._in_use[id(conn)] = entry
+        if to_close is not None:
+            _close_quietly(to_close)
+            raise PoolClosed(f"pool {self.name!r} was closed while connecting")
+        logger.debug("pool %r: opened a connection %s", self.name, self)
+        return entry
+
+    def _connect_before(self, deadline: float) -> Any:
+        remaining = deadline - self._clock()
+        if remaining <= 0:
+            raise _ConnectDeadline()
+        if not sync.in_gevent_context():
+            # OS threads cannot be interrupted: libpq's connect_timeout bounds this.
+            return self._connect()
+        import gevent
+
+        with gevent.Timeout(remaining, _ConnectDeadline):
+            return self._connect()
+
+    def _usable(self, entry: _Entry) -> bool:
+        """Check an idle entry just taken; on failure drop nothing yet, return False."""
+        try:
+            reason = self._checkout_problem(entry)
+        except BaseException:
+            # Killed during a ping: the connection's state is unknown.
+            self._drop(entry, "interrupted during its checkout check")
+            raise
+        if reason is None:
+            return True
+        logger.warning("pool %r: discarding a connection on checkout: %s", self.name, reason)
+        return False
+
+    def _checkout_problem(self, entry: _Entry) -> str | None:
+        conn = entry.conn
+        now = self._clock()
+        if conn.closed:
+            self._lost(now)
+            return "it is closed"
+        if entry.expires_at is not None and now >= entry.expires_at:
+            return "it reached MAX_LIFETIME"
+        status = conn.info.transaction_status
+        if status != ext.TRANSACTION_STATUS_IDLE:
+            return f"its transaction status is {_STATUS_NAMES.get(status, status)}"
+        try:
+            readable = self._readable(conn.fileno())
+        except (OSError, ValueError, psycopg2.Error):
+            readable = True
+        if readable:
+            # An idle connection has nothing to read unless the server closed it
+            # or sent an error (an admin shutdown, pg_terminate_backend...).
+            self._lost(now)
+            return "the server closed it or sent an error while it was idle"
+        ping_after = self.options.PING_AFTER
+        if entry.verified_at < self._invalidated_at or (
+            ping_after is not None and now - entry.last_used >= ping_after
+        ):
+            return self._ping(entry, now)
+        return None
+
+    def _ping(self, entry: _Entry, now: float) -> str | None:
+        """One round trip with the empty query; None if the server answered."""
+        conn = entry.conn
+        with self._lock:  # critical section: count
+            self._counters["pings"] += 1
+        autocommit = conn.autocommit
+        try:
+            if not autocommit:
+                conn.autocommit = True  # local: no BEGIN for the ping
+            with conn.cursor() as cur:
+                cur.execute(";")
+        except psycopg2.ProgrammingError:
+            # "can't execute an empty query" comes after the server's EmptyQueryResponse:
+            # the round trip happened and the server is there.
+            pass
+        except psycopg2.Error as exc:
+            self._lost(now)
+            return f"ping failed: {str(exc).strip()}"
+        finally:
+            if not conn.closed and not autocommit:
+                conn.autocommit = False
+        entry.last_used = entry.verified_at = now
+        return None
+
+    def _lost(self, now: float) -> None:
+        """A connection died under us: connections opened before now get pinged before reuse."""
+        with self._lock:  # critical section: count and move the invalidation mark
+            self._counters["connections_lost"] += 1
+            self._invalidated_at = now
+
+    def _replace_bad(self, entry: _Entry) -> _Entry | str:
+        """Drop a bad entry taken on checkout, keeping its slot for this caller.
+
+        Returns another idle entry (the slot is given back) or ``_SLOT``.
+        """
+        with self._lock:  # critical section: swap the bad entry for what is next
+            del self._in_use[id(entry.conn)]
+            self._counters["connections_closed"] += 1
+            if self._idle and not self._waiting:
+                nxt = self._idle.pop()
+                self._in_use[id(nxt.conn)] = nxt
+                self._nconns -= 1
+                item: _Entry | str = nxt
+            else:
+                self._opening += 1
+                item = _SLOT
+        _close_quietly(entry.conn)
+        return item
+
+    # ----------------------------------------------------------- return path
+
+    def _clean_for_reuse(self, entry: _Entry) -> str | None:
+        """Bring a returned connection back to IDLE; return why not, or None."""
+        conn = entry.conn
+        if conn.closed:
+            return "it is closed"
+        status = conn.info.transaction_status
+        if status == ext.TRANSACTION_STATUS_IDLE:
+            pass
+        elif status in (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR):
+            name = _STATUS_NAMES[status]
+            logger.warning(
+                "pool %r: rolling back a connection returned in a transaction (%s)",
+                self.name,
+                name,
+            )
+            with self._lock:  # critical section: count
+                self._counters["returns_rolled_back"] += 1
+            try:
+                conn.rollback()
+            except psycopg2.Error as exc:
+                return f"the rollback of a connection returned {name} failed: {str(exc).strip()}"
+        else:
+            return f"it was returned with transaction status {_STATUS_NAMES.get(status, status)}"
+        reset = self.options.RESET_QUERY
+        if reset is not None:
+            try:
+                autocommit = conn.autocommit
+                conn.autocommit = True
+                with conn.cursor() as cur:
+                    cur.execute(reset)
+                conn.autocommit = autocommit
+                if self._after_reset is not None:
+                    self._after_reset(conn)
+            except Exception as exc:
+                return f"RESET_QUERY or the session setup after it failed: {str(exc).strip()}"
+        now = self._clock()
+        entry.last_used = now
+        if entry.expires_at is not None and now >= entry.expires_at:
+            return "it reached MAX_LIFETIME"
+        return None
+
+    def _release(self, entry: _Entry) -> None:
+        """Hand a clean in-use entry to the first waiter, keep it idle, or close it."""
+        to_close: list[Any] = []
+        waiter = None
+        with self._lock:  # critical section: decide where a clean connection goes
+            self._in_use.pop(id(entry.conn), None)
+            if self._closed:
+                self._nconns -= 1
+                self._counters["connections_closed"] += 1
+                to_close.append(entry.conn)
+            elif self._waiting:
+                waiter = self._waiting.popleft()
+                waiter.item = entry
+                self._in_use[id(entry.conn)] = entry
+            elif len(self._idle) < self.reuse_conns:
+                self._idle.append(entry)
+            else:
+                self._nconns -= 1
+                self._counters["connections_closed"] += 1
+                to_close.append(entry.conn)
+            to_close.extend(self._trim_idle())
+        if waiter is not None:
+            waiter.signal.set()
+        for conn in to_close:
+            _close_quietly(conn)
+
+    def _trim_idle(self) -> list[Any]:
+        """Under the lock: pop idle connections above MIN_CONNS idle past IDLE_TIMEOUT."""
+        idle_timeout = self.options.IDLE_TIMEOUT
+        if idle_timeout is None:
+            return []
+        now = self._clock()
+        out = []
+        # The stack's bottom holds the connections idle the longest.
+        while (
+            len(self._idle) > self.options.MIN_CONNS
+            and now - self._idle[0].last_used >= idle_timeout
+        ):
+            out.append(self._idle.pop(0).conn)
+            self._nconns -= 1
+            self._counters["connections_closed"] += 1
+        return out
+
+    def _drop(self, entry: _Entry, reason: str) -> None:
+        """Close an in-use entry and free its slot (handing it to the first waiter)."""
+        if reason != "it reached MAX_LIFETIME" and reason != "discarded by the caller":
+            logger.warning("pool %r: discarding a returned connection: %s", self.name, reason)
+        with self._lock:  # critical section: forget the entry
+            self._in_use.pop(id(entry.conn), None)
+            self._counters["connections_closed"] += 1
+            if reason != "it reached MAX_LIFETIME":
+                self._counters["returns_bad"] += 1
+        _close_quietly(entry.conn)
+        self._give_back_slot(opening=False)
+
+    def _give_back_slot(self, *, opening: bool, failed: bool = False) -> None:
+        """Free one slot; if someone waits, reserve it for them and wake them."""
+        waiter = None
+        with self._lock:  # critical section: free a slot or pass it on
+            if opening:
+                self._opening -= 1
+            if failed:
+                self._counters["connections_errors"] += 1
+            if self._waiting and not self._closed:
+                waiter = self._waiting.popleft()
+                waiter.item = _SLOT
+                self._opening += 1
+            else:
+                self._nconns -= 1
+        if waiter is not None:
+            waiter.signal.set()
+
+    # ------------------------------------------------------------- helpers
+
+    def _counts(self) -> str:
+        """Under the lock: the state, HikariCP style, for error messages."""
+        return (
+            f"(size={self._nconns}, in use={len(self._in_use)}, idle={len(self._idle)}, "
+            f"opening={self._opening}, waiting={len(self._waiting)})"
+        )
+
+    def _snapshot(self) -> dict[str, float]:
+        snap: dict[str, float] = {
+            "pool_min": self.options.MIN_CONNS,
+            "pool_max": self.max_conns,
+            "pool_size": self._nconns,
+            "pool_available": len(self._idle),
+            "pool_in_use": len(self._in_use),
+            "pool_opening": self._opening,
+            "requests_waiting": len(self._waiting),
+        }
+        snap.update(self._counters)
+        return snap
+
+    def check_invariants(self) -> None:
+        """Raise AssertionError if the slot accounting is off (for tests and debugging)."""
+        with self._lock:  # critical section: read everything at once
+            idle_ids = {id(e.conn) for e in self._idle}
+            problems = []
+            if self._nconns != len(self._idle) + len(self._in_use) + self._opening:
+                problems.append("size != idle + in use + opening")
+            if self._nconns > self.max_conns:
+                problems.append("size > MAX_CONNS")
+            if len(self._idle) > self.reuse_conns:
+                problems.append("idle > REUSE_CONNS")
+            if idle_ids & set(self._in_use):
+                problems.append("a connection both idle and in use")
+            if len(idle_ids) != len(self._idle):
+                problems.append("a connection idle twice")
+            if self._opening < 0:
+                problems.append("opening < 0")
+            if self._waiting and (self._idle or self._nconns < self.max_conns):
+                problems.append("a waiter waits while a connection or slot is free")
+            if problems:
+                raise AssertionError(f"{self!r}: {'; '.join(problems)}")
+
+
+_COUNTERS = (
+    "requests_num",
+    "requests_queued",
+    "requests_wait_ms",
+    "requests_wait_max_ms",
+    "requests_timeouts",
+    "requests_too_many",
+    "requests_errors",
+    "connections_num",
+    "connections_errors",
+    "connections_lost",
+    "connections_closed",
+    "returns_bad",
+    "returns_rolled_back",
+    "pings",
+)
+
+
+def _close_quietly(conn: Any) -> None:
+    try:
+        conn.close()
+    except Exception:  # closing is best effort: the slot is already accounted for
+        logger.debug("error closing a connection", exc_info=True)

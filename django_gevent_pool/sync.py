@@ -1,0 +1,125 @@
+"""The only place that chooses between gevent and OS-thread primitives.
+
+Nothing here is bound at import time: a module imported before
+``gevent.monkey.patch_all()`` would otherwise keep whichever primitive it saw
+first. The choices are made when a pool is built (its lock) or when a caller
+has to wait (its wake-up signal), from what is true at that moment.
+
+- The pool's lock is always a real OS lock. Its critical sections are a few
+  attribute updates with no I/O and no gevent call, so no greenlet can switch
+  while holding it and an OS lock is both correct and cheapest, in greenlets,
+  in threads and in both at once.
+- A caller that must wait for a connection blocks on a one-shot signal. In a
+  thread that runs a gevent hub it is a ``gevent.lock.Semaphore``, which yields
+  to the hub and may be released from any thread; elsewhere it is an OS lock.
+"""
+
+from __future__ import annotations
+
+import select
+import sys
+from collections.abc import Callable
+from typing import Any, Protocol
+
+
+class Signal(Protocol):
+    """A one-shot wake-up: ``wait`` returns True once ``set`` has been called."""
+
+    def wait(self, timeout: float | None) -> bool: ...
+
+    def set(self) -> None: ...
+
+
+def original(module: str, name: str) -> Any:
+    """``module.name`` as it was before gevent's monkey-patching, if any."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is not None and monkey.is_module_patched(module):
+        return monkey.get_original(module, name)
+    return getattr(__import__(module), name)
+
+
+def allocate_lock() -> Any:
+    """A real OS lock (``_thread.LockType``), even when ``threading`` is patched."""
+    return original("_thread", "allocate_lock")()
+
+
+def hub_in_this_thread() -> bool:
+    """True when the current thread runs (or has created) a gevent hub.
+
+    Without a hub no greenlet of this thread can be waiting for anything, so
+    blocking the whole thread is correct; with one, waiting must yield to it.
+    """
+    hub_local = sys.modules.get("gevent._hub_local")
+    return hub_local is not None and hub_local.get_hub_if_exists() is not None
+
+
+class _ThreadSignal:
+    __slots__ = ("_lock",)
+
+    def __init__(self, allocate: Callable[[], Any]) -> None:
+        self._lock = allocate()
+        self._lock.acquire()
+
+    def wait(self, timeout: float | None) -> bool:
+        if timeout is None:
+            return bool(self._lock.acquire())
+        return bool(self._lock.acquire(True, max(timeout, 0.0)))
+
+    def set(self) -> None:
+        self._lock.release()
+
+
+class _GreenSignal:
+    __slots__ = ("_sem",)
+
+    def __init__(self) -> None:
+        from gevent.lock import Semaphore
+
+        self._sem = Semaphore(0)
+
+    def wait(self, timeout: float | None) -> bool:
+        return bool(self._sem.acquire(timeout=timeout))
+
+    def set(self) -> None:
+        self._sem.release()
+
+
+def new_signal() -> Signal:
+    """A signal suited to the calling thread (see the module docstring)."""
+    if hub_in_this_thread():
+        return _GreenSignal()
+    return _ThreadSignal(original("_thread", "allocate_lock"))
+
+
+def socket_readable() -> Callable[[int], bool]:
+    """A function telling, without blocking or yielding, if a descriptor is readable.
+
+    Uses the original ``select.poll`` (gevent's patching removes it), so the
+    look is one system call and never a switch to the hub.
+    """
+    poll_cls = original("select", "poll") if hasattr(select, "poll") or _patched("select") else None
+    if poll_cls is not None:
+        pollin = select.POLLIN | select.POLLERR | select.POLLHUP
+
+        def readable(fd: int) -> bool:
+            poller = poll_cls()
+            poller.register(fd, pollin)
+            return bool(poller.poll(0))
+
+        return readable
+    select_fn = original("select", "select")
+
+    def readable_select(fd: int) -> bool:
+        return bool(select_fn([fd], [], [], 0)[0])
+
+    return readable_select
+
+
+def _patched(module: str) -> bool:
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched(module))
+
+
+def in_gevent_context() -> bool:
+    """True when a connect can be bounded with ``gevent.Timeout`` in this thread."""
+    return hub_in_this_thread()
