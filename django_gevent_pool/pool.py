@@ -24,7 +24,9 @@ The state machine, guarded by one OS lock whose critical sections never do I/O::
 
 from __future__ import annotations
 
+import _socket
 import logging
+import os
 import random
 import time
 from collections import deque
@@ -37,6 +39,7 @@ import psycopg2.extensions as ext
 
 from . import sync
 from .errors import PoolClosed, PoolConfigError, PoolTimeout, TooManyRequests
+from .green import ensure_cooperative
 from .options import PoolOptions
 
 logger = logging.getLogger("django_gevent_pool")
@@ -52,6 +55,7 @@ _STATUS_NAMES = {
 # What a waiter can be handed besides a connection entry.
 _SLOT = "slot"  # a reserved slot: the waiter opens a connection with it
 _CLOSED = "closed"  # the pool was closed while it waited
+_SEVERED = "it was returned while a query was running on it (ACTIVE): cancelled and cut"
 
 
 class _ConnectDeadline(Exception):
@@ -124,6 +128,8 @@ class ConnectionPool:
         self._after_reset = after_reset
         self._clock = clock
         self._readable = sync.socket_readable()
+        # In a process where gevent patched socket, psycopg2 must yield too.
+        ensure_cooperative()
 
         self._lock = sync.allocate_lock()
         # --- state below is changed only under self._lock ---
@@ -482,6 +488,12 @@ class ConnectionPool:
                 conn.rollback()
             except psycopg2.Error as exc:
                 return f"the rollback of a connection returned {name} failed: {str(exc).strip()}"
+        elif status == ext.TRANSACTION_STATUS_ACTIVE:
+            # A query is still running on it, in another greenlet or thread that
+            # holds psycopg2's connection lock: close() would block on that lock
+            # (for ever, if the holder is a greenlet of this thread).
+            _sever(conn)
+            return _SEVERED
         else:
             return f"it was returned with transaction status {_STATUS_NAMES.get(status, status)}"
         reset = self.options.RESET_QUERY
@@ -546,7 +558,12 @@ class ConnectionPool:
         return out
 
     def _drop(self, entry: _Entry, reason: str) -> None:
-        """Close an in-use entry and free its slot (handing it to the first waiter)."""
+        """Close an in-use entry and free its slot (handing it to the first waiter).
+
+        A severed connection (returned while a query ran on it) is not closed
+        here: its socket is already shut, and the greenlet or thread running the
+        query gets the error and lets go of it.
+        """
         if reason != "it reached MAX_LIFETIME" and reason != "discarded by the caller":
             logger.warning("pool %r: discarding a returned connection: %s", self.name, reason)
         with self._lock:  # critical section: forget the entry
@@ -554,7 +571,8 @@ class ConnectionPool:
             self._counters["connections_closed"] += 1
             if reason != "it reached MAX_LIFETIME":
                 self._counters["returns_bad"] += 1
-        _close_quietly(entry.conn)
+        if reason is not _SEVERED:
+            _close_quietly(entry.conn)
         self._give_back_slot(opening=False)
 
     def _give_back_slot(self, *, opening: bool, failed: bool = False) -> None:
@@ -635,6 +653,30 @@ _COUNTERS = (
     "returns_rolled_back",
     "pings",
 )
+
+
+def _sever(conn: Any) -> None:
+    """Stop a connection in the middle of a query without taking psycopg2's lock.
+
+    The running query is cancelled (``PQcancel`` uses a separate connection,
+    so the server stops working for it at once), then the socket is shut in
+    both directions, so the server ends the backend and the party waiting on
+    the query gets an error instead of a result.
+    """
+    try:
+        conn.cancel()
+    except Exception:  # best effort: the shutdown below ends it anyway
+        logger.debug("cancel failed", exc_info=True)
+    try:
+        sock = _socket.socket(fileno=os.dup(conn.fileno()))
+    except Exception:  # no socket left: nothing to shut
+        return
+    try:
+        sock.shutdown(_socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
 
 
 def _close_quietly(conn: Any) -> None:

@@ -1,0 +1,69 @@
+"""Settings of the demo project: one PostgreSQL alias served by django-gevent-pool.
+
+Everything that changes between runs comes from the environment, so the same
+project serves ``make demo``, ``examples/script.py`` and the benchmarks:
+
+- ``DGP_DSN``: the server, as a libpq DSN (default: 127.0.0.1:5432, user
+  postgres). Only its host, port, user and password are used here.
+- ``DGP_DBNAME``: the database (default ``dgp_demo``).
+- ``DGP_MAX_CONNS``: MAX_CONNS and REUSE_CONNS of the pool (default 10).
+- ``DGP_APPNAME``: the ``application_name`` the server sees (default
+  ``dgp-demo``), which lets a test count this pool's connections in
+  ``pg_stat_activity``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from django_gevent_pool.devserver import LOCAL_DSN, django_settings
+
+SECRET_KEY = os.environ.get("DGP_SECRET_KEY", "demo-only-not-a-secret")
+DEBUG = False  # DEBUG=True would also keep every query in memory: never under load
+ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
+
+INSTALLED_APPS = ["demoproject.shop"]
+
+#: How many items `manage.py seed` creates and `/tx/` picks from (primary keys 1..N).
+SHOP_ITEMS = int(os.environ.get("DGP_ITEMS", "1000"))
+MIDDLEWARE: list[str] = []
+ROOT_URLCONF = "demoproject.urls"
+WSGI_APPLICATION = "demoproject.wsgi.application"
+
+MAX_CONNS = int(os.environ.get("DGP_MAX_CONNS", "10"))
+
+DATABASES = {
+    "default": {
+        "ENGINE": "django_gevent_pool.backends.postgresql_psycopg2",
+        # NAME, USER, PASSWORD, HOST and PORT, parsed from the DSN.
+        **django_settings(
+            os.environ.get("DGP_DSN") or LOCAL_DSN, os.environ.get("DGP_DBNAME", "dgp_demo")
+        ),
+        # The pool keeps connections alive, not Django: 0 is what you want with it.
+        "CONN_MAX_AGE": 0,
+        "OPTIONS": {
+            # Never more than MAX_CONNS server connections per process, however
+            # many greenlets ask; REUSE_CONNS of them are kept open between requests.
+            "MAX_CONNS": MAX_CONNS,
+            "REUSE_CONNS": MAX_CONNS,
+            # A request waits at most this many seconds for a connection, then
+            # fails with django.db.OperationalError instead of hanging.
+            "POOL_TIMEOUT": 10,
+            # Anything lower case goes to libpq untouched.
+            "application_name": os.environ.get("DGP_APPNAME", "dgp-demo"),
+        },
+    }
+}
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+USE_TZ = True
+TIME_ZONE = "UTC"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "[%(levelname)s] %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    # The pool logs discards and rollbacks at WARNING: worth seeing.
+    "loggers": {"django_gevent_pool": {"handlers": ["console"], "level": "WARNING"}},
+}

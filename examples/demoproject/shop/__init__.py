@@ -1,0 +1,1 @@
+"""The ``shop`` app: items and the orders placed on them."""

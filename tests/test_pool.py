@@ -1,0 +1,584 @@
+"""The pool against a real PostgreSQL: cap, waiting, return states, dead connections.
+
+Concurrency claims are proven on the server's side, by counting the pool's
+backends in pg_stat_activity through a unique application_name, and at the
+proxy, which counts every connection attempt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions as ext
+import pytest
+
+from django_gevent_pool import ConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
+
+from .proxy import Proxy
+from .support import Workers, backends, sleep, terminate, wait_until
+
+PoolFactory = Callable[..., ConnectionPool]
+
+
+@pytest.fixture
+def make_pool(dsn: str, app_name: str) -> Iterator[PoolFactory]:
+    made: list[ConnectionPool] = []
+
+    def make(target_dsn: str | None = None, **options: Any) -> ConnectionPool:
+        target = target_dsn or dsn
+        pool = ConnectionPool(
+            lambda: psycopg2.connect(target, application_name=app_name),
+            name=app_name,
+            options=options,
+        )
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        pool.close()
+
+
+@pytest.fixture
+def proxy(dsn: str) -> Iterator[Proxy]:
+    with Proxy(dsn) as p:
+        yield p
+
+
+def query(conn: Any, sql: str = "SELECT 1") -> Any:
+    with conn.cursor() as cur:
+        cur.execute(sql)
+        return cur.fetchone()[0] if cur.description else None
+
+
+def waiting(pool: ConnectionPool) -> int:
+    return int(pool.get_stats()["requests_waiting"])
+
+
+# ----------------------------------------------------------------- the cap
+
+
+def test_cap_holds_on_the_server_with_slow_connects_and_200_workers(
+    make_pool: PoolFactory, proxy: Proxy, admin: Any, app_name: str, workers: Workers
+) -> None:
+    """Connects take 200 ms: a pool counting only finished connects would overshoot."""
+    proxy.connect_delay = 0.2
+    pool = make_pool(proxy.dsn(), MAX_CONNS=5, POOL_TIMEOUT=60)
+    peak = 0
+    done = False
+
+    def sample() -> None:
+        nonlocal peak
+        while not done:
+            peak = max(peak, backends(admin, app_name))
+            sleep(0.01)
+
+    def borrow() -> int:
+        with pool.connection() as conn:
+            return int(query(conn, "SELECT pg_backend_pid()"))
+
+    sampler = Workers()
+    sampler.spawn(sample)
+    for _ in range(200):
+        workers.spawn(borrow)
+    workers.join(120)
+    done = True
+    sampler.join()
+    assert workers.errors == []
+    assert len(workers.results) == 200
+    assert proxy.accepted <= 5, "more connection attempts than MAX_CONNS"
+    assert 1 <= peak <= 5
+    assert len(set(workers.results)) <= 5
+    stats = pool.get_stats()
+    assert stats["connections_num"] <= 5
+    assert stats["pool_size"] <= 5
+    pool.check_invariants()
+
+
+def test_reuse_conns_closes_returned_connections_beyond_it(
+    make_pool: PoolFactory, admin: Any, app_name: str
+) -> None:
+    pool = make_pool(MAX_CONNS=3, REUSE_CONNS=1)
+    conns = [pool.getconn() for _ in range(3)]
+    assert backends(admin, app_name) == 3
+    for conn in conns:
+        pool.putconn(conn)
+    assert sum(conn.closed != 0 for conn in conns) == 2
+    wait_until(lambda: backends(admin, app_name) == 1, what="two backends to close")
+    assert pool.get_stats()["pool_available"] == 1
+    pool.check_invariants()
+
+
+def test_a_returned_connection_is_reused(make_pool: PoolFactory) -> None:
+    pool = make_pool(MAX_CONNS=2)
+    conn = pool.getconn()
+    pid = query(conn, "SELECT pg_backend_pid()")
+    pool.putconn(conn)
+    again = pool.getconn()
+    assert again is conn
+    assert query(again, "SELECT pg_backend_pid()") == pid
+    assert pool.get_stats()["connections_num"] == 1
+
+
+# ----------------------------------------------------------- waiting
+
+
+def test_exhaustion_raises_pool_timeout_with_the_state_in_its_message(
+    make_pool: PoolFactory, app_name: str
+) -> None:
+    pool = make_pool(MAX_CONNS=2, POOL_TIMEOUT=0.3)
+    held = [pool.getconn(), pool.getconn()]
+    with pytest.raises(PoolTimeout) as err:
+        pool.getconn()
+    message = str(err.value)
+    assert isinstance(err.value, psycopg2.OperationalError)
+    assert message.startswith(f"pool {app_name!r}: no connection available after 0.")
+    assert "(MAX_CONNS=2)" in message
+    assert "in use=2, idle=0, opening=0, waiting=0)" in message
+    stats = pool.get_stats()
+    assert stats["requests_timeouts"] == 1
+    assert stats["requests_wait_max_ms"] >= 300
+    assert stats["requests_waiting"] == 0
+    for conn in held:
+        pool.putconn(conn)
+    pool.check_invariants()
+
+
+def test_checkout_timeout_argument_overrides_the_default(make_pool: PoolFactory) -> None:
+    pool = make_pool(MAX_CONNS=1, POOL_TIMEOUT=60)
+    held = pool.getconn()
+    with pytest.raises(PoolTimeout, match="after 0.1"):
+        pool.getconn(timeout=0.1)
+    pool.putconn(held)
+
+
+def test_max_waiting_fails_fast_beyond_the_bound(
+    make_pool: PoolFactory, workers: Workers
+) -> None:
+    pool = make_pool(MAX_CONNS=1, MAX_WAITING=2, POOL_TIMEOUT=30)
+    held = pool.getconn()
+
+    def borrow() -> str:
+        with pool.connection():
+            return "served"
+
+    workers.spawn(borrow)
+    workers.spawn(borrow)
+    wait_until(lambda: waiting(pool) == 2, what="two waiters")
+    with pytest.raises(TooManyRequests, match=r"2 checkouts already waiting \(MAX_WAITING=2\)"):
+        pool.getconn()
+    assert waiting(pool) == 2
+    pool.putconn(held)
+    workers.join()
+    assert workers.results == ["served", "served"]
+    assert pool.get_stats()["requests_too_many"] == 1
+    pool.check_invariants()
+
+
+def test_waiters_are_served_first_in_first_out(make_pool: PoolFactory, workers: Workers) -> None:
+    pool = make_pool(MAX_CONNS=1)
+    held = pool.getconn()
+    order: list[int] = []
+
+    def borrow(i: int) -> None:
+        conn = pool.getconn()
+        order.append(i)
+        pool.putconn(conn)
+
+    for i in range(10):
+        workers.spawn(borrow, i)
+        wait_until(lambda i=i: waiting(pool) == i + 1, what=f"waiter {i} queued")
+    pool.putconn(held)
+    workers.join()
+    assert workers.errors == []
+    assert order == list(range(10))
+
+
+def test_a_new_checkout_does_not_jump_the_queue(
+    make_pool: PoolFactory, workers: Workers
+) -> None:
+    pool = make_pool(MAX_CONNS=1)
+    held = pool.getconn()
+    served: list[str] = []
+
+    def borrow(name: str) -> None:
+        with pool.connection():
+            served.append(name)
+
+    workers.spawn(borrow, "queued")
+    wait_until(lambda: waiting(pool) == 1, what="the first waiter")
+    pool.putconn(held)  # handed to the queued waiter, not left idle for anyone
+    assert pool.get_stats()["pool_available"] == 0
+    borrow("late")
+    workers.join()
+    assert served == ["queued", "late"]
+
+
+@pytest.mark.gevent_only
+def test_killed_waiters_leak_nothing(make_pool: PoolFactory) -> None:
+    import gevent
+
+    pool = make_pool(MAX_CONNS=1)
+    held = pool.getconn()
+    # Killed while waiting.
+    waiters = [gevent.spawn(pool.getconn) for _ in range(5)]
+    wait_until(lambda: waiting(pool) == 5, what="five waiters")
+    gevent.killall(waiters)
+    assert waiting(pool) == 0
+    # Killed just as it is handed the connection: the kill is scheduled first,
+    # so the greenlet never runs with it; the connection must go on to the next
+    # waiter instead of being lost.
+    first = gevent.spawn(pool.getconn)
+    second = gevent.spawn(pool.getconn)
+    wait_until(lambda: waiting(pool) == 2, what="two waiters")
+    first.kill(block=False)
+    pool.putconn(held)
+    conn = second.get(timeout=5)
+    assert first.dead and isinstance(first.value, gevent.GreenletExit)
+    pool.check_invariants()
+    # An outer gevent.Timeout around a checkout is a kill too.
+    with pytest.raises(gevent.Timeout), gevent.Timeout(0.05):
+        pool.getconn()
+    pool.putconn(conn)
+    again = pool.getconn(timeout=1)
+    assert query(again) == 1
+    pool.putconn(again)
+    stats = pool.get_stats()
+    assert stats["pool_size"] == 1
+    assert stats["requests_waiting"] == 0
+    pool.check_invariants()
+
+
+# ------------------------------------------------------ the return path
+
+
+def test_idle_return_is_kept_as_is(make_pool: PoolFactory) -> None:
+    pool = make_pool(MAX_CONNS=1)
+    conn = pool.getconn()
+    conn.autocommit = True
+    query(conn)
+    pool.putconn(conn)
+    stats = pool.get_stats()
+    assert (stats["pool_available"], stats["returns_rolled_back"], stats["returns_bad"]) == (1, 0, 0)
+
+
+def test_intrans_return_is_rolled_back_and_kept(make_pool: PoolFactory) -> None:
+    pool = make_pool(MAX_CONNS=1)
+    conn = pool.getconn()
+    query(conn, "CREATE TEMP TABLE t_intrans (x int)")
+    assert conn.info.transaction_status == ext.TRANSACTION_STATUS_INTRANS
+    pool.putconn(conn)
+    assert conn.info.transaction_status == ext.TRANSACTION_STATUS_IDLE
+    again = pool.getconn()
+    assert again is conn
+    with pytest.raises(psycopg2.errors.UndefinedTable):
+        query(again, "SELECT * FROM t_intrans")  # the rollback undid it
+    again.rollback()
+    pool.putconn(again)
+    assert pool.get_stats()["returns_rolled_back"] == 1
+
+
+def test_inerror_return_is_rolled_back_and_kept(make_pool: PoolFactory) -> None:
+    pool = make_pool(MAX_CONNS=1)
+    conn = pool.getconn()
+    with pytest.raises(psycopg2.errors.DivisionByZero):
+        query(conn, "SELECT 1/0")
+    assert conn.info.transaction_status == ext.TRANSACTION_STATUS_INERROR
+    pool.putconn(conn)
+    again = pool.getconn()
+    assert again is conn
+    assert query(again) == 1
+    pool.putconn(again)
+
+
+def test_closed_return_is_discarded_and_its_slot_goes_to_a_waiter(
+    make_pool: PoolFactory, workers: Workers
+) -> None:
+    pool = make_pool(MAX_CONNS=1)
+    conn = pool.getconn()
+    workers.spawn(lambda: query(pool.getconn(timeout=5)))
+    wait_until(lambda: waiting(pool) == 1, what="a waiter")
+    conn.close()
+    pool.putconn(conn)
+    workers.join()
+    assert workers.errors == []
+    assert workers.results == [1]
+    assert pool.get_stats()["returns_bad"] == 1
+
+
+def test_unknown_status_after_a_lost_backend_is_discarded(
+    make_pool: PoolFactory, admin: Any, app_name: str
+) -> None:
+    pool = make_pool(MAX_CONNS=1)
+    conn = pool.getconn()
+    terminate(admin, app_name)
+    with pytest.raises(psycopg2.OperationalError):
+        query(conn)
+    assert conn.closed
+    pool.putconn(conn)
+    fresh = pool.getconn()
+    assert fresh is not conn
+    assert query(fresh) == 1
+    pool.putconn(fresh)
+    pool.check_invariants()
+
+
+@pytest.mark.gevent_only
+def test_active_return_is_discarded_and_the_query_stops(
+    make_pool: PoolFactory, admin: Any, app_name: str
+) -> None:
+    import gevent
+
+    pool = make_pool(MAX_CONNS=1)
+    conn = pool.getconn()
+    conn.autocommit = True
+    runner = gevent.spawn(query, conn, "SELECT pg_sleep(30)")
+    wait_until(
+        lambda: conn.info.transaction_status == ext.TRANSACTION_STATUS_ACTIVE,
+        what="the query to start",
+    )
+    pool.putconn(conn)  # must not block on psycopg2's lock, held by the runner
+    assert pool.get_stats()["pool_size"] == 0, "the slot is free at once"
+    wait_until(lambda: backends(admin, app_name) == 0, what="the backend to go")
+    runner.join(5)
+    assert isinstance(runner.exception, psycopg2.Error), "the query was cut short"
+    with pytest.raises(psycopg2.OperationalError):
+        query(conn)  # whoever still holds it finds it dead
+    assert conn.closed
+    fresh = pool.getconn(timeout=5)
+    assert query(fresh) == 1
+    pool.putconn(fresh)
+    assert pool.get_stats()["returns_bad"] == 1
+
+
+def test_discard_flag_closes_a_healthy_connection(make_pool: PoolFactory) -> None:
+    pool = make_pool(MAX_CONNS=1)
+    conn = pool.getconn()
+    pool.putconn(conn, discard=True)
+    assert conn.closed
+    assert pool.get_stats()["pool_size"] == 0
+
+
+def test_returning_a_foreign_or_twice_returned_connection_is_refused(
+    make_pool: PoolFactory, dsn: str
+) -> None:
+    pool = make_pool(MAX_CONNS=1)
+    conn = pool.getconn()
+    pool.putconn(conn)
+    with pytest.raises(psycopg2.ProgrammingError, match="already returned"):
+        pool.putconn(conn)
+    stranger = psycopg2.connect(dsn)
+    with pytest.raises(psycopg2.ProgrammingError, match="did not lend"):
+        pool.putconn(stranger)
+    stranger.close()
+    pool.check_invariants()
+
+
+# ------------------------------------------------- dead idle connections
+
+
+def test_terminated_idle_connections_are_never_handed_out(
+    make_pool: PoolFactory, admin: Any, app_name: str
+) -> None:
+    """The local socket check alone catches them: pings are switched off."""
+    pool = make_pool(MAX_CONNS=3, PING_AFTER=None)
+    conns = [pool.getconn() for _ in range(3)]
+    for conn in conns:
+        conn.autocommit = True
+        pool.putconn(conn)
+    assert terminate(admin, app_name) == 3
+    fresh = [pool.getconn() for _ in range(3)]
+    assert all(query(conn) == 1 for conn in fresh)
+    assert not set(map(id, fresh)) & set(map(id, conns))
+    for conn in fresh:
+        pool.putconn(conn)
+    stats = pool.get_stats()
+    assert stats["connections_lost"] >= 1
+    assert stats["pings"] == 0
+    pool.check_invariants()
+
+
+def test_after_a_loss_older_idle_connections_are_pinged(
+    make_pool: PoolFactory, admin: Any, app_name: str
+) -> None:
+    pool = make_pool(MAX_CONNS=3, PING_AFTER=None)
+    conns = [pool.getconn() for _ in range(3)]
+    for conn in conns:
+        conn.autocommit = True
+    pids = [query(conn, "SELECT pg_backend_pid()") for conn in conns]
+    for conn in reversed(conns):
+        pool.putconn(conn)  # conns[0] on top of the idle stack
+    with admin.cursor() as cur:
+        cur.execute("SELECT pg_terminate_backend(%s)", [pids[0]])
+    wait_until(lambda: backends(admin, app_name) == 2, what="one backend to go")
+    first = pool.getconn()  # conns[0] is found dead, conns[1] is taken and pinged
+    second = pool.getconn()  # conns[2]: pinged too, created before the loss
+    assert {id(first), id(second)} == {id(conns[1]), id(conns[2])}
+    assert pool.get_stats()["pings"] == 2
+    pool.putconn(first)
+    pool.putconn(second)
+    assert pool.getconn() is not None and pool.get_stats()["pings"] == 2, "pinged only once"
+
+
+def test_ping_policy_follows_ping_after(make_pool: PoolFactory) -> None:
+    lazy = make_pool(MAX_CONNS=1, PING_AFTER=3600)
+    conn = lazy.getconn()
+    lazy.putconn(conn)
+    lazy.putconn(lazy.getconn())
+    assert lazy.get_stats()["pings"] == 0
+    eager = make_pool(MAX_CONNS=1, PING_AFTER=0)
+    eager.putconn(eager.getconn())
+    conn = eager.getconn()
+    assert eager.get_stats()["pings"] == 1
+    assert conn.info.transaction_status == ext.TRANSACTION_STATUS_IDLE
+    assert conn.autocommit is False, "the ping restores autocommit"
+    eager.putconn(conn)
+
+
+def test_a_stalled_connection_fails_its_ping_and_is_replaced(
+    make_pool: PoolFactory, proxy: Proxy, dsn: str
+) -> None:
+    pool = make_pool(proxy.dsn(), MAX_CONNS=1, PING_AFTER=0, POOL_TIMEOUT=10)
+    pool.putconn(pool.getconn())
+    proxy.cut()  # the network dies under the idle connection
+    conn = pool.getconn()
+    assert query(conn) == 1
+    pool.putconn(conn)
+
+
+# ------------------------------------------------------ failing connects
+
+
+def test_a_refused_connect_gives_its_slot_back(make_pool: PoolFactory, proxy: Proxy) -> None:
+    pool = make_pool(proxy.dsn(connect_timeout=2), MAX_CONNS=1)
+    proxy.refuse()
+    for _ in range(3):
+        with pytest.raises(psycopg2.OperationalError):
+            pool.getconn()
+    stats = pool.get_stats()
+    assert stats["pool_size"] == 0
+    assert stats["connections_errors"] == 3
+    proxy.accept_again()
+    conn = pool.getconn()
+    assert query(conn) == 1
+    pool.putconn(conn)
+    pool.check_invariants()
+
+
+@pytest.mark.gevent_only
+def test_a_connect_past_the_deadline_raises_pool_timeout_and_frees_the_slot(
+    make_pool: PoolFactory, proxy: Proxy
+) -> None:
+    proxy.connect_delay = 1.0
+    pool = make_pool(proxy.dsn(), MAX_CONNS=1, POOL_TIMEOUT=0.2)
+    with pytest.raises(PoolTimeout, match="connecting took longer than the checkout timeout"):
+        pool.getconn()
+    assert pool.get_stats()["pool_size"] == 0
+    proxy.connect_delay = 0
+    conn = pool.getconn(timeout=5)
+    pool.putconn(conn)
+
+
+@pytest.mark.gevent_only
+def test_a_connect_killed_midway_gives_its_slot_back(make_pool: PoolFactory, proxy: Proxy) -> None:
+    import gevent
+
+    proxy.connect_delay = 5.0
+    pool = make_pool(proxy.dsn(), MAX_CONNS=1)
+    opener = gevent.spawn(pool.getconn)
+    wait_until(lambda: pool.get_stats()["pool_opening"] == 1, what="the connect to start")
+    opener.kill()
+    assert pool.get_stats()["pool_size"] == 0
+    pool.check_invariants()
+
+
+# ---------------------------------------------------------------- closing
+
+
+def test_close_fails_waiters_and_closes_returns(
+    make_pool: PoolFactory, workers: Workers
+) -> None:
+    pool = make_pool(MAX_CONNS=1)
+    held = pool.getconn()
+    workers.spawn(pool.getconn)
+    wait_until(lambda: waiting(pool) == 1, what="a waiter")
+    pool.close()
+    workers.join()
+    assert len(workers.errors) == 1 and isinstance(workers.errors[0], PoolClosed)
+    pool.putconn(held)
+    assert held.closed
+    with pytest.raises(PoolClosed):
+        pool.getconn()
+    assert pool.get_stats()["pool_size"] == 0
+
+
+def test_repr_shows_name_and_counts(make_pool: PoolFactory, app_name: str) -> None:
+    pool = make_pool(MAX_CONNS=3)
+    conn = pool.getconn()
+    assert repr(pool) == (
+        f"<ConnectionPool {app_name!r} max=3 size=1 in_use=1 idle=0 waiting=0>"
+    )
+    pool.putconn(conn)
+
+
+# ---------------------------------------------------- greenlets and threads
+
+
+def test_many_workers_share_few_connections(
+    make_pool: PoolFactory, admin: Any, app_name: str, workers: Workers
+) -> None:
+    pool = make_pool(MAX_CONNS=3, POOL_TIMEOUT=60)
+
+    def work() -> int:
+        total = 0
+        for _ in range(20):
+            with pool.connection() as conn:
+                total += query(conn)
+        return total
+
+    for _ in range(30):
+        workers.spawn(work)
+    workers.join(120)
+    assert workers.errors == []
+    assert workers.results == [20] * 30
+    assert pool.get_stats()["connections_num"] <= 3
+    assert backends(admin, app_name) <= 3
+    pool.check_invariants()
+
+
+@pytest.mark.gevent_only
+def test_os_threads_and_greenlets_at_once(
+    make_pool: PoolFactory, admin: Any, app_name: str
+) -> None:
+    """Real OS threads (each with its own hub) and greenlets borrow from one pool."""
+    import gevent
+    from gevent import monkey
+
+    start_thread = monkey.get_original("_thread", "start_new_thread")
+    pool = make_pool(MAX_CONNS=3, POOL_TIMEOUT=60)
+    errors: list[BaseException] = []
+    counts: list[str] = []
+
+    def work(kind: str) -> None:
+        try:
+            for _ in range(30):
+                with pool.connection() as conn:
+                    query(conn, "SELECT pg_sleep(0.001)")
+            counts.append(kind)
+        except BaseException as exc:
+            errors.append(exc)
+
+    for _ in range(3):
+        start_thread(work, ("thread",))
+    greenlets = [gevent.spawn(work, "greenlet") for _ in range(20)]
+    gevent.joinall(greenlets, timeout=60)
+    wait_until(lambda: len(counts) + len(errors) == 23, what="the OS threads", timeout=60)
+    assert errors == []
+    assert sorted(counts) == ["greenlet"] * 20 + ["thread"] * 3
+    assert pool.get_stats()["connections_num"] <= 3
+    pool.check_invariants()
+    with contextlib.suppress(Exception):
+        assert backends(admin, app_name) <= 3
