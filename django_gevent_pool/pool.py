@@ -366,10 +366,10 @@ class ConnectionPool:
 
     def _connect_before(self, deadline: float) -> Any:
         remaining = deadline - self._clock()
-        if remaining <= 0:
-            raise _ConnectDeadline()
-        if not sync.in_gevent_context():
-            # OS threads cannot be interrupted: libpq's connect_timeout bounds this.
+        if remaining <= 0 or not sync.in_gevent_context():
+            # OS threads cannot be interrupted, and a checkout with no time left
+            # (timeout=0: "don't wait for a busy pool") still may open a free
+            # slot: libpq's connect_timeout bounds these.
             return self._connect()
         import gevent
 

@@ -8,25 +8,22 @@ Makefile runs the suite once in each mode.
 
 from __future__ import annotations
 
-import os
+from .gevent_mode import MODE
 
-MODE = os.environ.get("DGP_TEST_MODE", "gevent")
-if MODE not in ("gevent", "threads"):
-    raise RuntimeError(f"DGP_TEST_MODE must be 'gevent' or 'threads', got {MODE!r}")
 if MODE == "gevent":
     from gevent import monkey
 
-    monkey.patch_all()
+    if not monkey.is_module_patched("socket"):
+        raise RuntimeError("run pytest as `python -m pytest` so -p tests.gevent_mode loads first")
 
+from collections.abc import Iterator
+from typing import Any
 
-from collections.abc import Iterator  # noqa: E402
-from typing import Any  # noqa: E402
+import psycopg2
+import pytest
 
-import psycopg2  # noqa: E402
-import pytest  # noqa: E402
-
-from .support import MODE as SUPPORT_MODE  # noqa: E402
-from .support import TEST_TIMEOUT, Workers, next_app_name, server  # noqa: E402
+from .support import MODE as SUPPORT_MODE
+from .support import TEST_TIMEOUT, Workers, next_app_name, server
 
 assert SUPPORT_MODE == MODE
 
@@ -98,6 +95,3 @@ def admin() -> Iterator[Any]:
 def workers() -> Workers:
     """Concurrent workers: greenlets in gevent mode, OS threads in threads mode."""
     return Workers()
-
-
-

@@ -25,7 +25,7 @@ DATABASES = {
         **django_settings(_dsn),
         "CONN_MAX_AGE": 0,
         "OPTIONS": {"MAX_CONNS": 2, "pool": False, "application_name": "dgp-django-other"},
-        "TEST": {"MIRROR": "default"},
+        "TEST": {"NAME": f"test_dgp_other_{os.getpid()}"},
     },
 }
 

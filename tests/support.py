@@ -36,6 +36,8 @@ def next_app_name() -> str:
 
 def is_gevent() -> bool:
     return MODE == "gevent"
+
+
 def backends(admin: Any, app_name: str) -> int:
     """How many server backends carry ``app_name`` right now."""
     with admin.cursor() as cur:
@@ -122,8 +124,6 @@ def _quiet(func: Callable[[], None]) -> Callable[[], None]:
             pass  # already recorded in Workers.errors
 
     return run
-
-
 
 
 def sleep(seconds: float) -> None:

@@ -155,9 +155,7 @@ def test_checkout_timeout_argument_overrides_the_default(make_pool: PoolFactory)
     pool.putconn(held)
 
 
-def test_max_waiting_fails_fast_beyond_the_bound(
-    make_pool: PoolFactory, workers: Workers
-) -> None:
+def test_max_waiting_fails_fast_beyond_the_bound(make_pool: PoolFactory, workers: Workers) -> None:
     pool = make_pool(MAX_CONNS=1, MAX_WAITING=2, POOL_TIMEOUT=30)
     held = pool.getconn()
 
@@ -197,9 +195,7 @@ def test_waiters_are_served_first_in_first_out(make_pool: PoolFactory, workers: 
     assert order == list(range(10))
 
 
-def test_a_new_checkout_does_not_jump_the_queue(
-    make_pool: PoolFactory, workers: Workers
-) -> None:
+def test_a_new_checkout_does_not_jump_the_queue(make_pool: PoolFactory, workers: Workers) -> None:
     pool = make_pool(MAX_CONNS=1)
     held = pool.getconn()
     served: list[str] = []
@@ -262,7 +258,11 @@ def test_idle_return_is_kept_as_is(make_pool: PoolFactory) -> None:
     query(conn)
     pool.putconn(conn)
     stats = pool.get_stats()
-    assert (stats["pool_available"], stats["returns_rolled_back"], stats["returns_bad"]) == (1, 0, 0)
+    assert (stats["pool_available"], stats["returns_rolled_back"], stats["returns_bad"]) == (
+        1,
+        0,
+        0,
+    )
 
 
 def test_intrans_return_is_rolled_back_and_kept(make_pool: PoolFactory) -> None:
@@ -498,9 +498,7 @@ def test_a_connect_killed_midway_gives_its_slot_back(make_pool: PoolFactory, pro
 # ---------------------------------------------------------------- closing
 
 
-def test_close_fails_waiters_and_closes_returns(
-    make_pool: PoolFactory, workers: Workers
-) -> None:
+def test_close_fails_waiters_and_closes_returns(make_pool: PoolFactory, workers: Workers) -> None:
     pool = make_pool(MAX_CONNS=1)
     held = pool.getconn()
     workers.spawn(pool.getconn)
@@ -518,9 +516,7 @@ def test_close_fails_waiters_and_closes_returns(
 def test_repr_shows_name_and_counts(make_pool: PoolFactory, app_name: str) -> None:
     pool = make_pool(MAX_CONNS=3)
     conn = pool.getconn()
-    assert repr(pool) == (
-        f"<ConnectionPool {app_name!r} max=3 size=1 in_use=1 idle=0 waiting=0>"
-    )
+    assert repr(pool) == (f"<ConnectionPool {app_name!r} max=3 size=1 in_use=1 idle=0 waiting=0>")
     pool.putconn(conn)
 
 

@@ -1,0 +1,28 @@
+"""Views for the request-cycle tests."""
+
+from __future__ import annotations
+
+from django.db import connection
+from django.http import HttpRequest, JsonResponse
+from django.urls import path
+
+from .models import Item
+
+
+def create_then_fail(request: HttpRequest) -> JsonResponse:
+    Item.objects.create(name="from-request")
+    if request.GET.get("fail"):
+        raise RuntimeError("the view failed after writing")
+    return JsonResponse({"in_atomic_block": connection.in_atomic_block})
+
+
+def backend_pid(request: HttpRequest) -> JsonResponse:
+    with connection.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        return JsonResponse({"pid": cur.fetchone()[0]})
+
+
+urlpatterns = [
+    path("create/", create_then_fail),
+    path("pid/", backend_pid),
+]
