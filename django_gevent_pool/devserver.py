@@ -4,6 +4,7 @@ Order: an explicit DSN in the environment (``DGP_DSN``) wins; else a server on
 127.0.0.1:5432 (user ``postgres``, trust auth); else a throwaway embedded
 PostgreSQL from the ``pgserver`` package (the ``embedded`` or ``test`` extra),
 started in a temporary directory and deleted when the process exits.
+``DGP_EMBEDDED=1`` (or ``prefer_embedded=True``) skips the local server.
 
 Not used by the pool itself.
 """
@@ -12,12 +13,14 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from typing import Any
 
 import psycopg2
 from psycopg2.extensions import parse_dsn
 
 ENV_DSN = "DGP_DSN"
+ENV_EMBEDDED = "DGP_EMBEDDED"
 LOCAL_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
 
 _embedded: Any = None
@@ -32,7 +35,7 @@ def _reachable(dsn: str) -> bool:
     return True
 
 
-def server_dsn() -> tuple[str, str]:
+def server_dsn(*, prefer_embedded: bool = False) -> tuple[str, str]:
     """Return ``(dsn, where)`` of a usable server; ``where`` says which one was picked.
 
     Raises RuntimeError when there is no DSN, no local server and ``pgserver``
@@ -41,7 +44,8 @@ def server_dsn() -> tuple[str, str]:
     explicit = os.environ.get(ENV_DSN)
     if explicit:
         return explicit, f"${ENV_DSN}"
-    if _reachable(LOCAL_DSN):
+    prefer_embedded = prefer_embedded or os.environ.get(ENV_EMBEDDED) == "1"
+    if not prefer_embedded and _reachable(LOCAL_DSN):
         return LOCAL_DSN, "127.0.0.1:5432"
     return _start_embedded(), "embedded pgserver"
 
@@ -57,8 +61,11 @@ def _start_embedded() -> str:
                 "or install the embedded one: pip install 'django-gevent-pool[embedded]'"
             ) from exc
         datadir = tempfile.mkdtemp(prefix="dgp-pg-")
-        # "delete": stopped and its directory removed when this process exits.
-        _embedded = pgserver.get_server(datadir, cleanup_mode="delete")
+        with warnings.catch_warnings():
+            # platformdirs complains when XDG_RUNTIME_DIR is unset (CI, containers).
+            warnings.simplefilter("ignore")
+            # "delete": stopped and its directory removed when this process exits.
+            _embedded = pgserver.get_server(datadir, cleanup_mode="delete")
     params = parse_dsn(_embedded.get_uri())
     params.setdefault("dbname", "postgres")
     return " ".join(f"{k}={v}" for k, v in params.items() if v != "")

@@ -126,7 +126,8 @@ def resolve_server(config: Config) -> tuple[str, str]:
     warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
     if config.embedded:
         # Forced: the same embedded server server_dsn() falls back to.
-        return devserver._start_embedded(), "embedded pgserver (DGP_DEMO_EMBEDDED=1)"
+        dsn, where = devserver.server_dsn(prefer_embedded=True)
+        return dsn, f"{where} (DGP_DEMO_EMBEDDED=1)"
     return devserver.server_dsn()
 
 

@@ -12,7 +12,14 @@ import psycopg2
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import request_finished, request_started
-from django.db import OperationalError, close_old_connections, connection, connections, transaction
+from django.db import (
+    OperationalError,
+    ProgrammingError,
+    close_old_connections,
+    connection,
+    connections,
+    transaction,
+)
 from django.test import Client
 
 from django_gevent_pool import PoolTimeout
@@ -114,7 +121,7 @@ def test_a_broken_connection_is_discarded_at_request_end(admin: Any) -> None:
 
 def test_errors_on_a_healthy_connection_keep_it() -> None:
     pid = backend_pid()
-    with pytest.raises(Exception), connection.cursor() as cur:
+    with pytest.raises(ProgrammingError), connection.cursor() as cur:
         cur.execute("SELECT * FROM no_such_table")
     close_old_connections()
     assert backend_pid() == pid, "is_usable() said healthy: the connection is reused"

@@ -150,7 +150,7 @@ def test_exhaustion_raises_pool_timeout_with_the_state_in_its_message(
 def test_checkout_timeout_argument_overrides_the_default(make_pool: PoolFactory) -> None:
     pool = make_pool(MAX_CONNS=1, POOL_TIMEOUT=60)
     held = pool.getconn()
-    with pytest.raises(PoolTimeout, match="after 0.1"):
+    with pytest.raises(PoolTimeout, match=r"after 0\.1"):
         pool.getconn(timeout=0.1)
     pool.putconn(held)
 
