@@ -31,16 +31,31 @@ def gevent_wait_callback(conn: Any, timeout: float | None = None) -> None:
 
     poll = conn.poll
     fileno = conn.fileno
-    while True:
-        state = poll()
-        if state == psycopg2.extensions.POLL_OK:
-            return
-        if state == psycopg2.extensions.POLL_READ:
-            wait_read(fileno(), timeout=timeout)
-        elif state == psycopg2.extensions.POLL_WRITE:
-            wait_write(fileno(), timeout=timeout)
-        else:
-            raise psycopg2.OperationalError(f"bad result from poll: {state!r}")
+    try:
+        while True:
+            state = poll()
+            if state == psycopg2.extensions.POLL_OK:
+                return
+            if state == psycopg2.extensions.POLL_READ:
+                wait_read(fileno(), timeout=timeout)
+            elif state == psycopg2.extensions.POLL_WRITE:
+                wait_write(fileno(), timeout=timeout)
+            else:
+                raise psycopg2.OperationalError(f"bad result from poll: {state!r}")
+    except BaseException:
+        # Killed (GreenletExit) or timed out (gevent.Timeout) in the middle of a
+        # query: psycopg2 closes the connection when we raise, but the server
+        # would go on running the query for nobody. Cancel it first.
+        _cancel_running_query(conn)
+        raise
+
+
+def _cancel_running_query(conn: Any) -> None:
+    try:
+        if conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_ACTIVE:
+            conn.cancel()
+    except Exception:  # best effort: the connection is being abandoned anyway
+        logger.debug("could not cancel the query of an interrupted connection", exc_info=True)
 
 
 def _is_green(callback: Any) -> bool:

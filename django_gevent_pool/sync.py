@@ -120,6 +120,29 @@ def _patched(module: str) -> bool:
     return monkey is not None and bool(monkey.is_module_patched(module))
 
 
+def on_greenlet_exit(callback: Callable[[], None]) -> Callable[[], None] | None:
+    """Run ``callback`` in a new greenlet when the current greenlet ends.
+
+    It fires however the greenlet ends: returning, raising, or killed by
+    ``gevent.kill`` or a ``gevent.Timeout``. Returns a function that cancels
+    it, or None when the caller is not running in a ``gevent.Greenlet`` (an OS
+    thread, the main greenlet), where there is no end to watch.
+    """
+    gevent = sys.modules.get("gevent")
+    if gevent is None:
+        return None
+    current = gevent.getcurrent()
+    if not isinstance(current, gevent.Greenlet):
+        return None
+
+    def fire(_ended: Any) -> None:
+        # Called in the hub, which must never block: do the work elsewhere.
+        gevent.spawn_raw(callback)
+
+    current.rawlink(fire)
+    return lambda: current.unlink(fire)
+
+
 def in_gevent_context() -> bool:
     """True when a connect can be bounded with ``gevent.Timeout`` in this thread."""
     return hub_in_this_thread()

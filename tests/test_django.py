@@ -45,6 +45,9 @@ def in_use(alias: str = "default") -> int:
 
 @pytest.fixture(autouse=True)
 def _return_everything() -> Iterator[None]:
+    # pytest-django's setup may leave this greenlet holding a connection.
+    for conn in connections.all(initialized_only=True):
+        conn.close()
     yield
     for conn in connections.all(initialized_only=True):
         conn.close()
@@ -344,3 +347,91 @@ def test_manage_py_test_creates_clones_and_drops_the_test_database(tmp_path: Any
     assert "Destroying test database" in log
     assert "being accessed by other users" not in log
     assert "OK" in log
+
+
+# ------------------------------------------------------- greenlet end
+
+
+def _server_backends(admin: Any, app_name: str = "dgp-django-tests") -> list[tuple[str, str]]:
+    with admin.cursor() as cur:
+        cur.execute(
+            "SELECT state, query FROM pg_stat_activity WHERE application_name = %s", [app_name]
+        )
+        return list(cur.fetchall())
+
+
+@pytest.mark.gevent_only
+def test_a_greenlet_that_ends_gives_its_connection_back() -> None:
+    """No request_finished, no close_old_connections, no decorator."""
+    import gevent
+
+    def job(i: int) -> int:
+        return Item.objects.filter(name=f"x{i}").count()
+
+    jobs = [gevent.spawn(job, i) for i in range(30)]
+    gevent.joinall(jobs, raise_error=True)
+    wait_until(lambda: in_use() == 0, what="ended greenlets to give their connections back")
+    stats = get_pool("default").get_stats()  # type: ignore[union-attr]
+    assert stats["connections_num"] <= 4
+    assert stats["returns_bad"] == 0
+
+
+@pytest.mark.gevent_only
+def test_a_greenlet_killed_mid_query_cancels_it_and_discards_the_connection(
+    admin: Any,
+) -> None:
+    import gevent
+
+    def slow() -> None:
+        with connection.cursor() as cur:
+            cur.execute("SELECT pg_sleep(30)")
+
+    job = gevent.spawn(slow)
+    wait_until(
+        lambda: any(
+            state == "active" and "pg_sleep(30)" in q for state, q in _server_backends(admin)
+        ),
+        what="the query to run on the server",
+    )
+    bad_before = get_pool("default").get_stats()["returns_bad"]  # type: ignore[union-attr]
+    job.kill()
+    wait_until(lambda: in_use() == 0, what="the killed greenlet's connection to come back")
+    wait_until(
+        lambda: not any("pg_sleep(30)" in q and s == "active" for s, q in _server_backends(admin)),
+        what="the server to stop the query",
+        timeout=5,
+    )
+    assert get_pool("default").get_stats()["returns_bad"] == bad_before + 1  # type: ignore[union-attr]
+    assert Item.objects.count() == 0, "the pool still lends working connections"
+
+
+@pytest.mark.gevent_only
+def test_after_a_thousand_kills_the_pool_still_serves_max_conns_at_once() -> None:
+    import gevent
+    from gevent.event import Event
+
+    def borrow_and_query() -> None:
+        with connection.cursor() as cur:
+            cur.execute("SELECT pg_sleep(0.001)")
+
+    for i in range(1000):
+        job = gevent.spawn(borrow_and_query)
+        gevent.sleep(0 if i % 2 else 0.0005)  # kill before, during and after the checkout
+        job.kill()
+    wait_until(lambda: in_use() == 0, what="every killed greenlet's connection")
+    all_in = Event()
+    holding: list[int] = []
+
+    def hold() -> int:
+        pid = backend_pid()
+        holding.append(pid)
+        if len(holding) == 4:
+            all_in.set()
+        all_in.wait(10)
+        return pid
+
+    holders = [gevent.spawn(hold) for _ in range(4)]
+    gevent.joinall(holders, timeout=20, raise_error=True)
+    assert all_in.is_set(), "four greenlets could not hold a connection each at once"
+    assert len({h.value for h in holders}) == 4
+    get_pool("default").check_invariants()  # type: ignore[union-attr]

@@ -17,13 +17,17 @@ from __future__ import annotations
 
 import functools
 import logging
+import weakref
+from collections.abc import Callable
 from typing import Any
 
+import psycopg2
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 
+from .. import sync
 from ..errors import PoolConfigError
 from ..green import ensure_cooperative
 from ..options import PoolOptions
@@ -73,6 +77,7 @@ class PooledDatabaseWrapperMixin:
         super().__init__(*args, **kwargs)
         self._pool: ConnectionPool | None = None  # where the current connection came from
         self._pool_discard = False  # Django judged the current connection broken
+        self._pool_unwatch: Callable[[], None] | None = None  # cancels the greenlet-end return
         if self.alias != NO_DB_ALIAS:
             pool_options_for(self.alias, self.settings_dict["OPTIONS"])
 
@@ -100,6 +105,11 @@ class PooledDatabaseWrapperMixin:
         conn = pool.getconn()
         self._pool = pool
         self._pool_discard = False
+        # A greenlet that ends holding the connection (a spawned ORM job, a
+        # Celery task, a killed request) gives it back without any decorator.
+        self._pool_unwatch = sync.on_greenlet_exit(
+            functools.partial(_return_orphan, weakref.ref(self), pool, conn)
+        )
         self.isolation_level = _isolation_level(self.settings_dict["OPTIONS"])
         return conn
 
@@ -153,11 +163,17 @@ class PooledDatabaseWrapperMixin:
             return
         conn, discard = self.connection, self._pool_discard
         self._pool, self._pool_discard = None, False
+        self._stop_watching()
         # The connection is the pool's again: this wrapper must not touch it,
         # even when close() was called inside an atomic block.
         self.connection = None
         with self.wrap_database_errors:  # type: ignore[attr-defined]
             pool.putconn(conn, discard=discard)
+
+    def _stop_watching(self) -> None:
+        unwatch, self._pool_unwatch = self._pool_unwatch, None
+        if unwatch is not None:
+            unwatch()
 
     def is_usable(self) -> bool:
         usable: bool = super().is_usable()  # type: ignore[misc]
@@ -182,6 +198,31 @@ class PooledDatabaseWrapperMixin:
         elif self.errors_occurred and self.is_usable():
             self.errors_occurred = False
         self.close()  # type: ignore[attr-defined]
+
+
+def _return_orphan(wrapper_ref: weakref.ref[Any], pool: ConnectionPool, conn: Any) -> None:
+    """Give back a connection whose greenlet ended without closing it.
+
+    Runs in a fresh greenlet after the borrower's greenlet is dead, so the
+    borrower's wrapper (greenlet-local) can no longer be used by anyone; it is
+    only told that its connection is gone. A connection killed mid-query was
+    already closed by psycopg2 (and its query cancelled): the pool discards it.
+    """
+    wrapper = wrapper_ref()
+    if wrapper is not None:
+        if wrapper.connection is not conn:
+            return  # given back (or replaced) already
+        wrapper.connection = None
+        wrapper._pool = None
+        wrapper._pool_unwatch = None
+        discard = wrapper._pool_discard
+    else:
+        discard = False
+    logger.debug("pool %r: a greenlet ended holding a connection; giving it back", pool.name)
+    try:
+        pool.putconn(conn, discard=discard)
+    except psycopg2.ProgrammingError:
+        pass  # it was returned meanwhile
 
 
 def _isolation_level(options: dict[str, Any]) -> Any:
