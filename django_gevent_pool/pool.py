@@ -29,6 +29,7 @@ import logging
 import os
 import random
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -141,6 +142,10 @@ class ConnectionPool:
         self._closed = False
         self._invalidated_at = float("-inf")  # connections created before this get pinged
         self._counters: dict[str, float] = dict.fromkeys(_COUNTERS, 0)
+        # Connections inherited through os.fork(): never used or closed by the child.
+        self._inherited: set[int] = set()
+        self._forked_leftovers: list[Any] = []
+        _ALL_POOLS.add(self)
 
     # ------------------------------------------------------------------ api
 
@@ -181,12 +186,21 @@ class ConnectionPool:
         """
         with self._lock:  # critical section: find and flag the entry
             entry = self._in_use.get(id(conn))
-            if entry is None or entry.conn is not conn or entry.returning:
+            inherited = entry is None and id(conn) in self._inherited
+            if inherited:
+                self._inherited.discard(id(conn))
+            elif entry is None or entry.conn is not conn or entry.returning:
                 raise psycopg2.ProgrammingError(
                     f"pool {self.name!r}: can't return a connection the pool did not lend "
                     "or that was already returned"
                 )
-            entry.returning = True
+            else:
+                entry.returning = True
+        if entry is None:
+            # Lent before a fork and returned in the child: its socket points at
+            # /dev/null already, so closing it cannot end the parent's session.
+            _close_quietly(conn)
+            return
         try:
             reason = "discarded by the caller" if discard else self._clean_for_reuse(entry)
         except BaseException:
@@ -226,6 +240,31 @@ class ConnectionPool:
             waiter.signal.set()
         for entry in idle:
             _close_quietly(entry.conn)
+
+    def _after_fork_in_child(self) -> None:
+        """Start afresh in a forked child, leaving the parent's connections alone.
+
+        A libpq connection closed in the child would send a Terminate message
+        on the socket it shares with the parent, ending the parent's session.
+        So every inherited socket is first pointed at /dev/null: whatever the
+        child does with those objects later (close, garbage collection) goes
+        nowhere. The lock is new too: another thread of the parent may have
+        held the old one at the moment of the fork.
+        """
+        inherited = [e.conn for e in self._idle] + [e.conn for e in self._in_use.values()]
+        for conn in inherited:
+            _detach(conn)
+        self._lock = sync.allocate_lock()
+        self._inherited = set(self._in_use)  # keys are id(conn)
+        self._idle = []
+        self._in_use = {}
+        self._opening = 0
+        self._nconns = 0
+        self._waiting = deque()
+        self._invalidated_at = float("-inf")
+        self._counters = dict.fromkeys(_COUNTERS, 0)
+        # The objects go when the child drops them: their sockets are detached.
+        self._forked_leftovers = inherited
 
     @property
     def closed(self) -> bool:
@@ -653,6 +692,30 @@ _COUNTERS = (
     "returns_rolled_back",
     "pings",
 )
+
+
+def _detach(conn: Any) -> None:
+    """Point ``conn``'s socket descriptor at /dev/null (see ``_after_fork_in_child``)."""
+    try:
+        fd = conn.fileno()
+    except Exception:  # closed already: nothing shared
+        return
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
+_ALL_POOLS: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_ALL_POOLS):
+        pool._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def _sever(conn: Any) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -223,6 +224,25 @@ def _return_orphan(wrapper_ref: weakref.ref[Any], pool: ConnectionPool, conn: An
         pool.putconn(conn, discard=discard)
     except psycopg2.ProgrammingError:
         pass  # it was returned meanwhile
+
+
+def _forget_connections_after_fork() -> None:
+    """In a forked child, wrappers drop the connections they held in the parent.
+
+    The pool has already pointed those sockets at /dev/null (see
+    ``ConnectionPool._after_fork_in_child``); without this, the child's first
+    query would run on one of them and fail. The next use borrows afresh.
+    """
+    from django.db import connections
+
+    for wrapper in connections.all(initialized_only=True):
+        if isinstance(wrapper, PooledDatabaseWrapperMixin) and wrapper._pool is not None:
+            wrapper.connection = None
+            wrapper._pool = None
+            wrapper._pool_unwatch = None
+
+
+os.register_at_fork(after_in_child=_forget_connections_after_fork)
 
 
 def _isolation_level(options: dict[str, Any]) -> Any:

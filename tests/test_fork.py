@@ -1,0 +1,87 @@
+"""Fork safety (gunicorn --preload, Celery prefork, multiprocessing).
+
+In a subprocess: a pool and a Django connection are used in the parent, then
+the process forks. The child must get its own connections, and nothing it does
+with the inherited ones (returning them, closing the pool, garbage collection)
+may end the parent's sessions: closing a libpq connection sends a Terminate
+message on the socket the two processes share.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys
+    if sys.argv[2] == "gevent":
+        from gevent import monkey
+        monkey.patch_all()
+
+    import gc, json, os
+    import django, psycopg2
+    from django.conf import settings
+    from django_gevent_pool import ConnectionPool
+    from django_gevent_pool.devserver import django_settings
+
+    dsn, app = sys.argv[1], f"dgp-fork-{os.getpid()}"
+    settings.configure(DATABASES={"default": {
+        "ENGINE": "django_gevent_pool.backends.postgresql_psycopg2",
+        **django_settings(dsn), "OPTIONS": {"MAX_CONNS": 2, "application_name": app + "-dj"},
+    }})
+    django.setup()
+    from django.db import connection
+
+    def pid(conn):
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            return cur.fetchone()[0]
+
+    pool = ConnectionPool(lambda: psycopg2.connect(dsn, application_name=app),
+                          options={"MAX_CONNS": 3})
+    a, b = pool.getconn(), pool.getconn()
+    a.autocommit = b.autocommit = True
+    parent = [pid(a), pid(b), pid(connection)]  # the Django connection stays held
+    pool.putconn(a)                             # a idle, b in use
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        c = pool.getconn()
+        c.autocommit = True
+        out = {"pool": pid(c), "django": pid(connection)}
+        pool.putconn(c)
+        pool.putconn(b)          # lent before the fork: must not reach the parent's session
+        connection.close()
+        pool.close()
+        del a, b, c, pool
+        gc.collect()
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    got = json.loads(os.read(r, 4096))
+    a2 = pool.getconn()
+    print(json.dumps({"parent": parent, "child": got, "same_a": a2 is a,
+                      "a": pid(a2), "b": pid(b), "django": pid(connection)}))
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["plain", "gevent"])
+def test_a_forked_child_never_uses_or_closes_the_parents_connections(dsn: str, mode: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT, dsn, mode], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    parent = result["parent"]
+    child = result["child"]
+    assert child["pool"] not in parent
+    assert child["django"] not in parent
+    # The parent's sessions survived the child's returns, close() and GC.
+    assert result["same_a"]
+    assert [result["a"], result["b"], result["django"]] == parent
