@@ -99,7 +99,8 @@ class ConnectionPool:
     names (``MAX_CONNS``, ``REUSE_CONNS``, ``POOL_TIMEOUT``, ...).
     ``after_reset`` is called with a connection after ``RESET_QUERY`` ran on it,
     to restore the session state its creator set up (a failure discards it).
-    ``clock`` returns monotonic seconds; tests replace it.
+    ``clock`` returns monotonic seconds; tests replace it. ``background=False``
+    leaves :meth:`maintain` to the caller (tests with a fake clock).
     """
 
     def __init__(
@@ -110,6 +111,7 @@ class ConnectionPool:
         options: PoolOptions | Mapping[str, Any] | None = None,
         after_reset: Callable[[Any], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        background: bool = True,
     ) -> None:
         if options is None:
             options = PoolOptions()
@@ -145,6 +147,9 @@ class ConnectionPool:
         # Connections inherited through os.fork(): never used or closed by the child.
         self._inherited: set[int] = set()
         self._forked_leftovers: list[Any] = []
+        # True once the background housekeeping started (or when there is none).
+        self._maintaining = not background
+        self._background = background
         _ALL_POOLS.add(self)
 
     # ------------------------------------------------------------------ api
@@ -157,6 +162,8 @@ class ConnectionPool:
         at once when ``MAX_WAITING`` checkouts already wait, :class:`PoolClosed`
         after :meth:`close`, or the connect error when opening a connection fails.
         """
+        if not self._maintaining:
+            self._start_maintenance()
         start = self._clock()
         deadline = start + (self.timeout if timeout is None else timeout)
         item, waiter = self._take_or_reserve()
@@ -263,8 +270,89 @@ class ConnectionPool:
         self._waiting = deque()
         self._invalidated_at = float("-inf")
         self._counters = dict.fromkeys(_COUNTERS, 0)
+        # The parent's greenlet or thread did not come along: start one on first use.
+        self._maintaining = not self._background
         # The objects go when the child drops them: their sockets are detached.
         self._forked_leftovers = inherited
+
+    def maintain(self) -> bool:
+        """One round of housekeeping; True if it opened a connection.
+
+        Closes idle connections past ``MAX_LIFETIME`` and those idle longer than
+        ``IDLE_TIMEOUT`` above ``MIN_CONNS``; opens one connection, at most, when
+        fewer than ``MIN_CONNS`` are open and nobody is opening one (never above
+        ``MAX_CONNS``). A background greenlet, or a daemon thread outside
+        gevent, runs it from the first checkout on, so idle connections close
+        even when no request ever comes again. A failed connect is logged and
+        retried on the next round.
+        """
+        now = self._clock()
+        with self._lock:  # critical section: pick what to close, reserve what to open
+            if self._closed:
+                return False
+            expired = [e for e in self._idle if e.expires_at is not None and now >= e.expires_at]
+            if expired:
+                self._idle = [e for e in self._idle if not any(e is x for x in expired)]
+                self._nconns -= len(expired)
+                self._counters["connections_closed"] += len(expired)
+            to_close = [e.conn for e in expired] + self._trim_idle()
+            grow = (
+                self._nconns < self.options.MIN_CONNS and self._opening == 0 and not self._waiting
+            )
+            if grow:
+                self._nconns += 1
+                self._opening += 1
+        for conn in to_close:
+            _close_quietly(conn)
+        if not grow:
+            return False
+        try:
+            conn = self._connect()
+        except Exception as exc:
+            self._give_back_slot(opening=True, failed=True)
+            logger.warning("pool %r: could not open a MIN_CONNS connection: %s", self.name, exc)
+            return False
+        entry = _Entry(conn, self._clock(), self.options.MAX_LIFETIME)
+        waiter = None
+        with self._lock:  # critical section: the new connection goes idle or to a waiter
+            self._opening -= 1
+            self._counters["connections_num"] += 1
+            if self._closed:
+                self._nconns -= 1
+                to_close = [conn]
+            elif self._waiting:
+                waiter = self._waiting.popleft()
+                waiter.item = entry
+                self._in_use[id(conn)] = entry
+                to_close = []
+            else:
+                self._idle.append(entry)
+                to_close = []
+        if waiter is not None:
+            waiter.signal.set()
+        for conn in to_close:
+            _close_quietly(conn)
+        return True
+
+    def _maintenance_interval(self) -> float:
+        spans = [t for t in (self.options.IDLE_TIMEOUT, self.options.MAX_LIFETIME) if t]
+        return min(5.0, max(0.05, min(spans, default=20.0) / 4))
+
+    def _start_maintenance(self) -> None:
+        with self._lock:  # critical section: start it once
+            if self._maintaining or self._closed:
+                return
+            self._maintaining = True
+        ref = weakref.ref(self)
+        interval = self._maintenance_interval()
+
+        def tick() -> float | None:
+            pool = ref()
+            if pool is None or pool._closed or not pool._maintaining:
+                return None  # gone, closed, or forked away from: stop
+            return 0.0 if pool.maintain() else interval
+
+        sync.run_periodically(tick, name=f"django_gevent_pool maintenance {self.name!r}")
 
     @property
     def closed(self) -> bool:

@@ -143,6 +143,37 @@ def on_greenlet_exit(callback: Callable[[], None]) -> Callable[[], None] | None:
     return lambda: current.unlink(fire)
 
 
+def run_periodically(tick: Callable[[], float | None], *, name: str) -> None:
+    """Call ``tick`` in the background until it returns None; it returns the next delay.
+
+    A greenlet when the calling thread runs a gevent hub, else a daemon OS
+    thread. ``tick`` must not raise; whatever it raises is logged and stops it.
+    """
+    import logging
+
+    log = logging.getLogger("django_gevent_pool")
+
+    def loop(sleep: Callable[[float], None]) -> None:
+        while True:
+            try:
+                delay = tick()
+            except Exception:
+                log.exception("%s stopped", name)
+                return
+            if delay is None:
+                return
+            sleep(delay)
+
+    if hub_in_this_thread():
+        import gevent
+
+        gevent.spawn(loop, gevent.sleep)
+        return
+    thread_cls = original("threading", "Thread")
+    time_sleep = original("time", "sleep")
+    thread_cls(target=loop, args=(time_sleep,), name=name, daemon=True).start()
+
+
 def in_gevent_context() -> bool:
     """True when a connect can be bounded with ``gevent.Timeout`` in this thread."""
     return hub_in_this_thread()

@@ -578,3 +578,68 @@ def test_os_threads_and_greenlets_at_once(
     pool.check_invariants()
     with contextlib.suppress(Exception):
         assert backends(admin, app_name) <= 3
+
+
+# ------------------------------------------------------------ housekeeping
+
+
+def test_maintain_closes_idle_and_old_connections_and_keeps_the_minimum(
+    dsn: str, app_name: str, admin: Any
+) -> None:
+    now = [1000.0]
+    pool = ConnectionPool(
+        lambda: psycopg2.connect(dsn, application_name=app_name),
+        name=app_name,
+        options={"MAX_CONNS": 3, "MIN_CONNS": 1, "IDLE_TIMEOUT": 10, "MAX_LIFETIME": 100},
+        clock=lambda: now[0],
+        background=False,
+    )
+    try:
+        conns = [pool.getconn() for _ in range(3)]
+        for conn in conns:
+            pool.putconn(conn)
+        now[0] += 11  # all idle past IDLE_TIMEOUT: all but MIN_CONNS close
+        assert pool.maintain() is False
+        wait_until(lambda: backends(admin, app_name) == 1, what="idle connections to close")
+        assert pool.get_stats()["pool_available"] == 1
+        now[0] += 100  # the kept one is past MAX_LIFETIME: retired, then reopened
+        assert pool.maintain() is True
+        stats = pool.get_stats()
+        assert stats["pool_available"] == 1 and stats["connections_num"] == 4
+        assert pool.maintain() is False, "one at a time, and only up to MIN_CONNS"
+        pool.check_invariants()
+    finally:
+        pool.close()
+
+
+def test_min_conns_are_opened_ahead_of_need_one_at_a_time(
+    dsn: str, app_name: str, admin: Any
+) -> None:
+    pool = ConnectionPool(
+        lambda: psycopg2.connect(dsn, application_name=app_name),
+        name=app_name,
+        options={"MAX_CONNS": 4, "MIN_CONNS": 3},
+        background=False,
+    )
+    try:
+        opened = 0
+        while pool.maintain():
+            opened += 1
+            assert backends(admin, app_name) == opened
+        assert opened == 3
+        assert pool.get_stats()["pool_available"] == 3
+    finally:
+        pool.close()
+
+
+def test_idle_connections_close_in_the_background_with_no_traffic(
+    make_pool: PoolFactory, admin: Any, app_name: str
+) -> None:
+    """django-db-geventpool's issue 68: nothing closes idle connections without traffic."""
+    pool = make_pool(MAX_CONNS=3, MIN_CONNS=1, IDLE_TIMEOUT=0.3)
+    conns = [pool.getconn() for _ in range(3)]
+    for conn in conns:
+        pool.putconn(conn)
+    assert backends(admin, app_name) == 3
+    wait_until(lambda: backends(admin, app_name) == 1, what="the background to close idle ones")
+    assert pool.get_stats()["pool_available"] == 1

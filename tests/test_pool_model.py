@@ -125,6 +125,7 @@ class PoolMachine(RuleBasedStateMachine):
         ping_after=st.sampled_from([None, 0.0, 5.0]),
         lifetime=st.sampled_from([None, 30.0]),
         idle_timeout=st.sampled_from([None, 20.0]),
+        min_conns=st.integers(0, 2),
     )
     @precondition(lambda self: self.pool is None)
     def make_pool(
@@ -134,18 +135,21 @@ class PoolMachine(RuleBasedStateMachine):
         ping_after: float | None,
         lifetime: float | None,
         idle_timeout: float | None,
+        min_conns: int,
     ) -> None:
         self.pool = ConnectionPool(
             self._connect,
             name="model",
             options={
                 "MAX_CONNS": max_conns,
-                "REUSE_CONNS": min(reuse, max_conns),
+                "REUSE_CONNS": max(min(reuse, max_conns), min(min_conns, max_conns)),
+                "MIN_CONNS": min(min_conns, max_conns),
                 "PING_AFTER": ping_after,
                 "MAX_LIFETIME": lifetime,
                 "IDLE_TIMEOUT": idle_timeout,
             },
             clock=lambda: self.now,
+            background=False,
         )
 
     @rule(target=held)
@@ -203,6 +207,21 @@ class PoolMachine(RuleBasedStateMachine):
     @rule(seconds=st.sampled_from([0.5, 6.0, 25.0, 40.0]))
     def time_passes(self, seconds: float) -> None:
         self.now += seconds
+
+    @rule()
+    @precondition(lambda self: self.pool is not None)
+    def housekeeping(self) -> None:
+        assert self.pool is not None
+        before = self.pool.get_stats()
+        opened = self.pool.maintain()
+        after = self.pool.get_stats()
+        if opened:
+            # Only up to MIN_CONNS, one at a time, and only when connecting works.
+            assert not self.refuse
+            assert after["pool_size"] <= after["pool_min"]
+            assert after["connections_num"] == before["connections_num"] + 1
+        else:
+            assert after["pool_size"] <= before["pool_size"]
 
     @rule()
     def toggle_refusal(self) -> None:
