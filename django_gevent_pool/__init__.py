@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from .errors import PoolClosed, PoolConfigError, PoolError, PoolTimeout, TooManyRequests
+from .errors import (
+    PoolClosed,
+    PoolConfigError,
+    PoolError,
+    PoolTimeout,
+    PoolUnavailable,
+    TooManyRequests,
+)
 from .green import is_psycopg2_cooperative, patch_psycopg2
 from .options import PoolOptions
 from .pool import ConnectionPool
@@ -16,6 +23,7 @@ __all__ = [
     "PoolError",
     "PoolOptions",
     "PoolTimeout",
+    "PoolUnavailable",
     "TooManyRequests",
     "__version__",
     "is_psycopg2_cooperative",

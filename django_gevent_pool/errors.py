@@ -23,6 +23,10 @@ class PoolClosed(PoolError):
     """The pool was closed; it lends no more connections."""
 
 
+class PoolUnavailable(PoolError):
+    """Connecting failed moments ago; the pool backs off instead of trying again at once."""
+
+
 class TooManyRequests(PoolError):
     """More checkouts are waiting than the pool allows (MAX_WAITING)."""
 

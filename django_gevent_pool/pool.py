@@ -39,7 +39,7 @@ import psycopg2
 import psycopg2.extensions as ext
 
 from . import sync
-from .errors import PoolClosed, PoolConfigError, PoolTimeout, TooManyRequests
+from .errors import PoolClosed, PoolConfigError, PoolTimeout, PoolUnavailable, TooManyRequests
 from .green import ensure_cooperative
 from .options import PoolOptions
 
@@ -56,6 +56,10 @@ _STATUS_NAMES = {
 # What a waiter can be handed besides a connection entry.
 _SLOT = "slot"  # a reserved slot: the waiter opens a connection with it
 _CLOSED = "closed"  # the pool was closed while it waited
+# Delay before connecting again after failed connects: doubles from the base
+# with each failure up to the max, jittered down by up to half.
+_BACKOFF_BASE = 0.25
+_BACKOFF_MAX = 10.0
 _SEVERED = "it was returned while a query was running on it (ACTIVE): cancelled and cut"
 
 
@@ -144,6 +148,10 @@ class ConnectionPool:
         self._closed = False
         self._invalidated_at = float("-inf")  # connections created before this get pinged
         self._counters: dict[str, float] = dict.fromkeys(_COUNTERS, 0)
+        # Connect failures in a row, and when the next attempt is allowed.
+        self._connect_failures = 0
+        self._retry_at = float("-inf")
+        self._last_connect_error: BaseException | None = None
         # Connections inherited through os.fork(): never used or closed by the child.
         self._inherited: set[int] = set()
         self._forked_leftovers: list[Any] = []
@@ -270,6 +278,8 @@ class ConnectionPool:
         self._waiting = deque()
         self._invalidated_at = float("-inf")
         self._counters = dict.fromkeys(_COUNTERS, 0)
+        self._connect_failures = 0
+        self._retry_at = float("-inf")
         # The parent's greenlet or thread did not come along: start one on first use.
         self._maintaining = not self._background
         # The objects go when the child drops them: their sockets are detached.
@@ -297,7 +307,10 @@ class ConnectionPool:
                 self._counters["connections_closed"] += len(expired)
             to_close = [e.conn for e in expired] + self._trim_idle()
             grow = (
-                self._nconns < self.options.MIN_CONNS and self._opening == 0 and not self._waiting
+                self._nconns < self.options.MIN_CONNS
+                and self._opening == 0
+                and not self._waiting
+                and now >= self._retry_at
             )
             if grow:
                 self._nconns += 1
@@ -309,12 +322,14 @@ class ConnectionPool:
         try:
             conn = self._connect()
         except Exception as exc:
+            self._connect_failed(exc)
             self._give_back_slot(opening=True, failed=True)
-            logger.warning("pool %r: could not open a MIN_CONNS connection: %s", self.name, exc)
             return False
         entry = _Entry(conn, self._clock(), self.options.MAX_LIFETIME)
         waiter = None
         with self._lock:  # critical section: the new connection goes idle or to a waiter
+            self._connect_failures = 0
+            self._retry_at = float("-inf")
             self._opening -= 1
             self._counters["connections_num"] += 1
             if self._closed:
@@ -462,13 +477,33 @@ class ConnectionPool:
         return item
 
     def _open(self, deadline: float) -> _Entry:
-        """Connect with the slot already reserved; give the slot back on any failure."""
+        """Connect with the slot already reserved; give the slot back on any failure.
+
+        After a failed connect, further connects wait for a jittered, growing
+        delay (the database is down or refusing): until then checkouts that
+        need a new connection fail at once with :class:`PoolUnavailable`,
+        chained from the last connect error, instead of all hammering it.
+        """
+        now = self._clock()
+        if now < self._retry_at:
+            self._give_back_slot(opening=True)
+            with self._lock:  # critical section: count
+                self._counters["requests_errors"] += 1
+                failures, last = self._connect_failures, self._last_connect_error
+            raise PoolUnavailable(
+                f"pool {self.name!r}: the last {failures} connection attempt(s) failed; "
+                f"next attempt in {self._retry_at - now:.2f} s (last error: "
+                f"{str(last).strip() if last else 'unknown'})"
+            ) from last
         try:
             conn = self._connect_before(deadline)
         except BaseException as exc:
             # BaseException on purpose: GreenletExit and gevent.Timeout must give
             # the slot back too, or the pool shrinks for good.
-            self._give_back_slot(opening=True, failed=not isinstance(exc, _ConnectDeadline))
+            failed = isinstance(exc, Exception) and not isinstance(exc, _ConnectDeadline)
+            if failed:
+                self._connect_failed(exc)
+            self._give_back_slot(opening=True, failed=failed)
             if isinstance(exc, _ConnectDeadline):
                 raise PoolTimeout(
                     f"pool {self.name!r}: connecting took longer than the checkout timeout "
@@ -478,6 +513,8 @@ class ConnectionPool:
         entry = _Entry(conn, self._clock(), self.options.MAX_LIFETIME)
         to_close = None
         with self._lock:  # critical section: the reserved slot becomes a connection in use
+            self._connect_failures = 0
+            self._retry_at = float("-inf")
             self._opening -= 1
             self._counters["connections_num"] += 1
             if self._closed:
@@ -490,6 +527,14 @@ class ConnectionPool:
             raise PoolClosed(f"pool {self.name!r} was closed while connecting")
         logger.debug("pool %r: opened a connection %s", self.name, self)
         return entry
+
+    def _connect_failed(self, exc: BaseException) -> None:
+        with self._lock:  # critical section: grow the backoff
+            self._connect_failures += 1
+            delay = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** (self._connect_failures - 1))
+            self._retry_at = self._clock() + delay * random.uniform(0.5, 1.0)
+            self._last_connect_error = exc
+        logger.warning("pool %r: connecting failed: %s", self.name, str(exc).strip())
 
     def _connect_before(self, deadline: float) -> Any:
         remaining = deadline - self._clock()

@@ -15,7 +15,13 @@ import psycopg2
 import psycopg2.extensions as ext
 import pytest
 
-from django_gevent_pool import ConnectionPool, PoolClosed, PoolTimeout, TooManyRequests
+from django_gevent_pool import (
+    ConnectionPool,
+    PoolClosed,
+    PoolTimeout,
+    PoolUnavailable,
+    TooManyRequests,
+)
 
 from .proxy import Proxy
 from .support import Workers, backends, sleep, terminate, wait_until
@@ -452,20 +458,52 @@ def test_a_stalled_connection_fails_its_ping_and_is_replaced(
 # ------------------------------------------------------ failing connects
 
 
-def test_a_refused_connect_gives_its_slot_back(make_pool: PoolFactory, proxy: Proxy) -> None:
-    pool = make_pool(proxy.dsn(connect_timeout=2), MAX_CONNS=1)
-    proxy.refuse()
-    for _ in range(3):
-        with pytest.raises(psycopg2.OperationalError):
+def test_database_down_fails_fast_backs_off_and_recovers(
+    proxy: Proxy, app_name: str, workers: Workers
+) -> None:
+    attempts = [0]
+    target = proxy.dsn(connect_timeout=2)
+
+    def connect() -> Any:
+        attempts[0] += 1
+        return psycopg2.connect(target, application_name=app_name)
+
+    pool = ConnectionPool(connect, name=app_name, options={"MAX_CONNS": 3})
+    try:
+        proxy.refuse()
+        with pytest.raises(psycopg2.OperationalError) as first:
             pool.getconn()
-    stats = pool.get_stats()
-    assert stats["pool_size"] == 0
-    assert stats["connections_errors"] == 3
-    proxy.accept_again()
-    conn = pool.getconn()
-    assert query(conn) == 1
-    pool.putconn(conn)
-    pool.check_invariants()
+        assert not isinstance(first.value, PoolUnavailable), "the real error comes first"
+        with pytest.raises(PoolUnavailable) as err:
+            pool.getconn()
+        assert err.value.__cause__ is first.value
+        assert "the last 1 connection attempt(s) failed; next attempt in" in str(err.value)
+        # A burst during the outage: every checkout fails at once, none waits out
+        # its 30 s timeout, and the server is not hammered.
+        for _ in range(50):
+            workers.spawn(pool.getconn, 30)
+        workers.join(10)
+        assert len(workers.errors) == 50
+        assert all(isinstance(e, psycopg2.OperationalError) for e in workers.errors)
+        assert attempts[0] <= 4
+        stats = pool.get_stats()
+        assert stats["pool_size"] == 0 and stats["requests_waiting"] == 0
+        pool.check_invariants()
+        # Recovery needs no restart: once the backoff has passed, it connects.
+        proxy.accept_again()
+
+        def recovered() -> bool:
+            try:
+                conn = pool.getconn()
+            except PoolUnavailable:
+                return False
+            pool.putconn(conn)
+            return True
+
+        wait_until(recovered, what="the pool to connect again", timeout=15)
+        assert pool.get_stats()["pool_size"] == 1
+    finally:
+        pool.close()
 
 
 @pytest.mark.gevent_only

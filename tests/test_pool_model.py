@@ -23,7 +23,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from django_gevent_pool import ConnectionPool, PoolTimeout
+from django_gevent_pool import ConnectionPool, PoolTimeout, PoolUnavailable
 
 STATUSES = {
     "IDLE": ext.TRANSACTION_STATUS_IDLE,
@@ -161,6 +161,10 @@ class PoolMachine(RuleBasedStateMachine):
         except PoolTimeout:
             stats = self.pool.get_stats()
             assert stats["pool_size"] == stats["pool_max"] and stats["pool_available"] == 0
+            return None
+        except PoolUnavailable:
+            # Backing off after a refused connect: only until the clock moves on.
+            assert self.pool._connect_failures > 0
             return None
         except psycopg2.OperationalError:
             assert self.refuse
