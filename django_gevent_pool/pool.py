@@ -29,6 +29,7 @@ import logging
 import os
 import random
 import time
+import traceback
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
@@ -58,6 +59,7 @@ _SLOT = "slot"  # a reserved slot: the waiter opens a connection with it
 _CLOSED = "closed"  # the pool was closed while it waited
 # Delay before connecting again after failed connects: doubles from the base
 # with each failure up to the max, jittered down by up to half.
+_LEAK_STACK_DEPTH = 25
 _BACKOFF_BASE = 0.25
 _BACKOFF_MAX = 10.0
 _SEVERED = "it was returned while a query was running on it (ACTIVE): cancelled and cut"
@@ -70,7 +72,17 @@ class _ConnectDeadline(Exception):
 class _Entry:
     """A pooled connection and the times the pool keeps about it."""
 
-    __slots__ = ("conn", "created_at", "expires_at", "last_used", "returning", "verified_at")
+    __slots__ = (
+        "borrowed_at",
+        "borrower",
+        "conn",
+        "created_at",
+        "expires_at",
+        "last_used",
+        "leak_warned",
+        "returning",
+        "verified_at",
+    )
 
     def __init__(self, conn: Any, now: float, lifetime: float | None) -> None:
         self.conn = conn
@@ -80,6 +92,9 @@ class _Entry:
         self.last_used = now
         self.verified_at = now  # last time the server was seen answering on it
         self.returning = False
+        self.borrowed_at = now
+        self.borrower: str | None = None  # who borrowed it and where (LEAK_TIMEOUT only)
+        self.leak_warned = False
 
 
 class _Waiter:
@@ -187,6 +202,13 @@ class ConnectionPool:
                 break
             item = self._replace_bad(item)
         entry.returning = False
+        entry.leak_warned = False
+        entry.borrowed_at = self._clock()
+        if self.options.LEAK_TIMEOUT is not None:
+            # Only paid for when asked: where this checkout came from, for the warning.
+            entry.borrower = f"{sync.current_name()}\n" + "".join(
+                traceback.format_stack(limit=_LEAK_STACK_DEPTH)[:-1]
+            )
         logger.debug("pool %r: checkout %s", self.name, self)
         return entry.conn
 
@@ -211,6 +233,13 @@ class ConnectionPool:
                 )
             else:
                 entry.returning = True
+        if entry is not None and entry.leak_warned:
+            logger.warning(
+                "pool %r: the connection held too long came back after %.1f s; borrowed by %s",
+                self.name,
+                self._clock() - entry.borrowed_at,
+                entry.borrower,
+            )
         if entry is None:
             # Lent before a fork and returned in the child: its socket points at
             # /dev/null already, so closing it cannot end the parent's session.
@@ -297,6 +326,7 @@ class ConnectionPool:
         retried on the next round.
         """
         now = self._clock()
+        self._warn_leaks(now)
         with self._lock:  # critical section: pick what to close, reserve what to open
             if self._closed:
                 return False
@@ -349,8 +379,38 @@ class ConnectionPool:
             _close_quietly(conn)
         return True
 
+    def _warn_leaks(self, now: float) -> None:
+        """Log, once per checkout, each connection held longer than LEAK_TIMEOUT."""
+        limit = self.options.LEAK_TIMEOUT
+        if limit is None:
+            return
+        with self._lock:  # critical section: pick the newly overdue ones
+            overdue = [
+                e
+                for e in self._in_use.values()
+                if not e.leak_warned and not e.returning and now - e.borrowed_at >= limit
+            ]
+            for entry in overdue:
+                entry.leak_warned = True
+        for entry in overdue:
+            logger.warning(
+                "pool %r: a connection has been held for %.1f s (LEAK_TIMEOUT=%s) by %s",
+                self.name,
+                now - entry.borrowed_at,
+                limit,
+                entry.borrower,
+            )
+
     def _maintenance_interval(self) -> float:
-        spans = [t for t in (self.options.IDLE_TIMEOUT, self.options.MAX_LIFETIME) if t]
+        spans = [
+            t
+            for t in (
+                self.options.IDLE_TIMEOUT,
+                self.options.MAX_LIFETIME,
+                self.options.LEAK_TIMEOUT,
+            )
+            if t
+        ]
         return min(5.0, max(0.05, min(spans, default=20.0) / 4))
 
     def _start_maintenance(self) -> None:

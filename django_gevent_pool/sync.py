@@ -174,6 +174,17 @@ def run_periodically(tick: Callable[[], float | None], *, name: str) -> None:
     thread_cls(target=loop, args=(time_sleep,), name=name, daemon=True).start()
 
 
+def current_name() -> str:
+    """The current greenlet (when gevent runs here) or thread, for log messages."""
+    gevent = sys.modules.get("gevent")
+    if gevent is not None and hub_in_this_thread():
+        current = gevent.getcurrent()
+        return f"greenlet {getattr(current, 'name', None) or current!r}"
+    import threading
+
+    return f"thread {threading.current_thread().name!r}"
+
+
 def in_gevent_context() -> bool:
     """True when a connect can be bounded with ``gevent.Timeout`` in this thread."""
     return hub_in_this_thread()

@@ -681,3 +681,29 @@ def test_idle_connections_close_in_the_background_with_no_traffic(
     assert backends(admin, app_name) == 3
     wait_until(lambda: backends(admin, app_name) == 1, what="the background to close idle ones")
     assert pool.get_stats()["pool_available"] == 1
+
+
+def test_a_connection_held_too_long_is_reported_with_its_borrower(
+    make_pool: PoolFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    pool = make_pool(MAX_CONNS=2, LEAK_TIMEOUT=0.2)
+    caplog.set_level("WARNING", logger="django_gevent_pool")
+
+    def leaky_borrower() -> Any:
+        return pool.getconn()
+
+    conn = leaky_borrower()
+    quick = pool.getconn()
+    pool.putconn(quick)  # returned in time: never reported
+
+    def reported() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "has been held for" in r.getMessage()]
+
+    wait_until(lambda: bool(reported()), what="the leak warning")
+    sleep(0.3)  # more maintenance rounds: still one warning for one checkout
+    assert len(reported()) == 1
+    assert "LEAK_TIMEOUT=0.2" in reported()[0]
+    assert "in leaky_borrower" in reported()[0]
+    pool.putconn(conn)
+    came_back = [r.getMessage() for r in caplog.records if "came back after" in r.getMessage()]
+    assert len(came_back) == 1 and "in leaky_borrower" in came_back[0]
