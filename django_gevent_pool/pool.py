@@ -285,6 +285,32 @@ class ConnectionPool:
         for entry in idle:
             _close_quietly(entry.conn)
 
+    def drain(self, timeout: float = 30.0) -> bool:
+        """Stop lending, wait up to ``timeout`` s for lent connections, then close all.
+
+        For a graceful shutdown (gunicorn's ``worker_exit``): new checkouts and
+        waiters get :class:`PoolClosed` at once, idle connections close now, and
+        each lent connection closes as it comes back. Returns True if all came
+        back in time; those still out at the deadline close when returned.
+        """
+        self.close()
+        deadline = self._clock() + timeout
+        sleep = sync.cooperative_sleep()
+        while True:
+            with self._lock:  # critical section: read
+                out = len(self._in_use) + self._opening
+            if out == 0:
+                return True
+            if self._clock() >= deadline:
+                logger.warning(
+                    "pool %r: drained for %.1f s, %d connection(s) still lent",
+                    self.name,
+                    timeout,
+                    out,
+                )
+                return False
+            sleep(0.01)
+
     def _after_fork_in_child(self) -> None:
         """Start afresh in a forked child, leaving the parent's connections alone.
 

@@ -174,6 +174,15 @@ def run_periodically(tick: Callable[[], float | None], *, name: str) -> None:
     thread_cls(target=loop, args=(time_sleep,), name=name, daemon=True).start()
 
 
+def cooperative_sleep() -> Callable[[float], None]:
+    """``gevent.sleep`` in a thread that runs a hub, else the OS ``time.sleep``."""
+    if hub_in_this_thread():
+        import gevent
+
+        return gevent.sleep  # type: ignore[no-any-return]
+    return original("time", "sleep")  # type: ignore[no-any-return]
+
+
 def current_name() -> str:
     """The current greenlet (when gevent runs here) or thread, for log messages."""
     gevent = sys.modules.get("gevent")

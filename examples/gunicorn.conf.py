@@ -69,3 +69,15 @@ def post_fork(server: Any, worker: Any) -> None:
     and independent of import order. It is idempotent.
     """
     django_gevent_pool.patch_psycopg2()
+
+
+def worker_exit(server: Any, worker: Any) -> None:
+    """When a worker stops: stop lending, let in-flight requests give back, close all.
+
+    New checkouts fail at once, connections still in use get up to
+    ``graceful_timeout`` seconds to come back, then everything is closed, so the
+    server sees the worker's sessions end cleanly instead of being cut.
+    """
+    from django_gevent_pool.backends.base import drain_pools
+
+    drain_pools(timeout=graceful_timeout)

@@ -435,3 +435,18 @@ def test_after_a_thousand_kills_the_pool_still_serves_max_conns_at_once() -> Non
     assert all_in.is_set(), "four greenlets could not hold a connection each at once"
     assert len({h.value for h in holders}) == 4
     get_pool("default").check_invariants()  # type: ignore[union-attr]
+
+
+def test_drain_pools_for_worker_exit() -> None:
+    from django_gevent_pool.backends.base import drain_pools
+
+    backend_pid()
+    pool = get_pool("default")
+    assert drain_pools(timeout=0.2) is False, "this greenlet still holds a connection"
+    connection.close()
+    assert pool is not None and pool.get_stats()["pool_size"] == 0
+    assert get_pool("default") is None
+    assert Item.objects.count() == 0, "the next use makes a new pool"
+    assert get_pool("default") is not pool
+    connection.close()
+    assert drain_pools(timeout=5) is True

@@ -707,3 +707,36 @@ def test_a_connection_held_too_long_is_reported_with_its_borrower(
     pool.putconn(conn)
     came_back = [r.getMessage() for r in caplog.records if "came back after" in r.getMessage()]
     assert len(came_back) == 1 and "in leaky_borrower" in came_back[0]
+
+
+# ------------------------------------------------------------------ drain
+
+
+def test_drain_stops_lending_waits_for_returns_then_closes_everything(
+    make_pool: PoolFactory, admin: Any, app_name: str, workers: Workers
+) -> None:
+    pool = make_pool(MAX_CONNS=3)
+    idle = pool.getconn()
+    held = [pool.getconn(), pool.getconn()]
+    pool.putconn(idle)
+    workers.spawn(pool.drain, 10)
+    wait_until(lambda: pool.closed, what="the drain to start")
+    with pytest.raises(PoolClosed):
+        pool.getconn()
+    wait_until(lambda: backends(admin, app_name) == 2, what="the idle one to close at once")
+    for conn in held:
+        sleep(0.05)
+        pool.putconn(conn)
+        assert conn.closed
+    workers.join()
+    assert workers.results == [True]
+    assert backends(admin, app_name) == 0
+
+
+def test_drain_gives_up_at_its_deadline(make_pool: PoolFactory) -> None:
+    pool = make_pool(MAX_CONNS=1)
+    held = pool.getconn()
+    assert pool.drain(0.1) is False
+    pool.putconn(held)  # late: closed on return
+    assert held.closed
+    assert pool.get_stats()["pool_size"] == 0

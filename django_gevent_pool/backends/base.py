@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -54,6 +55,23 @@ def all_stats() -> dict[str, dict[str, float]]:
 def close_pools(alias: str | None = None) -> int:
     """Close the pool of ``alias`` (or all pools); the next use makes a new one."""
     return registry.close(alias)
+
+
+def drain_pools(timeout: float = 30.0) -> bool:
+    """Drain every pool of this process (see ``ConnectionPool.drain``); True if all emptied.
+
+    The deadline is shared: all pools stop lending at once, then each waits
+    for what remains of ``timeout``. Meant for gunicorn's ``worker_exit`` hook.
+    """
+    pools = registry.pools()
+    for pool in pools.values():
+        pool.close()  # stop lending everywhere first
+    deadline = time.monotonic() + timeout
+    drained = True
+    for pool in pools.values():
+        drained = pool.drain(max(0.0, deadline - time.monotonic())) and drained
+    registry.close()
+    return drained
 
 
 def pool_options_for(alias: str, options: dict[str, Any]) -> tuple[PoolOptions, dict[str, Any]]:
