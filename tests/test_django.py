@@ -450,3 +450,27 @@ def test_drain_pools_for_worker_exit() -> None:
     assert get_pool("default") is not pool
     connection.close()
     assert drain_pools(timeout=5) is True
+
+
+def test_reset_query_runs_django_session_setup_again(admin: Any) -> None:
+    with admin.cursor() as cur:
+        cur.execute(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'dgp_role') "
+            "THEN CREATE ROLE dgp_role; END IF; END $$"
+        )
+    wrapper = make_wrapper("resetting", assume_role="dgp_role", RESET_QUERY="DISCARD ALL")
+    try:
+        for round_ in range(2):
+            with wrapper.cursor() as cur:
+                cur.execute(
+                    "SELECT current_user, current_setting('TimeZone'), "
+                    "current_setting('dgp.marker', true)"
+                )
+                user, tz, marker = cur.fetchone()
+                cur.execute("SET dgp.marker = 'set'")
+            assert (user, tz) == ("dgp_role", "UTC"), "DISCARD ALL reset them; set up again"
+            assert marker in (None, ""), f"round {round_}: session state leaked across checkouts"
+            wrapper.close()
+        assert get_pool("resetting").get_stats()["connections_num"] == 1  # type: ignore[union-attr]
+    finally:
+        wrapper.close()

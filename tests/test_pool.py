@@ -740,3 +740,30 @@ def test_drain_gives_up_at_its_deadline(make_pool: PoolFactory) -> None:
     pool.putconn(held)  # late: closed on return
     assert held.closed
     assert pool.get_stats()["pool_size"] == 0
+
+
+# ----------------------------------------------------------- session state
+
+
+def test_reset_query_clears_session_state_on_return(make_pool: PoolFactory) -> None:
+    plain = make_pool(MAX_CONNS=1)
+    reset = make_pool(MAX_CONNS=1, RESET_QUERY="DISCARD ALL")
+    for pool, expected in ((plain, "kept"), (reset, None)):
+        conn = pool.getconn()
+        conn.autocommit = True
+        query(conn, "SET dgp.marker = 'kept'")
+        pool.putconn(conn)
+        again = pool.getconn()
+        assert again is conn
+        marker = query(again, "SELECT current_setting('dgp.marker', true)")
+        # After DISCARD ALL a custom setting reads as NULL or '' depending on the server.
+        assert marker == expected if expected else marker in (None, "")
+        pool.putconn(again)
+
+
+def test_a_failing_reset_query_discards_the_connection(make_pool: PoolFactory) -> None:
+    pool = make_pool(MAX_CONNS=1, RESET_QUERY="SELECT no_such_function()")
+    conn = pool.getconn()
+    pool.putconn(conn)
+    assert conn.closed
+    assert pool.get_stats()["returns_bad"] == 1
