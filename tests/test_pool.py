@@ -767,3 +767,29 @@ def test_a_failing_reset_query_discards_the_connection(make_pool: PoolFactory) -
     pool.putconn(conn)
     assert conn.closed
     assert pool.get_stats()["returns_bad"] == 1
+
+
+def test_retirements_are_spread_out_not_all_at_once(dsn: str, app_name: str) -> None:
+    now = [0.0]
+    pool = ConnectionPool(
+        lambda: psycopg2.connect(dsn, application_name=app_name),
+        name=app_name,
+        options={"MAX_CONNS": 10, "MAX_LIFETIME": 100, "IDLE_TIMEOUT": None},
+        clock=lambda: now[0],
+        background=False,
+    )
+    try:
+        conns = [pool.getconn() for _ in range(10)]  # all opened at the same instant
+        for conn in conns:
+            pool.putconn(conn)
+        retired_at: list[float] = []
+        for tick in range(80, 101):
+            now[0] = float(tick)
+            before = pool.get_stats()["pool_size"]
+            pool.maintain()
+            retired_at += [now[0]] * int(before - pool.get_stats()["pool_size"])
+        assert len(retired_at) == 10, "all retired by MAX_LIFETIME"
+        assert min(retired_at) >= 90, "jittered down by at most 10%"
+        assert len(set(retired_at)) >= 3, "not all at once"
+    finally:
+        pool.close()
