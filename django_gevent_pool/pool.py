@@ -381,15 +381,10 @@ class ConnectionPool:
             self._connect_failed(exc)
             self._give_back_slot(opening=True, failed=True)
             return False
-        entry = _Entry(conn, self._clock(), self.options.MAX_LIFETIME)
         waiter = None
         with self._lock:  # critical section: the new connection goes idle or to a waiter
-            self._connect_failures = 0
-            self._retry_at = float("-inf")
-            self._opening -= 1
-            self._counters["connections_num"] += 1
-            if self._closed:
-                self._nconns -= 1
+            entry = self._opened(conn)
+            if entry is None:
                 to_close = [conn]
             elif self._waiting:
                 waiter = self._waiting.popleft()
@@ -596,23 +591,30 @@ class ConnectionPool:
                     f"(MAX_CONNS={self.max_conns}) {self._counts()}"
                 ) from None
             raise
-        entry = _Entry(conn, self._clock(), self.options.MAX_LIFETIME)
-        to_close = None
         with self._lock:  # critical section: the reserved slot becomes a connection in use
-            self._connect_failures = 0
-            self._retry_at = float("-inf")
-            self._opening -= 1
-            self._counters["connections_num"] += 1
-            if self._closed:
-                self._nconns -= 1
-                to_close = conn
-            else:
+            entry = self._opened(conn)
+            if entry is not None:
                 self._in_use[id(conn)] = entry
-        if to_close is not None:
-            _close_quietly(to_close)
+        if entry is None:
+            _close_quietly(conn)
             raise PoolClosed(f"pool {self.name!r} was closed while connecting")
         logger.debug("pool %r: opened a connection %s", self.name, self)
         return entry
+
+    def _opened(self, conn: Any) -> _Entry | None:
+        """Under the lock: a reserved slot now holds ``conn``; None if the pool closed meanwhile.
+
+        A success ends any connect backoff. When None, the slot is already
+        freed and the caller closes ``conn``.
+        """
+        self._connect_failures = 0
+        self._retry_at = float("-inf")
+        self._opening -= 1
+        self._counters["connections_num"] += 1
+        if self._closed:
+            self._nconns -= 1
+            return None
+        return _Entry(conn, self._clock(), self.options.MAX_LIFETIME)
 
     def _connect_failed(self, exc: BaseException) -> None:
         with self._lock:  # critical section: grow the backoff
