@@ -41,6 +41,10 @@ logger = logging.getLogger("django_gevent_pool")
 #: Every pool of this process, one per database alias.
 registry = PoolRegistry()
 
+# alias -> (settings key, pool, isolation level): lets a connect with unchanged
+# settings skip validation and the pool lookup. Replaced whole, never mutated.
+_resolved: dict[str, tuple[tuple[Any, ...], ConnectionPool, Any]] = {}
+
 
 def get_pool(alias: str = DEFAULT_DB_ALIAS) -> ConnectionPool | None:
     """The pool currently serving ``alias`` in this process, or None if none was made yet."""
@@ -104,8 +108,28 @@ class PooledDatabaseWrapperMixin:
 
     def check_settings(self) -> None:
         super().check_settings()  # type: ignore[misc]
-        if self.alias != NO_DB_ALIAS:
-            pool_options_for(self.alias, self.settings_dict["OPTIONS"])
+        if self.alias == NO_DB_ALIAS:
+            return
+        key = self._settings_key()
+        resolved = _resolved.get(self.alias)
+        if resolved is None or resolved[0] != key:
+            pool_options_for(self.alias, self.settings_dict["OPTIONS"])  # raises if wrong
+
+    def _settings_key(self) -> tuple[Any, ...]:
+        """What the alias's pool depends on, cheap to build and compare on every connect."""
+        sd = self.settings_dict
+        return (
+            sd["NAME"],
+            sd["USER"],
+            sd["PASSWORD"],
+            sd["HOST"],
+            sd["PORT"],
+            sd["TIME_ZONE"],
+            sd["AUTOCOMMIT"],
+            tuple(sd["OPTIONS"].items()),
+            settings.USE_TZ,
+            settings.TIME_ZONE,
+        )
 
     def get_connection_params(self) -> dict[str, Any]:
         params: dict[str, Any] = super().get_connection_params()  # type: ignore[misc]
@@ -120,7 +144,15 @@ class PooledDatabaseWrapperMixin:
             # Django's short-lived connections to the 'postgres' database (test
             # database creation and such) are not pooled.
             return super().get_new_connection(conn_params)  # type: ignore[misc]
-        pool = self._pool_for(conn_params)
+        key = self._settings_key()
+        resolved = _resolved.get(self.alias)
+        if resolved is not None and resolved[0] == key and not resolved[1].closed:
+            # The fast path: same settings as last time, pool still open.
+            pool, isolation_level = resolved[1], resolved[2]
+        else:
+            pool = self._pool_for(conn_params)
+            isolation_level = _isolation_level(self.settings_dict["OPTIONS"])
+            _resolved[self.alias] = (key, pool, isolation_level)
         conn = pool.getconn()
         self._pool = pool
         self._pool_discard = False
@@ -129,7 +161,7 @@ class PooledDatabaseWrapperMixin:
         self._pool_unwatch = sync.on_greenlet_exit(
             functools.partial(_return_orphan, weakref.ref(self), pool, conn)
         )
-        self.isolation_level = _isolation_level(self.settings_dict["OPTIONS"])
+        self.isolation_level = isolation_level
         return conn
 
     def init_connection_state(self) -> None:
