@@ -82,7 +82,8 @@ class PoolOptions:
 
     @classmethod
     def names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls))
+        """The option names, in table order (computed once: called on every connect)."""
+        return _NAMES
 
     @classmethod
     def from_mapping(
@@ -190,3 +191,6 @@ def _int_range(low: int, high: int | None) -> str:
     if high is None:
         return f"an integer >= {low}"
     return f"an integer from {low} to {high}"
+
+
+_NAMES: tuple[str, ...] = tuple(f.name for f in fields(PoolOptions))

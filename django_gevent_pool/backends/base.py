@@ -101,6 +101,7 @@ class PooledDatabaseWrapperMixin:
         self._pool: ConnectionPool | None = None  # where the current connection came from
         self._pool_discard = False  # Django judged the current connection broken
         self._pool_unwatch: Callable[[], None] | None = None  # cancels the greenlet-end return
+        self._checked_key: tuple[Any, ...] | None = None  # settings key from check_settings
         if self.alias != NO_DB_ALIAS:
             pool_options_for(self.alias, self.settings_dict["OPTIONS"])
 
@@ -114,6 +115,7 @@ class PooledDatabaseWrapperMixin:
         resolved = _resolved.get(self.alias)
         if resolved is None or resolved[0] != key:
             pool_options_for(self.alias, self.settings_dict["OPTIONS"])  # raises if wrong
+        self._checked_key = key  # get_new_connection, called next by connect(), reuses it
 
     def _settings_key(self) -> tuple[Any, ...]:
         """What the alias's pool depends on, cheap to build and compare on every connect."""
@@ -144,7 +146,7 @@ class PooledDatabaseWrapperMixin:
             # Django's short-lived connections to the 'postgres' database (test
             # database creation and such) are not pooled.
             return super().get_new_connection(conn_params)  # type: ignore[misc]
-        key = self._settings_key()
+        key, self._checked_key = self._checked_key or self._settings_key(), None
         resolved = _resolved.get(self.alias)
         if resolved is not None and resolved[0] == key and not resolved[1].closed:
             # The fast path: same settings as last time, pool still open.
