@@ -1,0 +1,555 @@
+"""From raw records to medians, ratios, targets, a terminal table, reStructuredText and a chart.
+
+Every ratio is taken round by round -- a competitor's result divided by the
+raw-connection limit measured in the same round, a few seconds apart -- and
+the median of those per-round ratios is reported, so slow drifts of a shared
+machine cancel out. Noise is the spread of the rounds: (max - min) / median.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchapp.competitors import BY_KEY, MICRO_BARE, SLEEP_SECONDS
+
+VIEWS = ("item", "sleep", "tx")
+VIEW_TITLES = {
+    "item": "primary key (/item/<pk>/)",
+    "sleep": "pg_sleep 50 ms (/sleep/)",
+    "tx": "transaction (/tx/)",
+}
+MICRO_LABELS = {
+    "raw": "raw psycopg2 (limit)",
+    MICRO_BARE: "our bare ConnectionPool",
+    "ours": "django-gevent-pool (ours)",
+    "django-pool": "Django native pool (psycopg 3)",
+    "geventpool": "django-db-geventpool 4.0.8",
+}
+
+# The targets of the issue.
+PK_VS_GEVENTPOOL = 1.3
+TX_VS_GEVENTPOOL = 1.3
+SLEEP_OF_CEILING = 0.98
+MICRO_VS_GEVENTPOOL = 1.4
+
+
+def label(key: str) -> str:
+    """A competitor's name in tables."""
+    if key in MICRO_LABELS:
+        return MICRO_LABELS[key]
+    return BY_KEY[key].label
+
+
+def median(values: Iterable[float]) -> float:
+    """Median of the values (0 for none)."""
+    data = list(values)
+    return float(statistics.median(data)) if data else 0.0
+
+
+def spread(values: Sequence[float]) -> float:
+    """(max - min) / median, as a fraction (0 for fewer than two values)."""
+    if len(values) < 2:
+        return 0.0
+    mid = median(values)
+    return (max(values) - min(values)) / mid if mid else 0.0
+
+
+# ------------------------------------------------------------------ summary
+
+
+def summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
+    """Medians, spreads and per-round ratios to ``raw``, by scenario, view and competitor."""
+    http: dict[str, dict[str, Any]] = {}
+    for view in VIEWS:
+        rows = [r for r in records if r["scenario"] == "http" and r["view"] == view]
+        raw_by_round = {r["round"]: r["rps"] for r in rows if r["competitor"] == "raw"}
+        per_competitor: dict[str, Any] = {}
+        for key in dict.fromkeys(r["competitor"] for r in rows):
+            mine = [r for r in rows if r["competitor"] == key]
+            rps = [r["rps"] for r in mine]
+            ratios = [
+                r["rps"] / raw_by_round[r["round"]] for r in mine if raw_by_round.get(r["round"])
+            ]
+            per_competitor[key] = {
+                "label": label(key),
+                "rounds": len(mine),
+                "clients": mine[0]["clients"],
+                "rps": median(rps),
+                "rps_min": min(rps),
+                "rps_max": max(rps),
+                "spread": spread(rps),
+                "ratio_to_raw": median(ratios) if ratios else None,
+                "p50_ms": median(r["p50_ms"] for r in mine),
+                "p99_ms": median(r["p99_ms"] for r in mine),
+                "p99_ms_max": max(r["p99_ms"] for r in mine),
+                "errors": sum(r["errors"] for r in mine),
+                "non2xx": sum(r["non2xx"] for r in mine),
+                "socket_errors": sum(r["socket_errors"] for r in mine),
+                "busy_share": median(r["busy_share"] for r in mine if r["busy_share"] is not None),
+                "peak_server_conns": max(r["peak_total"] for r in mine),
+                "peak_per_worker": (
+                    None if BY_KEY[key].pgbouncer else max(r["peak_per_worker"] for r in mine)
+                ),
+            }
+        http[view] = per_competitor
+    micro_rows = [r for r in records if r["scenario"] == "micro"]
+    raw_micro = {r["round"]: r["query_ops_per_s"] for r in micro_rows if r["competitor"] == "raw"}
+    raw_uncontended = {
+        r["round"]: r["uncontended_ops_per_s"] for r in micro_rows if r["competitor"] == "raw"
+    }
+    micro: dict[str, Any] = {}
+    for key in dict.fromkeys(r["competitor"] for r in micro_rows):
+        mine = [r for r in micro_rows if r["competitor"] == key]
+        ops = [r["query_ops_per_s"] for r in mine]
+        ratios = [
+            r["query_ops_per_s"] / raw_micro[r["round"]] for r in mine if raw_micro.get(r["round"])
+        ]
+        overhead = [
+            1e6 / r["query_ops_per_s"] - 1e6 / raw_micro[r["round"]]
+            for r in mine
+            if raw_micro.get(r["round"]) and r["query_ops_per_s"]
+        ]
+        uncontended = [r["uncontended_ops_per_s"] for r in mine]
+        uncontended_ratios = [
+            r["uncontended_ops_per_s"] / raw_uncontended[r["round"]]
+            for r in mine
+            if raw_uncontended.get(r["round"])
+        ]
+        micro[key] = {
+            "label": label(key),
+            "rounds": len(mine),
+            "uncontended_ops_per_s": median(uncontended),
+            "uncontended_ratio_to_raw": median(uncontended_ratios) if uncontended_ratios else None,
+            "ops_per_s": median(ops),
+            "ops_min": min(ops),
+            "ops_max": max(ops),
+            "spread": spread(ops),
+            "ratio_to_raw": median(ratios) if ratios else None,
+            "us_per_op": 1e6 / median(ops) if median(ops) else None,
+            "overhead_us_vs_raw": median(overhead) if overhead else None,
+            "noop_us": median(r["noop_us"] for r in mine),
+            "noop_spread": spread([r["noop_us"] for r in mine]),
+            "errors": sum(r["errors"] for r in mine),
+            "peak_server_conns": max(r["peak_total"] for r in mine),
+        }
+    spreads = [c["spread"] for v in http.values() for c in v.values()] + [
+        c["spread"] for c in micro.values()
+    ]
+    return {
+        "http": http,
+        "micro": micro,
+        "sleep_ceiling_rps": config["workers"] * config["max_conns"] / SLEEP_SECONDS,
+        "noise": {
+            "median_spread": median(spreads),
+            "max_spread": max(spreads, default=0.0),
+        },
+    }
+
+
+# ------------------------------------------------------------------ targets
+
+
+@dataclass
+class Target:
+    """One check of the issue, with what was measured."""
+
+    name: str
+    passed: bool | None  # None: could not be measured in this run
+    detail: str
+
+    @property
+    def verdict(self) -> str:
+        """PASS, MISS or N/A."""
+        return "N/A" if self.passed is None else ("PASS" if self.passed else "MISS")
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain data for the JSON file."""
+        return {"name": self.name, "verdict": self.verdict, "detail": self.detail}
+
+
+def _ratio_vs(http_view: dict[str, Any], a: str, b: str) -> float | None:
+    ra = http_view.get(a, {}).get("ratio_to_raw")
+    rb = http_view.get(b, {}).get("ratio_to_raw")
+    if not ra or not rb:
+        return None
+    return float(ra / rb)
+
+
+def targets(summary: dict[str, Any], config: dict[str, Any]) -> list[Target]:
+    """The issue's targets, each PASS, MISS or N/A (competitor not run)."""
+    http, micro = summary["http"], summary["micro"]
+    out: list[Target] = []
+
+    item = http.get("item", {})
+    vs = _ratio_vs(item, "ours", "geventpool")
+    ours_p99 = item.get("ours", {}).get("p99_ms")
+    native_p99 = item.get("django-pool", {}).get("p99_ms")
+    if vs is None or ours_p99 is None or native_p99 is None:
+        out.append(Target("pk view", None, "ours, django-db-geventpool or Django's pool not run"))
+    else:
+        out.append(
+            Target(
+                "pk view",
+                vs >= PK_VS_GEVENTPOOL and ours_p99 <= native_p99,
+                f"ours/raw {item['ours']['ratio_to_raw']:.3f} = {vs:.2f}x "
+                f"django-db-geventpool's {item['geventpool']['ratio_to_raw']:.3f} "
+                f"(target >= {PK_VS_GEVENTPOOL}x); p99 {ours_p99:.1f} ms vs Django pool "
+                f"{native_p99:.1f} ms (target: no worse)",
+            )
+        )
+
+    tx = http.get("tx", {})
+    vs = _ratio_vs(tx, "ours", "geventpool")
+    if vs is None:
+        out.append(Target("transaction view", None, "ours or django-db-geventpool not run"))
+    else:
+        out.append(
+            Target(
+                "transaction view",
+                vs >= TX_VS_GEVENTPOOL,
+                f"ours/raw {tx['ours']['ratio_to_raw']:.3f} = {vs:.2f}x "
+                f"django-db-geventpool's {tx['geventpool']['ratio_to_raw']:.3f} "
+                f"(target >= {TX_VS_GEVENTPOOL}x)",
+            )
+        )
+
+    sleep = http.get("sleep", {}).get("ours")
+    raw_sleep = http.get("sleep", {}).get("raw")
+    ceiling = summary["sleep_ceiling_rps"]
+    if sleep is None:
+        out.append(Target("sleep view", None, "ours not run"))
+    else:
+        share = sleep["rps"] / ceiling
+        limit = (
+            f"; the raw limit reached {raw_sleep['rps'] / ceiling:.3f} of it" if raw_sleep else ""
+        )
+        out.append(
+            Target(
+                "sleep view",
+                share >= SLEEP_OF_CEILING and sleep["errors"] == 0,
+                f"{sleep['rps']:.0f} req/s = {share:.3f} of the ceiling {ceiling:.0f} "
+                f"(workers x MAX_CONNS / {SLEEP_SECONDS} s; target >= {SLEEP_OF_CEILING}{limit}), "
+                f"{sleep['errors']} errors (target 0)",
+            )
+        )
+
+    ours_m, gp_m = micro.get("ours"), micro.get("geventpool")
+    if ours_m is None or gp_m is None or not gp_m["ratio_to_raw"]:
+        out.append(Target("micro through Django", None, "ours or django-db-geventpool not run"))
+    else:
+        vs = ours_m["ratio_to_raw"] / gp_m["ratio_to_raw"]
+        out.append(
+            Target(
+                "micro through Django",
+                vs >= MICRO_VS_GEVENTPOOL,
+                f"ours {ours_m['ops_per_s']:.0f} ops/s = {vs:.2f}x django-db-geventpool's "
+                f"{gp_m['ops_per_s']:.0f} (target >= {MICRO_VS_GEVENTPOOL}x, "
+                f"MAX_CONNS={config['max_conns']} both)",
+            )
+        )
+
+    peaks = [view["ours"]["peak_per_worker"] for view in http.values() if "ours" in view]
+    peaks += [micro[k]["peak_server_conns"] for k in ("ours", MICRO_BARE) if k in micro]
+    if not peaks:
+        out.append(Target("peak server connections", None, "ours not run"))
+    else:
+        out.append(
+            Target(
+                "peak server connections",
+                max(peaks) <= config["max_conns"] and max(peaks) > 0,
+                f"ours: at most {max(peaks)} per process (MAX_CONNS={config['max_conns']}), "
+                "sampled every 20 ms from pg_stat_activity by application_name",
+            )
+        )
+    return out
+
+
+# ------------------------------------------------------------------ tables
+
+
+def _fmt_ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _fmt_spread(row: dict[str, Any]) -> str:
+    return "-" if row["rounds"] < 2 else f"{row['spread'] * 100:.0f}%"
+
+
+def _rounds(n: int) -> str:
+    return f"{n} round" if n == 1 else f"{n} rounds"
+
+
+def _fmt_peak(row: dict[str, Any]) -> str:
+    per_worker = row["peak_per_worker"]
+    if per_worker is None:
+        return f"{row['peak_server_conns']} (bouncer)"
+    return f"{row['peak_server_conns']} ({per_worker}/w)"
+
+
+HTTP_HEADER = (
+    "competitor",
+    "clients",
+    "req/s",
+    "spread",
+    "x raw",
+    "p50 ms",
+    "p99 ms",
+    "errors",
+    "server conns",
+    "busy",
+)
+MICRO_HEADER = (
+    "competitor",
+    "ops/s",
+    "spread",
+    "x raw",
+    "us/op over raw",
+    "uncontended ops/s",
+    "x raw",
+    "checkout+return us",
+    "errors",
+    "server conns",
+)
+
+
+def http_rows(summary: dict[str, Any], view: str) -> list[tuple[str, ...]]:
+    """One view's table rows, as strings."""
+    rows = []
+    for row in summary["http"].get(view, {}).values():
+        rows.append(
+            (
+                row["label"],
+                str(row["clients"]),
+                f"{row['rps']:.0f}",
+                _fmt_spread(row),
+                _fmt_ratio(row["ratio_to_raw"]),
+                f"{row['p50_ms']:.1f}",
+                f"{row['p99_ms']:.1f}",
+                str(row["errors"]),
+                _fmt_peak(row),
+                f"{row['busy_share'] * 100:.0f}%",
+            )
+        )
+    return rows
+
+
+def micro_rows(summary: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The micro table's rows, as strings."""
+    rows = []
+    for row in summary["micro"].values():
+        overhead = row["overhead_us_vs_raw"]
+        rows.append(
+            (
+                row["label"],
+                f"{row['ops_per_s']:.0f}",
+                _fmt_spread(row),
+                _fmt_ratio(row["ratio_to_raw"]),
+                "-" if overhead is None else f"{overhead:.1f}",
+                f"{row['uncontended_ops_per_s']:.0f}",
+                _fmt_ratio(row["uncontended_ratio_to_raw"]),
+                f"{row['noop_us']:.1f}",
+                str(row["errors"]),
+                str(row["peak_server_conns"]),
+            )
+        )
+    return rows
+
+
+def _plain_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
+
+    def line(cells: Sequence[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        rest = [c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True)]
+        return "  ".join([first, *rest])
+
+    return [line(header), "  ".join("-" * w for w in widths), *(line(r) for r in rows)]
+
+
+def _rst_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    widths = [max(len(header[i]), *(len(r[i]) for r in rows)) for i in range(len(header))]
+    rule = "  ".join("=" * w for w in widths)
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    return [rule, line(header), rule, *(line(r) for r in rows), rule]
+
+
+def noise_text(summary: dict[str, Any], config: dict[str, Any]) -> str:
+    """How much the rounds disagreed."""
+    if config["rounds"] < 2:
+        return "one round only, so no spread measured (the full run repeats everything 3 times)"
+    noise = summary["noise"]
+    return (
+        f"{_rounds(config['rounds'])} per measurement, medians shown; spread (max-min)/median "
+        f"of a measurement: median {noise['median_spread'] * 100:.0f}%, worst "
+        f"{noise['max_spread'] * 100:.0f}%"
+    )
+
+
+def text_report(summary: dict[str, Any], found: list[Target], config: dict[str, Any]) -> str:
+    """The terminal report: one table per view, the micro table, noise, targets."""
+    out = []
+    for view in VIEWS:
+        if not summary["http"].get(view):
+            continue
+        title = f"HTTP {VIEW_TITLES[view]}"
+        if view == "sleep":
+            title += f" -- ceiling {summary['sleep_ceiling_rps']:.0f} req/s"
+        out += ["", title, *_plain_table(HTTP_HEADER, http_rows(summary, view))]
+    if summary["micro"]:
+        out += [
+            "",
+            f"micro: checkout + SELECT 1 + return in {config['micro_greenlets']} greenlets "
+            f"(uncontended: {config['max_conns']}), MAX_CONNS={config['max_conns']}, one "
+            "process, no HTTP; checkout+return: one greenlet, no query",
+            *_plain_table(MICRO_HEADER, micro_rows(summary)),
+        ]
+    out += [
+        "",
+        "x raw: req/s / the raw limit's of the same round; server conns: peak in "
+        "pg_stat_activity (per worker); busy: share of the server connections' time not idle",
+        f"noise: {noise_text(summary, config)}",
+        "",
+        "targets (ratios from this run, each divided by the raw limit of the same round):",
+    ]
+    out += [f"  {t.verdict:<4}  {t.name}: {t.detail}" for t in found]
+    return "\n".join(out)
+
+
+def rst_report(
+    summary: dict[str, Any], found: list[Target], config: dict[str, Any], meta: dict[str, Any]
+) -> str:
+    """``latest.md``'s content: the tables in reStructuredText, ready for README.rst."""
+    machine = meta["machine"]
+    out = [
+        "Benchmarks",
+        "----------",
+        "",
+        f"Measured {meta['date']} on {machine['nproc']} cores ({machine['cpu']}), "
+        f"{machine['postgresql']}, Python {machine['python']}, shared with other work: "
+        "absolute numbers are noisy, compare the ratios.",
+        "",
+        f"Command: ``{meta['command']}`` ({'quick' if config['quick'] else 'full'} run: "
+        f"{_rounds(config['rounds'])} of {config['http_seconds']:g} s per view "
+        f"({config['sleep_seconds']:g} s for the sleep view), "
+        f"{meta['wall_seconds']:.0f} s in all).",
+        "",
+        f"gunicorn, {config['workers']} gevent workers, MAX_CONNS={config['max_conns']} per "
+        f"worker, wrk with {config['clients']} keep-alive connections (one thread). "
+        "``x raw`` is req/s divided by the raw-psycopg2 limit of the same round (median "
+        "of the rounds); ``spread`` is (max - min) / median over the rounds; ``server "
+        "conns`` is the peak seen in ``pg_stat_activity`` (total, and per worker); ``busy`` "
+        "the share of the server connections' sampled time not ``idle`` (running a query or "
+        "inside a transaction): the rest is connection capacity the load left unused -- "
+        "in the pool, in a hand-off, or held by a request between its queries.",
+        "",
+    ]
+    for view in VIEWS:
+        if not summary["http"].get(view):
+            continue
+        title = VIEW_TITLES[view]
+        if view == "sleep":
+            title += f", ceiling {summary['sleep_ceiling_rps']:.0f} req/s"
+        out += [f"**{title}**", "", *_rst_table(HTTP_HEADER, http_rows(summary, view)), ""]
+    if summary["micro"]:
+        out += [
+            f"**micro: checkout + SELECT 1 + return in {config['micro_greenlets']} greenlets, "
+            f"MAX_CONNS={config['max_conns']}, one process, no HTTP** (``uncontended``: "
+            f"{config['max_conns']} greenlets, nobody waits; ``checkout+return us``: one "
+            "greenlet, no query)",
+            "",
+            *_rst_table(MICRO_HEADER, micro_rows(summary)),
+            "",
+        ]
+    out += ["Notes:", ""]
+    notes = {k: c.notes for k, c in BY_KEY.items()}
+    for key, note in notes.items():
+        out.append(f"- {BY_KEY[key].label}: {note}.")
+    out += [
+        f"- Django stock competitors have no connection cap: gunicorn's worker_connections "
+        f"is set to MAX_CONNS for them and wrk opens {config['workers']} x MAX_CONNS "
+        "connections, so they never queue (their most favourable load).",
+        "",
+        "Targets (each ratio divided by the raw limit of the same round):",
+        "",
+    ]
+    out += [f"- {t.verdict}: {t.name}: {t.detail}" for t in found]
+    out += ["", f"Noise: {noise_text(summary, config)}.", ""]
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------ chart
+
+
+def chart(summary: dict[str, Any], path: Path, title: str) -> None:
+    """Throughput and p99 per competitor for each view, plus the micro loop, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    views = [v for v in VIEWS if summary["http"].get(v)]
+    config_clients = max(
+        (row["clients"] for v in views for row in summary["http"][v].values()), default=0
+    )
+    columns = len(views) + (1 if summary["micro"] else 0)
+    if columns == 0:
+        return
+    fig, axes = plt.subplots(2, columns, figsize=(5.2 * columns, 8.5), squeeze=False)
+    for col, view in enumerate(views):
+        rows = list(summary["http"][view].items())
+        names = [
+            row["label"] + ("" if row["clients"] == config_clients else f" [{row['clients']} cl.]")
+            for _, row in rows
+        ]
+        colors = [_color(key) for key, _ in rows]
+        rps = [row["rps"] for _, row in rows]
+        low = [row["rps"] - row["rps_min"] for _, row in rows]
+        high = [row["rps_max"] - row["rps"] for _, row in rows]
+        ax = axes[0][col]
+        ax.barh(names, rps, xerr=[low, high], color=colors, capsize=3)
+        ax.invert_yaxis()
+        ax.set_title(f"{VIEW_TITLES[view]}\nrequests/s (median, min-max)", fontsize=9)
+        if view == "sleep":
+            ax.axvline(summary["sleep_ceiling_rps"], color="black", linestyle="--", linewidth=1)
+        ax.tick_params(labelsize=8)
+        ax = axes[1][col]
+        ax.barh(names, [row["p99_ms"] for _, row in rows], color=colors)
+        ax.invert_yaxis()
+        ax.set_title("p99 latency, ms (median of rounds)", fontsize=9)
+        ax.tick_params(labelsize=8)
+    if summary["micro"]:
+        rows = list(summary["micro"].items())
+        names = [row["label"] for _, row in rows]
+        colors = [_color(key) for key, _ in rows]
+        ax = axes[0][columns - 1]
+        ops = [row["ops_per_s"] for _, row in rows]
+        low = [row["ops_per_s"] - row["ops_min"] for _, row in rows]
+        high = [row["ops_max"] - row["ops_per_s"] for _, row in rows]
+        ax.barh(names, ops, xerr=[low, high], color=colors, capsize=3)
+        ax.invert_yaxis()
+        ax.set_title("micro: checkout + SELECT 1 + return\nops/s (median, min-max)", fontsize=9)
+        ax.tick_params(labelsize=8)
+        ax = axes[1][columns - 1]
+        ax.barh(names, [row["noop_us"] for _, row in rows], color=colors)
+        ax.invert_yaxis()
+        ax.set_title("micro: checkout + return, no query, us", fontsize=9)
+        ax.tick_params(labelsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _color(key: str) -> str:
+    if key in ("ours", MICRO_BARE):
+        return "tab:green"
+    if key == "raw":
+        return "tab:gray"
+    return "tab:blue"

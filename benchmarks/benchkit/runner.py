@@ -1,0 +1,372 @@
+"""One benchmark run: competitors started one at a time, measured, stopped, recorded.
+
+:class:`Run` owns the connection sampler (and its guard), starts each
+competitor's processes, drives the loads and collects one record per
+measurement. Every process it starts is stopped by PID before the next
+competitor starts, and the server's connections of that competitor are
+drained first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.error
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from benchapp.competitors import (
+    APPNAME_PREFIX,
+    BY_KEY,
+    DBNAME,
+    ITEMS,
+    MICRO_BARE,
+    Competitor,
+)
+
+from . import env as bench_env
+from .loads import run_micro, run_wrk
+from .servers import (
+    HOST,
+    ConnectionSampler,
+    Gunicorn,
+    PgBouncer,
+    Server,
+    free_port,
+    get_json,
+)
+
+BENCH_DIR = Path(__file__).resolve().parent.parent
+TMP = BENCH_DIR / "results" / "tmp"
+VIEWS = ("item", "sleep", "tx")
+LOOPS = ("query", "query_uncontended", "noop")  # the loops of micro.py
+#: Server connections a competitor may show beyond workers x MAX_CONNS before the guard fires.
+GUARD_MARGIN = 10
+
+
+@dataclass(frozen=True)
+class Config:
+    """What one run measures, and for how long."""
+
+    quick: bool
+    rounds: int
+    http_seconds: float
+    sleep_seconds: float  # the sleep view runs longer: wrk drops the requests in flight at the end
+    http_warmup: float
+    micro_seconds: float
+    micro_warmup: float
+    workers: int
+    max_conns: int
+    clients: int
+    micro_greenlets: int
+    competitors: tuple[str, ...]
+    scenarios: tuple[str, ...]
+    output: str
+    profile: str  # "auto" (when a target is missed, full runs only), "always" or "never"
+    profile_seconds: float
+
+    def estimate_seconds(self) -> float:
+        """A rough duration of the run, for the user's patience."""
+        views = 2 * (self.http_seconds + 0.6) + self.sleep_seconds + 0.6
+        http = len(self.competitors) * (2.5 + self.http_warmup + views)
+        micro_keys = sum(1 for k in self.competitors if BY_KEY[k].in_micro) + 1
+        micro = micro_keys * (1.5 + self.micro_warmup * 2 + self.micro_seconds * 2)
+        per_round = ("http" in self.scenarios) * http + ("micro" in self.scenarios) * micro
+        return self.rounds * per_round
+
+
+class Run:
+    """One benchmark run: the server, the sampler, the records collected so far."""
+
+    def __init__(self, config: Config, server: Server, tools: dict[str, str]) -> None:
+        self.config = config
+        self.server = server
+        self.tools = tools
+        self.dbname = DBNAME
+        self.records: list[dict[str, Any]] = []
+        self.guard_limit = config.workers * config.max_conns + GUARD_MARGIN
+        self.guard_tripped: list[str] = []
+        self._active: list[subprocess.Popen[Any]] = []
+        self._active_gunicorn: Gunicorn | None = None
+        self.sampler = ConnectionSampler(server, DBNAME)
+        self.sampler.guard(self.guard_limit, self._on_guard)
+
+    # ----------------------------------------------------------- guard
+
+    def _on_guard(self, total: int) -> None:
+        """Called from the sampler thread: kill what runs now, by PID."""
+        message = f"{total} server connections > {self.guard_limit}: competitor killed"
+        self.guard_tripped.append(message)
+        print(f"\n  GUARD: {message}", flush=True)
+        gunicorn = self._active_gunicorn
+        pids = list(gunicorn.worker_pids()) if gunicorn is not None else []
+        pids += [p.pid for p in self._active if p.poll() is None]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def _check_guard(self, key: str) -> None:
+        if self.guard_tripped:
+            raise RuntimeError(f"{key}: " + "; ".join(self.guard_tripped))
+
+    # ----------------------------------------------------------- environment
+
+    def child_env(self, key: str, hide_psycopg: bool, host: str, port: str) -> dict[str, str]:
+        """The environment of a competitor's process."""
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("PYTHONPATH", "DJANGO_SETTINGS_MODULE", bench_env.REEXEC_MARK)
+            and not k.startswith("DGPB_")
+        }
+        env.update(
+            DGPB_COMPETITOR=key,
+            DGPB_HOST=host,
+            DGPB_PORT=port,
+            DGPB_USER=self.server.user,
+            DGPB_PASSWORD=self.server.password,
+            DGPB_MAX_CONNS=str(self.config.max_conns),
+        )
+        if hide_psycopg:
+            env["PYTHONPATH"] = str(BENCH_DIR / "psycopg2_only")
+        return env
+
+    def micro_env(self, key: str) -> dict[str, str]:
+        """The environment of ``micro.py`` for ``key`` (a competitor or ``ours-bare``)."""
+        hide = BY_KEY[key].hide_psycopg if key in BY_KEY else False
+        return self.child_env(key, hide, self.server.host, self.server.port)
+
+    def register(self, proc: subprocess.Popen[Any]) -> None:
+        """Remember a process the guard may have to kill."""
+        self._active.append(proc)
+
+    def settle(self) -> int:
+        """Forget the processes (they have ended); wait until the server drained; return left."""
+        self._active.clear()
+        return self.server.wait_drained(self.dbname)
+
+    # ----------------------------------------------------------- micro
+
+    def micro_round(self, round_no: int, keys: list[str]) -> None:
+        """Every micro competitor once, each in its own process."""
+        for key in keys:
+            print(f"  micro  {key:<12}", end="", flush=True)
+            try:
+                with self.sampler.window() as peaks:
+                    result = run_micro(
+                        sys.executable,
+                        self.micro_env(key),
+                        key,
+                        self.config.micro_greenlets,
+                        self.config.micro_warmup,
+                        self.config.micro_seconds,
+                        TMP / f"micro-{key}-{round_no}.log",
+                        on_start=self.register,
+                    )
+            finally:
+                self.settle()
+            self._check_guard(key)
+            record = {
+                "scenario": "micro",
+                "round": round_no,
+                "competitor": key,
+                "query_ops_per_s": result["query"]["ops_per_s"],
+                "uncontended_ops_per_s": result["query_uncontended"]["ops_per_s"],
+                "noop_us": result["noop"]["us_per_op"],
+                "errors": sum(result[k]["errors"] for k in LOOPS),
+                "first_error": next(
+                    (result[k]["first_error"] for k in LOOPS if result[k]["first_error"]), None
+                ),
+                "peak_total": peaks.total,
+                "samples": peaks.samples,
+                "detail": result,
+            }
+            self.records.append(record)
+            print(
+                f"{record['query_ops_per_s']:>9.0f} ops/s  uncontended "
+                f"{record['uncontended_ops_per_s']:>6.0f} ops/s  checkout+return "
+                f"{record['noop_us']:>6.1f} us  errors {record['errors']}  "
+                f"server conns {peaks.total}",
+                flush=True,
+            )
+
+    # ----------------------------------------------------------- http
+
+    @contextlib.contextmanager
+    def serving(self, key: str, log_name: str) -> Iterator[tuple[Gunicorn, int]]:
+        """Competitor ``key`` up (PgBouncer too, if it is its), workers checked, pools full.
+
+        Yields the gunicorn and the number of wrk connections to use. Stops
+        everything it started, by PID, and waits for the server connections
+        to drain, however the block ends.
+        """
+        competitor = BY_KEY[key]
+        config = self.config
+        bouncer_dir: str | None = None
+        bouncer: PgBouncer | None = None
+        gunicorn: Gunicorn | None = None
+        try:
+            host, port = self.server.host, self.server.port
+            if competitor.pgbouncer:
+                bouncer_dir = tempfile.mkdtemp(prefix="dgpb-pgbouncer-")
+                bouncer = PgBouncer(
+                    self.tools["pgbouncer"],
+                    self.server,
+                    self.dbname,
+                    config.workers * config.max_conns,
+                    Path(bouncer_dir),
+                )
+                self.register(bouncer.proc)
+                host, port = HOST, str(bouncer.port)
+            http_port = free_port()
+            env = self.child_env(key, competitor.hide_psycopg, host, port)
+            env.update(
+                DGPB_BIND=f"{HOST}:{http_port}",
+                DGPB_WORKERS=str(config.workers),
+                DGPB_WORKER_CONNECTIONS=str(
+                    config.max_conns if competitor.capped_by_gunicorn else 1000
+                ),
+                DGPB_WSGI_APP=(
+                    "benchapp.rawapp:application"
+                    if competitor.raw_app
+                    else "benchapp.wsgi:application"
+                ),
+            )
+            gunicorn = Gunicorn(sys.executable, env, http_port, TMP / f"{log_name}.log")
+            self.register(gunicorn.proc)
+            self._active_gunicorn = gunicorn
+            check_workers(competitor, gunicorn.wait_ready(config.workers))
+            in_every_worker(http_port, "/warm/", config.workers)
+            clients = (
+                config.workers * config.max_conns
+                if competitor.capped_by_gunicorn
+                else config.clients
+            )
+            yield gunicorn, clients
+        finally:
+            self._active_gunicorn = None
+            if gunicorn is not None:
+                gunicorn.stop()
+            if bouncer is not None:
+                bouncer.stop()
+            if bouncer_dir is not None:
+                shutil.rmtree(bouncer_dir, ignore_errors=True)
+            left = self.settle()
+            if left:
+                print(f"  warning: {left} server connections left after {key}", flush=True)
+        self._check_guard(key)
+
+    def http_competitor(self, round_no: int, key: str) -> None:
+        """One competitor: start it, fill it, drive the three views, stop it."""
+        competitor = BY_KEY[key]
+        config = self.config
+        wrk = self.tools["wrk"]
+        line = [f"  http   {key:<12}"]
+        with self.serving(key, f"gunicorn-{key}-{round_no}") as (gunicorn, clients):
+            port = gunicorn.port
+            run_wrk(wrk, port, "item", clients, config.http_warmup, ITEMS)
+            self.between_measurements(port, competitor)
+            for view in VIEWS:
+                seconds = config.sleep_seconds if view == "sleep" else config.http_seconds
+                with self.sampler.window() as peaks:
+                    result = run_wrk(wrk, port, view, clients, seconds, ITEMS)
+                result.update(
+                    scenario="http",
+                    round=round_no,
+                    competitor=key,
+                    peak_total=peaks.total,
+                    peak_per_worker=peaks.per_worker(f"{APPNAME_PREFIX}-{key}-"),
+                    peak_by_name=peaks.per_name,
+                    busy_share=peaks.busy_share(),
+                    states=peaks.states,
+                    samples=peaks.samples,
+                )
+                self.records.append(result)
+                self.between_measurements(port, competitor)
+                line.append(
+                    f"{view} {result['rps']:>6.0f}/s p99 {result['p99_ms']:>6.1f}ms "
+                    f"err {result['errors']} conns {peaks.total}"
+                )
+        print(" | ".join(line), flush=True)
+
+    def between_measurements(self, port: int, competitor: Competitor) -> None:
+        """Free what the last wrk run's clients left behind, before the next run.
+
+        First wait until the server runs nothing for this competitor (requests
+        wrk gave up on may still be queued in the worker: the sleep view leaves
+        half a second of them, which would land in the next view's latencies).
+        Then ``gc.collect()`` in every worker closes the per-greenlet persistent
+        connections of finished greenlets (Django stock, CONN_MAX_AGE=60), and
+        wait, bounded, until the server shows no more than the pools keep (none
+        for the stock backend), collecting again while it does not.
+        """
+        config = self.config
+        if not self.server.wait_quiet(self.dbname):
+            print(f"  warning: {competitor.key} still busy 10 s after wrk stopped", flush=True)
+        at_most = 0 if competitor.capped_by_gunicorn else config.workers * config.max_conns
+        for _ in range(5):
+            in_every_worker(port, "/collect/", config.workers)
+            if self.server.wait_drained(self.dbname, limit=1.0, at_most=at_most) <= at_most:
+                return
+        print(f"  warning: {competitor.key} keeps more than {at_most} connections", flush=True)
+
+    # ----------------------------------------------------------- all
+
+    def execute(self) -> None:
+        """All rounds of all scenarios."""
+        config = self.config
+        http_keys = list(config.competitors)
+        micro_keys = [k for k in http_keys if BY_KEY[k].in_micro]
+        if "ours" in micro_keys:
+            micro_keys.insert(micro_keys.index("ours"), MICRO_BARE)
+        for round_no in range(config.rounds):
+            print(f"round {round_no + 1}/{config.rounds}", flush=True)
+            if "micro" in config.scenarios:
+                self.micro_round(round_no, rotate(micro_keys, round_no))
+            if "http" in config.scenarios:
+                for key in rotate(http_keys, round_no):
+                    self.http_competitor(round_no, key)
+
+
+def rotate(keys: list[str], by: int) -> list[str]:
+    """``keys`` rotated left by ``by`` (so no competitor always runs first)."""
+    if not keys:
+        return keys
+    by %= len(keys)
+    return keys[by:] + keys[:by]
+
+
+def check_workers(competitor: Competitor, infos: list[dict[str, Any]]) -> None:
+    """Refuse to measure a competitor whose workers do not run what it claims."""
+    for info in infos:
+        problems = []
+        if info["driver"] != competitor.driver:
+            problems.append(f"driver {info['driver']} (expected {competitor.driver})")
+        if competitor.driver == "psycopg2" and not info["psycopg2_wait_callback"]:
+            problems.append("psycopg2 has no gevent wait callback")
+        if competitor.ours and "django_gevent_pool" not in info["engine"]:
+            problems.append(f"engine {info['engine']}")
+        if problems:
+            raise RuntimeError(f"{competitor.key}, worker {info['pid']}: " + ", ".join(problems))
+
+
+def in_every_worker(port: int, path: str, workers: int, attempts: int = 60) -> None:
+    """GET ``path`` on fresh connections until every worker has answered it once."""
+    seen: set[int] = set()
+    for _ in range(attempts):
+        try:
+            seen.add(int(get_json(port, path, timeout=30)["pid"]))
+        except (OSError, urllib.error.URLError, ValueError) as exc:
+            raise RuntimeError(f"{path} failed: {exc!r}") from exc
+        if len(seen) >= workers:
+            return
+    raise RuntimeError(f"only {len(seen)} of {workers} workers answered {path}")

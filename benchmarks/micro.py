@@ -1,0 +1,277 @@
+"""The micro scenario for one competitor, in one process, no HTTP; prints one JSON line.
+
+    .bench-venv/bin/python benchmarks/micro.py --competitor ours --greenlets 200 --seconds 2
+
+Run by ``benchmarks/run.py`` (which sets the ``DGPB_*`` environment and, for
+psycopg2 competitors, ``PYTHONPATH=benchmarks/psycopg2_only``). Three loops:
+
+``query``
+    ``--greenlets`` greenlets, each repeating: check out a connection, run
+    ``SELECT 1``, give it back -- through Django (``connection.cursor()``,
+    then ``close_old_connections()`` as at the end of a request) for the
+    Django-served competitors, through ``ConnectionPool.getconn``/``putconn``
+    for ``ours-bare``, through a plain gevent queue of connections for ``raw``.
+    Operations per second, all greenlets together.
+``query_uncontended``
+    The same with only MAX_CONNS greenlets: nobody ever waits for a
+    connection, so the pool's queueing (and its fairness) costs nothing and
+    what is left is its per-checkout cost.
+``noop``
+    One greenlet repeating checkout + return with no query
+    (``connection.ensure_connection()`` then ``close_old_connections()``):
+    the pool's own cost per checkout/return pair, in microseconds, with the
+    whole Django connect/close path around it for the Django competitors.
+    One greenlet, because a checkout of an idle connection does no I/O and so
+    never yields: many greenlets would just run one after the other.
+
+Before both, MAX_CONNS greenlets each hold a connection for 50 ms at once, so
+every pool is full (MAX_CONNS open) before the load starts: django-db-geventpool
+counts only finished connects and, hit by 200 greenlets while not yet full,
+opens far more than MAX_CONNS connections (its issues 26, 45, 56, 96) -- on a
+shared server with max_connections = 100, other users would get "too many
+clients". A full pool never opens more, so it keeps to MAX_CONNS from then on.
+
+Every greenlet stops at its deadline (checked after each operation), so the
+process ends in ``warmup + seconds`` plus one operation, whatever happens.
+"""
+
+from gevent import monkey
+
+monkey.patch_all()
+
+import argparse  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
+from typing import Any  # noqa: E402
+
+import gevent  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from benchapp.competitors import (  # noqa: E402
+    BY_KEY,
+    DBNAME,
+    MICRO_BARE,
+    appname,
+    env_settings,
+    make_psycopg2_cooperative,
+)
+
+#: Operations one loop may count before it stops anyway (a bound on runaway loops).
+MAX_OPS = 20_000_000
+
+Op = Callable[[], None]
+
+
+@dataclass
+class Loop:
+    """Counts the operations finished inside ``[start, end)`` by all its greenlets."""
+
+    start: float
+    end: float
+    ops: int = 0
+    errors: int = 0
+    first_error: str | None = None
+    done: list[float] = field(default_factory=list)
+
+    def run(self, op: Op) -> None:
+        """One greenlet: repeat ``op`` until the deadline, counting those inside the window."""
+        while True:
+            try:
+                op()
+            except Exception as exc:
+                self.errors += 1
+                if self.first_error is None:
+                    self.first_error = repr(exc)
+                gevent.sleep(0.001)
+            now = time.perf_counter()
+            if now >= self.end or self.ops >= MAX_OPS:
+                return
+            if now >= self.start:
+                self.ops += 1
+
+
+def measure(op: Op, greenlets: int, warmup: float, seconds: float) -> dict[str, Any]:
+    """Run ``op`` in ``greenlets`` greenlets; operations/s over ``seconds`` after ``warmup``."""
+    start = time.perf_counter() + warmup
+    loop = Loop(start=start, end=start + seconds)
+    workers = [gevent.spawn(loop.run, op) for _ in range(greenlets)]
+    gevent.joinall(workers, timeout=warmup + seconds + 30)
+    gevent.killall(workers, block=True, timeout=5)
+    ops_per_s = loop.ops / seconds
+    return {
+        "greenlets": greenlets,
+        "ops": loop.ops,
+        "seconds": seconds,
+        "ops_per_s": ops_per_s,
+        "us_per_op": 1e6 / ops_per_s if ops_per_s else None,
+        "errors": loop.errors,
+        "first_error": loop.first_error,
+    }
+
+
+def connect_kwargs(key: str) -> dict[str, Any]:
+    """psycopg2 connection parameters of the non-Django loops."""
+    params = env_settings()
+    return {
+        "host": params["host"],
+        "port": params["port"],
+        "user": params["user"],
+        "password": params["password"],
+        "dbname": DBNAME,
+        "application_name": appname(key),
+    }
+
+
+def autocommit_connect(**kwargs: Any) -> Any:
+    """A psycopg2 connection in autocommit, as Django keeps its connections."""
+    import psycopg2
+
+    conn = psycopg2.connect(**kwargs)
+    conn.autocommit = True
+    return conn
+
+
+def select_one(conn: Any) -> None:
+    """``SELECT 1`` and fetch the row."""
+    with conn.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        cursor.fetchone()
+
+
+def warm(hold: Op, max_conns: int) -> None:
+    """Fill the pool: ``max_conns`` greenlets, each holding one connection at the same time."""
+    workers = [gevent.spawn(hold) for _ in range(max_conns)]
+    gevent.joinall(workers, timeout=30, raise_error=True)
+
+
+def django_ops(key: str) -> tuple[Op, Op, Op, dict[str, Any]]:
+    """The query and noop operations through Django, with competitor ``key``'s backend."""
+    os.environ["DGPB_COMPETITOR"] = key
+    os.environ["DJANGO_SETTINGS_MODULE"] = "benchapp.settings"
+    import django
+
+    django.setup()
+    from django.db import close_old_connections, connection
+
+    def query() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            cursor.fetchone()
+        close_old_connections()
+
+    def noop() -> None:
+        connection.ensure_connection()
+        close_old_connections()
+
+    def hold() -> None:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_sleep(0.05)")
+        close_old_connections()
+
+    return query, noop, hold, {"engine": connection.settings_dict["ENGINE"]}
+
+
+def bare_ops(max_conns: int) -> tuple[Op, Op, Op, dict[str, Any]]:
+    """The operations on our pool without Django (``getconn``/``putconn``)."""
+    from django_gevent_pool import ConnectionPool
+
+    pool = ConnectionPool(
+        functools.partial(autocommit_connect, **connect_kwargs(MICRO_BARE)),
+        name="bare",
+        options={"MAX_CONNS": max_conns, "REUSE_CONNS": max_conns, "POOL_TIMEOUT": 10},
+    )
+
+    def query() -> None:
+        conn = pool.getconn()
+        try:
+            select_one(conn)
+        finally:
+            pool.putconn(conn)
+
+    def noop() -> None:
+        pool.putconn(pool.getconn())
+
+    def hold() -> None:
+        with pool.connection() as conn, conn.cursor() as cursor:
+            cursor.execute("SELECT pg_sleep(0.05)")
+
+    return query, noop, hold, {"engine": "django_gevent_pool.ConnectionPool"}
+
+
+def raw_ops(max_conns: int) -> tuple[Op, Op, Op, dict[str, Any]]:
+    """The operations on MAX_CONNS connections in a plain gevent queue (no pool at all)."""
+    import gevent.queue
+
+    kwargs = connect_kwargs("raw")
+    queue: gevent.queue.Queue[Any] = gevent.queue.Queue()
+    opened = 0
+
+    def get() -> Any:
+        nonlocal opened
+        if queue.empty() and opened < max_conns:
+            opened += 1  # no switch between the test and this line
+            return autocommit_connect(**kwargs)
+        return queue.get()
+
+    def query() -> None:
+        conn = get()
+        try:
+            select_one(conn)
+        finally:
+            queue.put(conn)
+
+    def noop() -> None:
+        queue.put(get())
+
+    def hold() -> None:
+        conn = get()
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute("SELECT pg_sleep(0.05)")
+        finally:
+            queue.put(conn)
+
+    return query, noop, hold, {"engine": "gevent.queue.Queue of psycopg2 connections"}
+
+
+def main() -> int:
+    """Parse the arguments, run both loops, print the results as one JSON line."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--competitor", required=True)
+    parser.add_argument("--greenlets", type=int, default=200)
+    parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    args = parser.parse_args()
+    key = args.competitor
+    max_conns = env_settings()["max_conns"]
+    make_psycopg2_cooperative(key)
+    if key == MICRO_BARE:
+        query, noop, hold, extra = bare_ops(max_conns)
+    elif key == "raw":
+        query, noop, hold, extra = raw_ops(max_conns)
+    elif key in BY_KEY:
+        query, noop, hold, extra = django_ops(key)
+    else:
+        parser.error(f"unknown competitor {key!r}")
+    warm(hold, max_conns)
+    result = {
+        "competitor": key,
+        "max_conns": max_conns,
+        "psycopg_importable": "psycopg" not in sys.modules or sys.modules["psycopg"] is not None,
+        **extra,
+        "query": measure(query, args.greenlets, args.warmup, args.seconds),
+        "query_uncontended": measure(query, max_conns, args.warmup / 2, args.seconds / 2),
+        "noop": measure(noop, 1, args.warmup / 2, args.seconds / 2),
+    }
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
