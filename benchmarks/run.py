@@ -312,7 +312,7 @@ def main(argv: list[str]) -> int:
         summary,
         written[2],
         f"django-gevent-pool vs alternatives -- {meta['date']}, {meta['machine']['nproc']} "
-        f"cores, {config.workers} workers x MAX_CONNS {config.max_conns}, "
+        f"cores, {report.plural(config.workers, 'worker')} x MAX_CONNS {config.max_conns}, "
         f"{config.clients} clients",
     )
     print("\nwrote " + ", ".join(str(p.relative_to(bench_env.ROOT)) for p in written))

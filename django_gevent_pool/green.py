@@ -19,6 +19,9 @@ import psycopg2.extensions
 
 logger = logging.getLogger("django_gevent_pool")
 
+# gevent's (wait_read, wait_write), bound on the first wait, never at import time.
+_gevent_waits: tuple[Any, Any] | None = None
+
 
 def gevent_wait_callback(conn: Any, timeout: float | None = None) -> None:
     """psycopg2 wait callback: poll ``conn``, yielding to the gevent hub until done.
@@ -27,8 +30,13 @@ def gevent_wait_callback(conn: Any, timeout: float | None = None) -> None:
     a killed greenlet, after which psycopg2 abandons the query and the
     connection must not be reused in an unknown state.
     """
-    from gevent.socket import wait_read, wait_write
+    global _gevent_waits
+    if _gevent_waits is None:  # imported once, on first use: this runs for every query
+        from gevent.socket import wait_read as _read
+        from gevent.socket import wait_write as _write
 
+        _gevent_waits = (_read, _write)
+    wait_read, wait_write = _gevent_waits
     poll = conn.poll
     fileno = conn.fileno
     try:

@@ -25,6 +25,7 @@ from typing import Any
 from benchapp.competitors import ITEMS
 
 from .loads import MICRO, run_wrk
+from .report import plural
 from .runner import TMP, Run
 
 PACKAGE = "django_gevent_pool/"
@@ -184,7 +185,8 @@ def profile_http(run: Run, view: str, seconds: float) -> Profile:
         driver.join(timeout=seconds + 60)
     profile = parse_raw(
         raw,
-        f"HTTP /{view}/, ours, {config.workers} gevent workers, {clients} wrk connections, "
+        f"HTTP /{view}/, ours, {plural(config.workers, 'gevent worker')}, "
+        f"{clients} wrk connections, "
         f"{seconds:g} s",
     )
     profile.load = {k: results.get(k) for k in ("rps", "p99_ms", "errors")}

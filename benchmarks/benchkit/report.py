@@ -279,8 +279,13 @@ def _fmt_spread(row: dict[str, Any]) -> str:
     return "-" if row["rounds"] < 2 else f"{row['spread'] * 100:.0f}%"
 
 
+def plural(n: int, noun: str) -> str:
+    """``1 round``, ``3 rounds``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _rounds(n: int) -> str:
-    return f"{n} round" if n == 1 else f"{n} rounds"
+    return plural(n, "round")
 
 
 def _fmt_peak(row: dict[str, Any]) -> str:
@@ -440,7 +445,8 @@ def rst_report(
         f"({config['sleep_seconds']:g} s for the sleep view), "
         f"{meta['wall_seconds']:.0f} s in all).",
         "",
-        f"gunicorn, {config['workers']} gevent workers, MAX_CONNS={config['max_conns']} per "
+        f"gunicorn, {plural(config['workers'], 'gevent worker')}, "
+        f"MAX_CONNS={config['max_conns']} per "
         f"worker, wrk with {config['clients']} keep-alive connections (one thread). "
         "``x raw`` is req/s divided by the raw-psycopg2 limit of the same round (median "
         "of the rounds); ``spread`` is (max - min) / median over the rounds; ``server "
