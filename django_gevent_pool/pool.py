@@ -62,6 +62,8 @@ _CLOSED = "closed"  # the pool was closed while it waited
 _LEAK_STACK_DEPTH = 25
 _BACKOFF_BASE = 0.25
 _BACKOFF_MAX = 10.0
+_EXPIRED = "it reached MAX_LIFETIME"  # a retirement, not a fault: no warning, not "bad"
+_BY_CALLER = "discarded by the caller"
 _SEVERED = "it was returned while a query was running on it (ACTIVE): cancelled and cut"
 
 
@@ -223,8 +225,7 @@ class ConnectionPool:
         """
         with self._lock:  # critical section: find and flag the entry
             entry = self._in_use.get(id(conn))
-            inherited = entry is None and id(conn) in self._inherited
-            if inherited:
+            if entry is None and id(conn) in self._inherited:
                 self._inherited.discard(id(conn))
             elif entry is None or entry.conn is not conn or entry.returning:
                 raise psycopg2.ProgrammingError(
@@ -233,20 +234,20 @@ class ConnectionPool:
                 )
             else:
                 entry.returning = True
-        if entry is not None and entry.leak_warned:
+        if entry is None:
+            # Lent before a fork and returned in the child: its socket points at
+            # /dev/null already, so closing it cannot end the parent's session.
+            _close_quietly(conn)
+            return
+        if entry.leak_warned:
             logger.warning(
                 "pool %r: the connection held too long came back after %.1f s; borrowed by %s",
                 self.name,
                 self._clock() - entry.borrowed_at,
                 entry.borrower,
             )
-        if entry is None:
-            # Lent before a fork and returned in the child: its socket points at
-            # /dev/null already, so closing it cannot end the parent's session.
-            _close_quietly(conn)
-            return
         try:
-            reason = "discarded by the caller" if discard else self._clean_for_reuse(entry)
+            reason = _BY_CALLER if discard else self._clean_for_reuse(entry)
         except BaseException:
             # Killed (GreenletExit, gevent.Timeout) in the middle of a rollback: the
             # connection's state is unknown; drop it and free the slot, then re-raise.
@@ -358,7 +359,8 @@ class ConnectionPool:
                 return False
             expired = [e for e in self._idle if e.expires_at is not None and now >= e.expires_at]
             if expired:
-                self._idle = [e for e in self._idle if not any(e is x for x in expired)]
+                gone = {id(e) for e in expired}
+                self._idle = [e for e in self._idle if id(e) not in gone]
                 self._nconns -= len(expired)
                 self._counters["connections_closed"] += len(expired)
             to_close = [e.conn for e in expired] + self._trim_idle()
@@ -626,7 +628,7 @@ class ConnectionPool:
 
     def _connect_before(self, deadline: float) -> Any:
         remaining = deadline - self._clock()
-        if remaining <= 0 or not sync.in_gevent_context():
+        if remaining <= 0 or not sync.hub_in_this_thread():
             # OS threads cannot be interrupted, and a checkout with no time left
             # (timeout=0: "don't wait for a busy pool") still may open a free
             # slot: libpq's connect_timeout bounds these.
@@ -646,7 +648,8 @@ class ConnectionPool:
             raise
         if reason is None:
             return True
-        logger.warning("pool %r: discarding a connection on checkout: %s", self.name, reason)
+        if reason is not _EXPIRED:
+            logger.warning("pool %r: discarding a connection on checkout: %s", self.name, reason)
         return False
 
     def _checkout_problem(self, entry: _Entry) -> str | None:
@@ -656,7 +659,7 @@ class ConnectionPool:
             self._lost(now)
             return "it is closed"
         if entry.expires_at is not None and now >= entry.expires_at:
-            return "it reached MAX_LIFETIME"
+            return _EXPIRED
         status = conn.info.transaction_status
         if status != ext.TRANSACTION_STATUS_IDLE:
             return f"its transaction status is {_STATUS_NAMES.get(status, status)}"
@@ -771,7 +774,7 @@ class ConnectionPool:
         now = self._clock()
         entry.last_used = now
         if entry.expires_at is not None and now >= entry.expires_at:
-            return "it reached MAX_LIFETIME"
+            return _EXPIRED
         return None
 
     def _release(self, entry: _Entry) -> None:
@@ -824,12 +827,12 @@ class ConnectionPool:
         here: its socket is already shut, and the greenlet or thread running the
         query gets the error and lets go of it.
         """
-        if reason != "it reached MAX_LIFETIME" and reason != "discarded by the caller":
+        if reason is not _EXPIRED and reason is not _BY_CALLER:
             logger.warning("pool %r: discarding a returned connection: %s", self.name, reason)
         with self._lock:  # critical section: forget the entry
             self._in_use.pop(id(entry.conn), None)
             self._counters["connections_closed"] += 1
-            if reason != "it reached MAX_LIFETIME":
+            if reason is not _EXPIRED:
                 self._counters["returns_bad"] += 1
         if reason is not _SEVERED:
             _close_quietly(entry.conn)

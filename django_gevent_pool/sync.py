@@ -192,8 +192,3 @@ def current_name() -> str:
     import threading
 
     return f"thread {threading.current_thread().name!r}"
-
-
-def in_gevent_context() -> bool:
-    """True when a connect can be bounded with ``gevent.Timeout`` in this thread."""
-    return hub_in_this_thread()

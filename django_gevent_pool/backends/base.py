@@ -103,19 +103,25 @@ class PooledDatabaseWrapperMixin:
         self._pool_unwatch: Callable[[], None] | None = None  # cancels the greenlet-end return
         self._checked_key: tuple[Any, ...] | None = None  # settings key from check_settings
         if self.alias != NO_DB_ALIAS:
-            pool_options_for(self.alias, self.settings_dict["OPTIONS"])
+            # Misconfiguration fails as soon as the alias is first used; a wrapper
+            # per request greenlet must not re-validate unchanged settings.
+            self._validated_settings_key()
 
     # ----------------------------------------------------------- settings
 
     def check_settings(self) -> None:
         super().check_settings()  # type: ignore[misc]
-        if self.alias == NO_DB_ALIAS:
-            return
+        if self.alias != NO_DB_ALIAS:
+            # get_new_connection, called next by connect(), reuses the key.
+            self._checked_key = self._validated_settings_key()
+
+    def _validated_settings_key(self) -> tuple[Any, ...]:
+        """The settings key, after validating OPTIONS unless the alias's pool uses them already."""
         key = self._settings_key()
         resolved = _resolved.get(self.alias)
         if resolved is None or resolved[0] != key:
             pool_options_for(self.alias, self.settings_dict["OPTIONS"])  # raises if wrong
-        self._checked_key = key  # get_new_connection, called next by connect(), reuses it
+        return key
 
     def _settings_key(self) -> tuple[Any, ...]:
         """What the alias's pool depends on, cheap to build and compare on every connect."""
@@ -303,12 +309,6 @@ def _isolation_level(options: dict[str, Any]) -> Any:
 
     value = options.get("isolation_level")
     return IsolationLevel.READ_COMMITTED if value is None else IsolationLevel(value)
-
-
-def _scratch(cls: type, settings_dict: dict[str, Any], alias: str, conn: Any) -> Any:
-    wrapper = cls(settings_dict, alias)
-    wrapper.connection = conn
-    return wrapper
 
 
 def _open_physical(
