@@ -39,7 +39,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions as ext
 
-from . import sync
+from . import sync, timing
 from .errors import PoolClosed, PoolConfigError, PoolTimeout, PoolUnavailable, TooManyRequests
 from .green import ensure_cooperative
 from .options import PoolOptions
@@ -65,6 +65,11 @@ _BACKOFF_MAX = 10.0
 _EXPIRED = "it reached MAX_LIFETIME"  # a retirement, not a fault: no warning, not "bad"
 _BY_CALLER = "discarded by the caller"
 _SEVERED = "it was returned while a query was running on it (ACTIVE): cancelled and cut"
+# The wait percentiles in the stats cover this many of the latest checkouts.
+_WAIT_SAMPLES = 2048
+# A checkout timeout logs who holds the connections at most this often per pool.
+_HOLDERS_LOG_EVERY = 10.0
+_HOLDERS_LOG_MAX = 20
 
 
 class _ConnectDeadline(Exception):
@@ -80,6 +85,7 @@ class _Entry:
         "conn",
         "created_at",
         "expires_at",
+        "holder",
         "last_used",
         "leak_warned",
         "returning",
@@ -96,6 +102,7 @@ class _Entry:
         self.returning = False
         self.borrowed_at = now
         self.borrower: str | None = None  # who borrowed it and where (LEAK_TIMEOUT only)
+        self.holder: tuple[Any, int] | None = None  # sync.current_holder() of the borrower
         self.leak_warned = False
 
 
@@ -165,6 +172,9 @@ class ConnectionPool:
         self._closed = False
         self._invalidated_at = float("-inf")  # connections created before this get pinged
         self._counters: dict[str, float] = dict.fromkeys(_COUNTERS, 0)
+        # Seconds each of the latest checkouts took (appends are atomic: no lock).
+        self._wait_samples: deque[float] = deque(maxlen=_WAIT_SAMPLES)
+        self._holders_logged_at = float("-inf")
         # Connect failures in a row, and when the next attempt is allowed.
         self._connect_failures = 0
         self._retry_at = float("-inf")
@@ -205,7 +215,10 @@ class ConnectionPool:
             item = self._replace_bad(item)
         entry.returning = False
         entry.leak_warned = False
-        entry.borrowed_at = self._clock()
+        entry.borrowed_at = now = self._clock()
+        entry.holder = sync.current_holder()
+        self._wait_samples.append(now - start)
+        timing.record(now - start)
         if self.options.LEAK_TIMEOUT is not None:
             # Only paid for when asked: where this checkout came from, for the warning.
             entry.borrower = f"{sync.current_name()}\n" + "".join(
@@ -234,6 +247,7 @@ class ConnectionPool:
                 )
             else:
                 entry.returning = True
+                entry.holder = None
         if entry is None:
             # Lent before a fork and returned in the child: its socket points at
             # /dev/null already, so closing it cannot end the parent's session.
@@ -334,6 +348,7 @@ class ConnectionPool:
         self._waiting = deque()
         self._invalidated_at = float("-inf")
         self._counters = dict.fromkeys(_COUNTERS, 0)
+        self._wait_samples.clear()
         self._connect_failures = 0
         self._retry_at = float("-inf")
         # The parent's greenlet or thread did not come along: start one on first use.
@@ -466,10 +481,14 @@ class ConnectionPool:
         ``requests_wait_max_ms``, ``requests_timeouts``, ``requests_too_many``,
         ``requests_errors``, ``connections_num`` (opened), ``connections_errors``,
         ``connections_lost``, ``connections_closed``, ``returns_bad``,
-        ``returns_rolled_back``, ``pings``.
+        ``returns_rolled_back``, ``pings``; and ``requests_wait_p50_ms``,
+        ``requests_wait_p95_ms``, ``requests_wait_p99_ms``: percentiles of the
+        time the latest checkouts (up to 2048) took to get their connection,
+        waiting or not (0 when there were none).
         """
         with self._lock:  # critical section: a consistent snapshot
-            return self._snapshot()
+            snap = self._snapshot()
+        return _with_percentiles(snap)
 
     stats = get_stats
 
@@ -478,7 +497,8 @@ class ConnectionPool:
         with self._lock:  # critical section: snapshot and reset
             snap = self._snapshot()
             self._counters = dict.fromkeys(_COUNTERS, 0)
-        return snap
+            self._wait_samples.clear()
+        return _with_percentiles(snap)
 
     def __repr__(self) -> str:
         return (
@@ -534,11 +554,21 @@ class ConnectionPool:
             raise
         item = self._leave_queue(waiter, start)
         if item is None:
-            waited = self._clock() - start
+            now = self._clock()
+            waited = now - start
             with self._lock:  # critical section: count and read the state for the message
                 self._counters["requests_timeouts"] += 1
                 self._counters["requests_errors"] += 1
                 counts = self._counts()
+                holders = None
+                if now - self._holders_logged_at >= _HOLDERS_LOG_EVERY:
+                    self._holders_logged_at = now
+                    holders = [
+                        (now - e.borrowed_at, e.holder, e.borrower, e.conn)
+                        for e in self._in_use.values()
+                    ]
+            if holders is not None:
+                self._log_holders(waited, holders, counts)
             raise PoolTimeout(
                 f"pool {self.name!r}: no connection available after {waited:.2f} s "
                 f"(MAX_CONNS={self.max_conns}) {counts}"
@@ -546,6 +576,33 @@ class ConnectionPool:
         if item == _CLOSED:
             raise PoolClosed(f"pool {self.name!r} was closed while waiting for a connection")
         return item
+
+    def _log_holders(
+        self, waited: float, holders: list[tuple[float, Any, str | None, Any]], counts: str
+    ) -> None:
+        """Say who holds the connections a checkout just timed out waiting for."""
+        holders.sort(key=lambda h: h[0], reverse=True)
+        lines = []
+        for held, holder, _borrower, conn in holders[:_HOLDERS_LOG_MAX]:
+            who = sync.describe_holder(holder) if holder is not None else "a caller"
+            lines.append(f"  {who} for {held:.2f} s, {_activity(conn)}")
+        if len(holders) > _HOLDERS_LOG_MAX:
+            lines.append(f"  ... and {len(holders) - _HOLDERS_LOG_MAX} more")
+        longest = holders[0][2] if holders else None
+        if longest:
+            where = f"The longest holder borrowed it here:\n{longest}"
+        else:
+            where = "Set OPTIONS['LEAK_TIMEOUT'] to also record where each was borrowed."
+        logger.warning(
+            "pool %r: a checkout timed out after %.2f s %s; the %d connection(s) in use "
+            "are held by (longest first):\n%s\n%s",
+            self.name,
+            waited,
+            counts,
+            len(holders),
+            "\n".join(lines) or "  nobody (all slots are opening connections)",
+            where,
+        )
 
     def _leave_queue(self, waiter: _Waiter, start: float) -> _Entry | str | None:
         """Under the lock: take what the waiter was handed, or unqueue it if nothing."""
@@ -875,6 +932,7 @@ class ConnectionPool:
             "requests_waiting": len(self._waiting),
         }
         snap.update(self._counters)
+        snap["_samples"] = list(self._wait_samples)  # type: ignore[assignment]
         return snap
 
     def check_invariants(self) -> None:
@@ -916,6 +974,36 @@ _COUNTERS = (
     "returns_rolled_back",
     "pings",
 )
+
+
+def _with_percentiles(snap: dict[str, Any]) -> dict[str, float]:
+    """Replace the raw wait samples of a snapshot by their p50, p95 and p99 in ms."""
+    samples = sorted(snap.pop("_samples"))
+    for p in (50, 95, 99):
+        key = f"requests_wait_p{p}_ms"
+        if samples:
+            # Nearest rank: the smallest sample with at least p% of them at or below it.
+            rank = max(1, -(-len(samples) * p // 100))
+            snap[key] = samples[rank - 1] * 1000.0
+        else:
+            snap[key] = 0.0
+    return snap
+
+
+def _activity(conn: Any) -> str:
+    """What a lent connection is doing, as far as libpq knows without a round trip."""
+    try:
+        if conn.closed:
+            return "closed"
+        status = conn.info.transaction_status
+    except Exception:
+        return "state unknown"
+    return {
+        ext.TRANSACTION_STATUS_IDLE: "not in a query or transaction",
+        ext.TRANSACTION_STATUS_ACTIVE: "running a query",
+        ext.TRANSACTION_STATUS_INTRANS: "idle in a transaction",
+        ext.TRANSACTION_STATUS_INERROR: "in a failed transaction",
+    }.get(status, "state unknown")
 
 
 def _detach(conn: Any) -> None:

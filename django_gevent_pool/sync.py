@@ -21,6 +21,8 @@ import sys
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from greenlet import getcurrent as _getcurrent
+
 
 class Signal(Protocol):
     """A one-shot wake-up: ``wait`` returns True once ``set`` has been called."""
@@ -36,6 +38,18 @@ def original(module: str, name: str) -> Any:
     if monkey is not None and monkey.is_module_patched(module):
         return monkey.get_original(module, name)
     return getattr(__import__(module), name)
+
+
+def _get_ident() -> int:
+    """The OS thread's id (``threading.get_ident`` is per greenlet once patched)."""
+    global _real_get_ident
+    if _real_get_ident is None:
+        # The builtin itself, whether or not gevent patched _thread: safe to keep.
+        _real_get_ident = original("_thread", "get_ident")
+    return _real_get_ident()
+
+
+_real_get_ident: Callable[[], int] | None = None
 
 
 def allocate_lock() -> Any:
@@ -181,6 +195,38 @@ def cooperative_sleep() -> Callable[[float], None]:
 
         return gevent.sleep  # type: ignore[no-any-return]
     return original("time", "sleep")  # type: ignore[no-any-return]
+
+
+def current_holder() -> tuple[Any, int]:
+    """Who runs now, cheaply (two C calls): the current greenlet and the thread's id.
+
+    For log messages later, through :func:`describe_holder`; nothing is
+    formatted on the checkout path.
+    """
+    return _getcurrent(), _get_ident()
+
+
+def describe_holder(holder: tuple[Any, int]) -> str:
+    """``greenlet 'name' in thread 'name'`` or ``thread 'name'`` for a :func:`current_holder`."""
+    glet, ident = holder
+    import threading
+
+    thread = next((t for t in threading.enumerate() if t.ident == ident), None)
+    if thread is not None:
+        where = f"thread {thread.name!r}"
+    else:
+        # Once gevent patched threading, OS threads are not listed by their real id.
+        where = "the main thread" if ident == _MAIN_THREAD else f"thread {ident}"
+    if glet is None or getattr(glet, "parent", None) is None:
+        return where  # a thread's main greenlet: the thread itself holds it
+    name = getattr(glet, "name", None) or repr(glet)
+    state = " (ended)" if getattr(glet, "dead", False) else ""
+    if ident == _MAIN_THREAD:
+        return f"greenlet {name!r}{state}"
+    return f"greenlet {name!r}{state} in {where}"
+
+
+_MAIN_THREAD = _get_ident()
 
 
 def current_name() -> str:

@@ -7,6 +7,7 @@ proxy, which counts every connection attempt.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,6 +21,7 @@ from django_gevent_pool import (
     PoolTimeout,
     PoolUnavailable,
     TooManyRequests,
+    timing,
 )
 
 from .proxy import Proxy
@@ -150,6 +152,80 @@ def test_exhaustion_raises_pool_timeout_with_the_state_in_its_message(
     for conn in held:
         pool.putconn(conn)
     pool.check_invariants()
+
+
+def test_a_checkout_timeout_logs_who_holds_the_connections_rate_limited(
+    make_pool: PoolFactory, workers: Workers, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="django_gevent_pool")
+    pool = make_pool(MAX_CONNS=2, POOL_TIMEOUT=0.2)
+    release = threading.Event()
+
+    def run_a_query() -> None:
+        with pool.connection() as conn:
+            query(conn, "SELECT pg_sleep(2)")
+
+    def sit_in_a_transaction() -> None:
+        with pool.connection() as conn:
+            query(conn)  # autocommit is off: BEGIN was sent, the transaction stays open
+            release.wait(10)
+            conn.rollback()
+
+    busy = workers.spawn(run_a_query)
+    idle_in_tx = workers.spawn(sit_in_a_transaction)
+    wait_until(lambda: pool.get_stats()["pool_in_use"] == 2, what="both connections lent")
+    sleep(0.1)  # let both reach their state on the connection
+    with pytest.raises(PoolTimeout):
+        pool.getconn()
+    with pytest.raises(PoolTimeout):
+        pool.getconn()  # within the interval: no second report
+    release.set()
+    workers.join()
+    reports = [r.getMessage() for r in caplog.records if "are held by" in r.getMessage()]
+    assert len(reports) == 1
+    report = reports[0]
+    assert f"pool {pool.name!r}: a checkout timed out after 0.2" in report
+    assert "the 2 connection(s) in use are held by (longest first):" in report
+    lines = {line for line in report.splitlines() if " for " in line and " s, " in line}
+    assert any(busy.name in line and "running a query" in line for line in lines), report
+    assert any(idle_in_tx.name in line and "idle in a transaction" in line for line in lines)
+    assert "Set OPTIONS['LEAK_TIMEOUT']" in report
+    assert pool.get_stats()["requests_timeouts"] == 2
+    pool.check_invariants()
+
+
+def test_wait_percentiles_and_the_per_context_tally(
+    make_pool: PoolFactory, workers: Workers
+) -> None:
+    pool = make_pool(MAX_CONNS=1)
+    for _ in range(3):
+        with pool.connection():
+            pass
+    held = pool.getconn()
+
+    def wait_for_it() -> tuple[int, float]:
+        with timing.tally_waits() as tally:
+            with pool.connection():
+                pass
+        return tally.checkouts, tally.seconds
+
+    with timing.tally_waits() as mine:
+        workers.spawn(wait_for_it)
+        wait_until(lambda: waiting(pool) == 1, what="the waiter")
+        sleep(0.2)
+        pool.putconn(held)
+        workers.join()
+    assert mine.checkouts == 0  # the other context's checkout is not counted here
+    [(checkouts, seconds)] = workers.results
+    assert checkouts == 1 and seconds >= 0.2
+    stats = pool.get_stats()
+    assert stats["requests_num"] == 5
+    assert stats["requests_wait_p99_ms"] >= 200
+    assert stats["requests_wait_p50_ms"] < stats["requests_wait_p99_ms"]
+    assert stats["requests_wait_p50_ms"] <= stats["requests_wait_p95_ms"]
+    pool.pop_stats()
+    assert pool.get_stats()["requests_wait_p99_ms"] == 0
+    assert timing.current_tally() is None
 
 
 def test_checkout_timeout_argument_overrides_the_default(make_pool: PoolFactory) -> None:
