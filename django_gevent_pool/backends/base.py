@@ -45,6 +45,11 @@ registry = PoolRegistry()
 # settings skip validation and the pool lookup. Replaced whole, never mutated.
 _resolved: dict[str, tuple[tuple[Any, ...], ConnectionPool, Any]] = {}
 
+# Returned by get_connection_params() inside connect() when the alias's pool is
+# known and open: get_new_connection() does not need parameters then. Compared
+# by identity; never handed to psycopg2.
+_SKIPPED_PARAMS: dict[str, Any] = {}
+
 
 def get_pool(alias: str = DEFAULT_DB_ALIAS) -> ConnectionPool | None:
     """The pool currently serving ``alias`` in this process, or None if none was made yet."""
@@ -140,6 +145,15 @@ class PooledDatabaseWrapperMixin:
         )
 
     def get_connection_params(self) -> dict[str, Any]:
+        key = self._checked_key
+        if key is not None:
+            # Inside connect(), right after check_settings(): with the alias's
+            # pool already built from these settings, the parameters (validated
+            # then) are not needed again. Building them is a good part of a
+            # checkout's cost.
+            resolved = _resolved.get(self.alias)
+            if resolved is not None and resolved[0] == key and not resolved[1].closed:
+                return _SKIPPED_PARAMS
         params: dict[str, Any] = super().get_connection_params()  # type: ignore[misc]
         for name in PoolOptions.names():
             params.pop(name, None)
@@ -158,6 +172,9 @@ class PooledDatabaseWrapperMixin:
             # The fast path: same settings as last time, pool still open.
             pool, isolation_level = resolved[1], resolved[2]
         else:
+            if conn_params is _SKIPPED_PARAMS:  # the pool was closed in between
+                self._checked_key = None
+                conn_params = self.get_connection_params()
             pool = self._pool_for(conn_params)
             isolation_level = _isolation_level(self.settings_dict["OPTIONS"])
             _resolved[self.alias] = (key, pool, isolation_level)
@@ -171,6 +188,13 @@ class PooledDatabaseWrapperMixin:
         )
         self.isolation_level = isolation_level
         return conn
+
+    def _set_autocommit(self, autocommit: bool) -> None:
+        # connect() sets it on every checkout; a pooled connection comes back
+        # with the alias's AUTOCOMMIT already (or is discarded), so this is
+        # mostly a no-op that still takes psycopg2's connection lock.
+        if self._pool is None or self.connection.autocommit != autocommit:
+            super()._set_autocommit(autocommit)  # type: ignore[misc]
 
     def init_connection_state(self) -> None:
         if self._pool is None:
