@@ -117,3 +117,17 @@ def test_demo_serves_without_errors_within_max_conns(server_dsn: str, tmp_path: 
     # The worker that served (and the master with it) is gone once the demo has exited.
     with pytest.raises(ProcessLookupError):
         os.kill(result["worker_pid"], 0)
+
+
+def test_bare_pool_example_shares_five_connections(server_dsn: str) -> None:
+    """The README's bare-pool example: 50 greenlets, 5 connections, every result right."""
+    done = run_example("bare_pool.py", example_env(server_dsn, "dgp_examples_bare"))
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["sum"] == 2 * sum(range(50))
+    assert 1 <= result["peak_in_use"] <= 5
+    stats = result["stats"]
+    assert stats["requests_num"] == 50
+    assert stats["connections_num"] <= 5
+    assert stats["requests_queued"] > 0  # the greenlets really did wait for each other
+    assert stats["requests_errors"] == 0
