@@ -29,7 +29,12 @@ DATABASES = {
     },
 }
 
-INSTALLED_APPS = ["django.contrib.contenttypes", "django.contrib.auth", "tests.testapp"]
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "django_gevent_pool",
+    "tests.testapp",
+]
 SECRET_KEY = "tests"
 USE_TZ = True
 TIME_ZONE = "UTC"

@@ -835,3 +835,48 @@ def test_session_state_leaks_between_clients_in_transaction_mode_only(
             setter.close()
     assert seen["transaction"] == "leaked"
     assert seen["session"] in (None, "")
+
+
+# ------------------------------------------------------------- system check
+
+
+@pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")
+def test_check_w004_names_what_breaks_in_transaction_mode(
+    pgbouncer_transaction: PgBouncer, pgbouncer_session: PgBouncer
+) -> None:
+    """W004 fires for each setting that cannot work through a transaction-mode PgBouncer.
+
+    A correctly set alias is silent, and so is the same bad alias on a
+    session-mode PgBouncer; E005/W005 are skipped behind PgBouncer (MAX_CONNS
+    far above the server's max_connections says nothing there).
+    """
+    from django.core.checks import run_checks
+    from django.test import override_settings
+
+    from django_gevent_pool import checks
+
+    base = connections.settings["default"]
+
+    def through(bouncer: PgBouncer, **overrides: Any) -> dict[str, Any]:
+        return {**base, **bouncer.django_settings(base["NAME"]), "CONN_MAX_AGE": 0, **overrides}
+
+    bad = {
+        "DISABLE_SERVER_SIDE_CURSORS": False,
+        "OPTIONS": {"MAX_CONNS": 500, "RESET_QUERY": "DISCARD ALL", "assume_role": "postgres"},
+    }
+    good = {"DISABLE_SERVER_SIDE_CURSORS": True, "OPTIONS": {"MAX_CONNS": 500}}
+    databases = {
+        "default": base,
+        "bad": through(pgbouncer_transaction, **bad),
+        "good": through(pgbouncer_transaction, **good),
+        "session": through(pgbouncer_session, **bad),
+    }
+    with override_settings(DATABASES=databases):
+        messages = run_checks(tags=[checks.TAG], databases=["bad", "good", "session"])
+    # W002 (process-wide, about psycopg2's wait callback) is not this test's business.
+    ours = [m for m in messages if m.id != "django_gevent_pool.W002"]
+    assert sorted(m.id or "" for m in ours) == ["django_gevent_pool.W004"] * 3, ours
+    texts = " ".join(m.msg for m in ours)
+    assert all(m.msg.startswith("DATABASES['bad']") for m in ours)
+    assert "RESET_QUERY" in texts and "assume_role" in texts
+    assert "DISABLE_SERVER_SIDE_CURSORS" in texts and "transaction mode" in texts

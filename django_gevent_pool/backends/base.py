@@ -29,7 +29,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 
-from .. import sync
+from .. import checks, sync
 from ..errors import PoolConfigError
 from ..green import ensure_cooperative
 from ..options import PoolOptions
@@ -40,6 +40,10 @@ logger = logging.getLogger("django_gevent_pool")
 
 #: Every pool of this process, one per database alias.
 registry = PoolRegistry()
+
+# The system checks run with `manage.py check` even when "django_gevent_pool"
+# is not in INSTALLED_APPS: using the backend is enough.
+checks.register()
 
 # alias -> (settings key, pool, isolation level): lets a connect with unchanged
 # settings skip validation and the pool lookup. Replaced whole, never mutated.

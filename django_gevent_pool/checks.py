@@ -1,0 +1,473 @@
+"""Django system checks for the aliases served by django-gevent-pool.
+
+Only aliases whose ENGINE is one of this package's are looked at. Settings
+checks run with every ``manage.py check`` (and before most commands); the
+server checks need the network, are tagged ``database``, and look only at the
+aliases Django passes in ``databases`` (``manage.py check --database ALIAS``,
+``migrate``, the test runner).
+
+===========================  =================================================================
+id                           condition
+===========================  =================================================================
+django_gevent_pool.E001      OPTIONS refused by the pool's validation
+django_gevent_pool.W001      CONN_MAX_AGE is not 0 (ignored: the pool keeps connections)
+django_gevent_pool.I001      CONN_HEALTH_CHECKS is True (no effect: the pool checks checkouts)
+django_gevent_pool.W002      gevent patched socket, psycopg2 has no gevent wait callback
+django_gevent_pool.W003      settings that defeat each other in this pool (see ``_conflicts``)
+django_gevent_pool.W004      RESET_QUERY, assume_role or server-side cursors behind
+                             PgBouncer in transaction (or statement) mode (database)
+django_gevent_pool.E005      MAX_CONNS per process above the server's usable connections
+                             (database)
+django_gevent_pool.W005      MAX_CONNS per process above half of them, or above all of them
+                             when the server listens on another port than the one
+                             configured (a pooler or port forward in between) (database)
+django_gevent_pool.W006      the server could not be reached for E005/W005 (database)
+===========================  =================================================================
+
+E003 is not used: the pool's option validation already refuses every
+combination that cannot work (MIN_CONNS above REUSE_CONNS, REUSE_CONNS above
+MAX_CONNS, Django's own pool); what remains is W003.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import psycopg2
+import psycopg2.extensions
+from django.core import checks
+from django.core.checks import CheckMessage, Error, Info, Tags, Warning
+from django.core.exceptions import ImproperlyConfigured
+
+from .errors import PoolConfigError
+from .green import gevent_patched_socket, is_psycopg2_cooperative
+from .options import PoolOptions
+from .serverinfo import (
+    ServerLimits,
+    ServerUnreachable,
+    brief_connection,
+    configured_port,
+    connection_params,
+    pool_mode,
+    pooled_databases,
+    server_label,
+    server_limits,
+    server_port,
+)
+
+#: The tag of every check here: ``manage.py check --tag django_gevent_pool``.
+TAG = "django_gevent_pool"
+#: What the server checks' own connections are called in pg_stat_activity.
+CHECK_APPLICATION_NAME = "django_gevent_pool check"
+#: Seconds a server check may spend on one server.
+SERVER_TIMEOUT = 5.0
+
+_registered = False
+
+
+def register() -> None:
+    """Register the checks with Django's check framework. Idempotent.
+
+    Called by the app's ``AppConfig.ready()`` and by the backend module, so
+    the checks run whether or not ``"django_gevent_pool"`` is in INSTALLED_APPS.
+    """
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    checks.register(check_pool_settings, TAG)
+    checks.register(check_psycopg2_cooperative, TAG)
+    checks.register(check_servers, Tags.database, TAG)
+
+
+def _id(code: str) -> str:
+    return f"django_gevent_pool.{code}"
+
+
+def alias_pool_options(alias: str, settings_dict: Mapping[str, Any]) -> PoolOptions:
+    """The validated pool options of ``alias``.
+
+    Raises ``ImproperlyConfigured`` with the backend's own message (naming the
+    alias, the key and what is allowed) when OPTIONS is refused.
+    """
+    options = settings_dict.get("OPTIONS")
+    if not isinstance(options, Mapping):
+        raise ImproperlyConfigured(
+            f"DATABASES[{alias!r}]: OPTIONS must be a dict, got {type(options).__name__}"
+        )
+    try:
+        return PoolOptions.from_mapping(options, name=f"DATABASES[{alias!r}]")[0]
+    except PoolConfigError as exc:
+        raise ImproperlyConfigured(str(exc)) from exc
+
+
+# ------------------------------------------------------------------ settings
+
+
+def check_pool_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """E001, W001, I001 and W003 for every pooled alias; no I/O."""
+    issues: list[CheckMessage] = []
+    for alias, settings_dict in pooled_databases().items():
+        try:
+            options = alias_pool_options(alias, settings_dict)
+        except ImproperlyConfigured as exc:
+            issues.append(
+                Error(
+                    str(exc),
+                    hint=(
+                        f"Fix DATABASES[{alias!r}]['OPTIONS']: every connection attempt on this "
+                        "alias raises ImproperlyConfigured until then. Pool options are "
+                        "upper case (MAX_CONNS, REUSE_CONNS, MIN_CONNS, POOL_TIMEOUT, "
+                        "MAX_WAITING, MAX_LIFETIME, IDLE_TIMEOUT, PING_AFTER, LEAK_TIMEOUT, "
+                        "RESET_QUERY); lower-case keys go to libpq."
+                    ),
+                    id=_id("E001"),
+                )
+            )
+            continue
+        issues.extend(_django_settings(alias, settings_dict))
+        issues.extend(_conflicts(alias, settings_dict, options))
+    return issues
+
+
+def _django_settings(alias: str, settings_dict: Mapping[str, Any]) -> list[CheckMessage]:
+    """W001 (CONN_MAX_AGE) and I001 (CONN_HEALTH_CHECKS)."""
+    issues: list[CheckMessage] = []
+    max_age = settings_dict.get("CONN_MAX_AGE", 0)
+    if max_age is None or max_age != 0:
+        issues.append(
+            Warning(
+                f"DATABASES[{alias!r}]: CONN_MAX_AGE = {max_age!r} is ignored: with "
+                "django-gevent-pool every connection goes back to the pool at the end of "
+                "each request, and the pool, not Django, keeps connections open.",
+                hint=(
+                    "Set CONN_MAX_AGE to 0. Bound how long a connection lives with "
+                    "OPTIONS['MAX_LIFETIME'] and how long it may stay idle with "
+                    "OPTIONS['IDLE_TIMEOUT']."
+                ),
+                id=_id("W001"),
+            )
+        )
+    if settings_dict.get("CONN_HEALTH_CHECKS") is True:
+        issues.append(
+            Info(
+                f"DATABASES[{alias!r}]: CONN_HEALTH_CHECKS = True has no effect: each request "
+                "borrows a connection afresh, and the pool checks every connection it lends "
+                "(a local check each time, a real round trip after PING_AFTER seconds idle).",
+                hint=(
+                    "Remove CONN_HEALTH_CHECKS (or set it to False); tune OPTIONS['PING_AFTER'] "
+                    "instead."
+                ),
+                id=_id("I001"),
+            )
+        )
+    return issues
+
+
+def _conflicts(
+    alias: str, settings_dict: Mapping[str, Any], options: PoolOptions
+) -> list[CheckMessage]:
+    """W003: settings that validation accepts but that defeat each other in this pool.
+
+    - ``PING_AFTER >= IDLE_TIMEOUT`` with ``MIN_CONNS = 0``: a connection idle
+      that long is closed (at the next return or housekeeping round) before a
+      checkout would ping it, so PING_AFTER never takes effect. With
+      ``MIN_CONNS > 0`` the connections kept open do reach it.
+    - ``AUTOCOMMIT = False``: a connection used without an explicit commit or
+      rollback goes back to the pool inside a transaction; the pool rolls it
+      back (uncommitted work is lost, as when stock Django closes it) and logs
+      a warning on every such return.
+    """
+    issues: list[CheckMessage] = []
+    ping, idle = options.PING_AFTER, options.IDLE_TIMEOUT
+    if ping is not None and idle is not None and options.MIN_CONNS == 0 and ping >= idle:
+        issues.append(
+            Warning(
+                f"DATABASES[{alias!r}]: OPTIONS['PING_AFTER'] ({ping:g} s) is not below "
+                f"OPTIONS['IDLE_TIMEOUT'] ({idle:g} s) with MIN_CONNS = 0: idle connections are "
+                "closed before they are idle long enough to be pinged, so PING_AFTER never "
+                "takes effect.",
+                hint=(
+                    "Set PING_AFTER below IDLE_TIMEOUT (the default is 5 s), or set MIN_CONNS "
+                    "to keep some connections open past IDLE_TIMEOUT (those get pinged)."
+                ),
+                id=_id("W003"),
+            )
+        )
+    if settings_dict.get("AUTOCOMMIT", True) is False:
+        issues.append(
+            Warning(
+                f"DATABASES[{alias!r}]: AUTOCOMMIT = False: a connection used without an "
+                "explicit commit or rollback goes back to the pool inside a transaction; the "
+                "pool rolls it back (its uncommitted work is lost) and logs a warning on "
+                "every such return.",
+                hint=(
+                    "Keep AUTOCOMMIT = True and use transaction.atomic() or ATOMIC_REQUESTS; "
+                    "or end every transaction yourself (transaction.commit() / rollback()) "
+                    "before the connection is given back."
+                ),
+                id=_id("W003"),
+            )
+        )
+    return issues
+
+
+# ------------------------------------------------------------------- gevent
+
+
+def check_psycopg2_cooperative(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """W002: gevent patched ``socket`` but psycopg2 has no gevent wait callback."""
+    if not gevent_patched_socket() or is_psycopg2_cooperative():
+        return []
+    if not pooled_databases():
+        return []
+    callback = psycopg2.extensions.get_wait_callback()
+    if callback is None:
+        msg = (
+            "gevent has monkey-patched socket in this process, but psycopg2 has no wait "
+            "callback: until a pool is created (it installs one), a query from other code "
+            "(a non-pooled psycopg2 alias, raw psycopg2) blocks every greenlet of the process "
+            "while it waits on the server."
+        )
+    else:
+        msg = (
+            "gevent has monkey-patched socket in this process, but psycopg2's wait callback "
+            f"{_describe(callback)} is not a known gevent one (neither django_gevent_pool's "
+            "nor psycogreen's): a pool replaces it when created; until then a query from other "
+            "code (a non-pooled psycopg2 alias, raw psycopg2) may block every greenlet of the "
+            "process while it waits on the server."
+        )
+    return [
+        Warning(
+            msg,
+            hint=(
+                "Call django_gevent_pool.patch_psycopg2() right after gevent's "
+                "monkey.patch_all(); under gunicorn, in the post_fork hook (see "
+                "examples/gunicorn.conf.py)."
+            ),
+            id=_id("W002"),
+        )
+    ]
+
+
+def _describe(callback: Any) -> str:
+    module = getattr(callback, "__module__", None) or "?"
+    name = getattr(callback, "__qualname__", None) or repr(callback)
+    return f"{module}.{name}"
+
+
+# ------------------------------------------------------------------ servers
+
+
+def check_servers(
+    app_configs: Any = None, databases: Iterable[str] | None = None, **kwargs: Any
+) -> list[CheckMessage]:
+    """W004, E005, W005 and W006 for the pooled aliases in ``databases``; needs the network.
+
+    Each server is asked once, through a short-lived plain connection (never
+    the pool). Aliases behind PgBouncer are not compared with the server's
+    max_connections: PgBouncer, not MAX_CONNS, decides how many server
+    connections they use.
+    """
+    if not databases:
+        return []
+    pooled = pooled_databases()
+    wanted = [alias for alias in dict.fromkeys(databases) if alias in pooled]
+    if not wanted:
+        return []
+    per_process = _max_conns_by_server(pooled)
+    issues: list[CheckMessage] = []
+    servers: dict[str, tuple[str, dict[str, Any]]] = {}  # label -> first alias and its params
+    for alias in wanted:
+        settings_dict = pooled[alias]
+        try:
+            options = alias_pool_options(alias, settings_dict)
+            params = connection_params(
+                alias, settings_dict, application_name=CHECK_APPLICATION_NAME
+            )
+        except (ImproperlyConfigured, ImportError):
+            continue  # E001 (or Django's own settings errors) already say what is wrong
+        mode = pool_mode(params)
+        if mode in ("transaction", "statement"):
+            issues.extend(_pgbouncer_issues(alias, settings_dict, options, mode, params))
+        if mode is None:
+            servers.setdefault(server_label(params), (alias, params))
+    for label, (alias, params) in servers.items():
+        try:
+            with brief_connection(params, timeout=SERVER_TIMEOUT) as conn:
+                limits = server_limits(conn)
+                listening = server_port(conn)
+        except (ServerUnreachable, psycopg2.Error) as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            issues.append(
+                Warning(
+                    f"DATABASES[{alias!r}]: cannot reach the server to check "
+                    f"OPTIONS['MAX_CONNS'] against its max_connections ({reason}).",
+                    hint=(
+                        f"Check HOST and PORT of DATABASES[{alias!r}] and that the server is "
+                        f"up, then run manage.py check --database {alias} again."
+                    ),
+                    id=_id("W006"),
+                )
+            )
+            continue
+        configured = configured_port(params)
+        proxied = listening is not None and configured is not None and listening != configured
+        issues.extend(
+            _capacity_issues(
+                label, per_process.get(label, {}), limits, listening if proxied else None
+            )
+        )
+    return issues
+
+
+def _max_conns_by_server(pooled: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Server label -> {alias: MAX_CONNS} of every valid pooled alias (a process opens them all)."""
+    result: dict[str, dict[str, int]] = {}
+    for alias, settings_dict in pooled.items():
+        try:
+            options = alias_pool_options(alias, settings_dict)
+            params = connection_params(
+                alias, settings_dict, application_name=CHECK_APPLICATION_NAME
+            )
+        except (ImproperlyConfigured, ImportError):
+            continue
+        result.setdefault(server_label(params), {})[alias] = options.MAX_CONNS
+    return result
+
+
+def _capacity_issues(
+    label: str,
+    max_conns: Mapping[str, int],
+    limits: ServerLimits,
+    proxied_to: int | None = None,
+) -> list[CheckMessage]:
+    """E005 / W005 for the pooled aliases of one server.
+
+    ``proxied_to`` is the port the server itself listens on when it differs
+    from the configured one: something sits in between (a connection pooler
+    not detected as PgBouncer, or a port forward), so exceeding the server's
+    limit is only a warning (W005), never an error that would stop
+    ``migrate`` or the test runner.
+    """
+    total = sum(max_conns.values())
+    usable = limits.usable
+    if not max_conns or 2 * total <= usable:
+        return []
+    if len(max_conns) == 1:
+        ((alias, n),) = max_conns.items()
+        who = f"DATABASES[{alias!r}]: OPTIONS['MAX_CONNS'] = {n} per process is"
+    else:
+        names = ", ".join(f"DATABASES[{alias!r}]" for alias in max_conns)
+        parts = ", ".join(f"{alias}: {n}" for alias, n in max_conns.items())
+        who = f"{names}: OPTIONS['MAX_CONNS'] add up to {total} per process ({parts}),"
+    server = (
+        f"the {usable} connections the server at {label} accepts (max_connections "
+        f"{limits.max_connections} - {limits.reserved} reserved)"
+    )
+    between = (
+        ""
+        if proxied_to is None
+        else f" (unless what answers at {label} is a connection pooler such as PgBouncer: the "
+        f"server itself listens on port {proxied_to})"
+    )
+    if total > usable and proxied_to is not None:
+        fit = max(1, usable // 4)
+        return [
+            Warning(
+                f"{who} more than {server}: one process alone can exhaust the server{between}.",
+                hint=(
+                    f"If the app reaches the server directly, keep workers x MAX_CONNS below "
+                    f"{usable} (e.g. 4 workers x {fit} = {4 * fit}). Behind PgBouncer, add "
+                    "this check's user to its stats_users so the pool mode can be detected."
+                ),
+                id=_id("W005"),
+            )
+        ]
+    if total > usable:
+        fit = max(1, usable // 4)
+        return [
+            Error(
+                f"{who} more than {server}: one process alone can exhaust the server.",
+                hint=(
+                    f"Every process (gunicorn or Celery worker, script) opens up to MAX_CONNS: "
+                    f"keep workers x MAX_CONNS below {usable} (e.g. 4 workers x {fit} = "
+                    f"{4 * fit}), or put PgBouncer in transaction mode in front of the server."
+                ),
+                id=_id("E005"),
+            )
+        ]
+    processes = -(-usable // total)  # ceil: this many processes reach the limit
+    fit = max(1, usable // 4)
+    return [
+        Warning(
+            f"{who} more than half of {server}: {processes} processes (gunicorn or Celery "
+            f"workers, scripts) can exhaust it{between}.",
+            hint=(
+                f"Keep workers x MAX_CONNS below {usable}: {processes} workers x {total} = "
+                f"{processes * total} is too many, 4 workers x {fit} = {4 * fit} fits. Lower "
+                "MAX_CONNS, or put PgBouncer in transaction mode in front of the server."
+            ),
+            id=_id("W005"),
+        )
+    ]
+
+
+def _pgbouncer_issues(
+    alias: str,
+    settings_dict: Mapping[str, Any],
+    options: PoolOptions,
+    mode: str,
+    params: Mapping[str, Any],
+) -> list[CheckMessage]:
+    """W004: what breaks behind PgBouncer in transaction or statement mode."""
+    label = server_label(params)
+    issues: list[CheckMessage] = []
+    if options.RESET_QUERY is not None:
+        issues.append(
+            Warning(
+                f"DATABASES[{alias!r}]: OPTIONS['RESET_QUERY'] = {options.RESET_QUERY!r} on "
+                f"PgBouncer in {mode} mode at {label}: between transactions no server session "
+                "is this connection's, so the reset runs on whichever server connection "
+                "PgBouncer picks, costs a round trip on every return and can discard state "
+                "PgBouncer keeps there.",
+                hint=(
+                    f"Remove RESET_QUERY from DATABASES[{alias!r}]['OPTIONS']; in "
+                    f"{mode} mode, do not rely on session state between transactions."
+                ),
+                id=_id("W004"),
+            )
+        )
+    role = (settings_dict.get("OPTIONS") or {}).get("assume_role")
+    if role:
+        issues.append(
+            Warning(
+                f"DATABASES[{alias!r}]: OPTIONS['assume_role'] = {role!r} on PgBouncer in "
+                f"{mode} mode at {label}: Django runs SET ROLE once per connection, but the "
+                "role stays on one server connection, which PgBouncer then lends to other "
+                "clients, while this connection's later transactions may run elsewhere "
+                "without it.",
+                hint=(
+                    f"Remove assume_role from DATABASES[{alias!r}]['OPTIONS'] and connect as "
+                    "that role (USER), or give this alias a direct connection or a PgBouncer "
+                    "database in session mode."
+                ),
+                id=_id("W004"),
+            )
+        )
+    if settings_dict.get("DISABLE_SERVER_SIDE_CURSORS") is not True:
+        issues.append(
+            Warning(
+                f"DATABASES[{alias!r}]: DISABLE_SERVER_SIDE_CURSORS is not True on PgBouncer "
+                f"in {mode} mode at {label}: QuerySet.iterator() outside atomic() opens a "
+                "server-side cursor that the next FETCH may not find on the server connection "
+                "PgBouncer picks for it.",
+                hint=(
+                    f"Set DATABASES[{alias!r}]['DISABLE_SERVER_SIDE_CURSORS'] = True (a "
+                    "top-level key, not an OPTIONS key)."
+                ),
+                id=_id("W004"),
+            )
+        )
+    return issues

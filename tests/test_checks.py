@@ -1,0 +1,470 @@
+"""System checks: each id fires on a real misconfiguration and is silent on a good one.
+
+Settings checks need no server. The database-tagged checks (W004, E005, W005,
+W006) talk to the test server through their own short connections; the
+condition behind W002 is made real in a fresh monkey-patched subprocess.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import psycopg2
+import pytest
+from django.core.checks import INFO, CheckMessage, run_checks
+from django.core.management import call_command
+from django.core.management.base import SystemCheckError
+from django.db.utils import load_backend
+from django.test import override_settings
+
+from django_gevent_pool import ConnectionPool, checks
+from django_gevent_pool.backends.base import close_pools, get_pool
+from django_gevent_pool.devserver import django_settings
+from django_gevent_pool.serverinfo import configured_databases
+
+from .proxy import Proxy
+from .support import is_gevent, server, wait_until
+
+pytestmark = pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")
+
+ENGINE = "django_gevent_pool.backends.postgresql_psycopg2"
+
+
+@pytest.fixture(autouse=True)
+def _cooperative() -> None:
+    """In gevent mode, psycopg2 is cooperative here as soon as any pool exists; make it so.
+
+    Otherwise W002 would fire in this process depending on which test ran first.
+    """
+    if is_gevent():
+        from django_gevent_pool.green import ensure_cooperative
+
+        ensure_cooperative()
+
+
+def alias_settings(**overrides: Any) -> dict[str, Any]:
+    """A pooled alias on the test database; ``OPTIONS`` in ``overrides`` replaces the default."""
+    return {
+        "ENGINE": ENGINE,
+        **django_settings(server()["test"]),
+        "CONN_MAX_AGE": 0,
+        "OPTIONS": {"MAX_CONNS": 2},
+        **overrides,
+    }
+
+
+def our_issues(
+    databases: dict[str, dict[str, Any]], *, check_databases: Sequence[str] | None = None
+) -> list[CheckMessage]:
+    """Run this package's checks with DATABASES replaced; keep their messages.
+
+    Only our tag: Django's own database check looks aliases up in
+    ``django.db.connections``, whose settings ``override_settings`` cannot change.
+    """
+    with override_settings(DATABASES=databases):
+        messages = run_checks(tags=[checks.TAG], databases=check_databases)
+    return [m for m in messages if (m.id or "").startswith("django_gevent_pool.")]
+
+
+def ids(messages: Sequence[CheckMessage]) -> list[str]:
+    return sorted(m.id or "" for m in messages)
+
+
+def usable_connections() -> int:
+    """The server's max_connections minus the reserved slots, read independently."""
+    conn = psycopg2.connect(server()["test"])
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT name, setting::int FROM pg_settings WHERE name IN ('max_connections', "
+                "'superuser_reserved_connections', 'reserved_connections')"
+            )
+            values = dict(cur.fetchall())
+    finally:
+        conn.close()
+    return int(
+        values["max_connections"]
+        - values["superuser_reserved_connections"]
+        - values.get("reserved_connections", 0)
+    )
+
+
+def closed_port() -> int:
+    """A loopback port nobody listens on (bound, then released)."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = int(sock.getsockname()[1])
+    sock.close()
+    return port
+
+
+# ------------------------------------------------------------ registration
+
+
+def test_register_is_idempotent_and_the_app_registers_the_checks() -> None:
+    from django.apps import apps
+    from django.core.checks.registry import registry
+
+    from django_gevent_pool.apps import DjangoGeventPoolConfig
+
+    assert isinstance(apps.get_app_config("django_gevent_pool"), DjangoGeventPoolConfig)
+    before = set(registry.registered_checks)
+    checks.register()
+    checks.register()
+    assert set(registry.registered_checks) == before, "ready() registered them already"
+    ours = {checks.check_pool_settings, checks.check_psycopg2_cooperative, checks.check_servers}
+    assert ours <= before
+    assert "database" in checks.check_servers.tags  # type: ignore[attr-defined]
+    assert "database" not in checks.check_pool_settings.tags  # type: ignore[attr-defined]
+
+
+def test_a_good_configuration_is_silent() -> None:
+    databases = {
+        "default": alias_settings(),
+        "tuned": alias_settings(
+            ATOMIC_REQUESTS=True,
+            OPTIONS={
+                "MAX_CONNS": 10,
+                "REUSE_CONNS": 5,
+                "MIN_CONNS": 1,
+                "PING_AFTER": 600,  # >= IDLE_TIMEOUT is fine with MIN_CONNS > 0
+                "IDLE_TIMEOUT": 300,
+                "MAX_LIFETIME": 100,  # shorter than IDLE_TIMEOUT: fine
+                "LEAK_TIMEOUT": 60,  # longer than POOL_TIMEOUT: fine
+                "POOL_TIMEOUT": 5,
+                "RESET_QUERY": "DISCARD ALL",  # fine on a plain server
+                "pool": False,
+                "application_name": "dgp-good",
+            },
+        ),
+        "stock": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:", "CONN_MAX_AGE": 60},
+    }
+    assert our_issues(databases) == []
+    assert our_issues(databases, check_databases=["default", "tuned", "stock"]) == []
+    with override_settings(DATABASES=databases):
+        assert run_checks() == [], "every registered check, Django's too"
+        call_command("check", tags=[checks.TAG], databases=["tuned"], fail_level="INFO")
+
+
+# ---------------------------------------------------------------- settings
+
+
+def test_e001_invalid_options_become_a_check_error() -> None:
+    issues = our_issues(
+        {
+            "default": alias_settings(),
+            "zero": alias_settings(OPTIONS={"MAX_CONNS": 0}),
+            "native": alias_settings(OPTIONS={"pool": True}),
+            "foreign": alias_settings(OPTIONS={"max_size": 10}),
+        }
+    )
+    assert ids(issues) == ["django_gevent_pool.E001"] * 3
+    messages = {m.msg for m in issues}
+    assert "DATABASES['zero']: OPTIONS['MAX_CONNS'] must be an integer >= 1, got 0" in messages
+    assert any(m.startswith("DATABASES['native']: OPTIONS['pool'] = True") for m in messages)
+    assert any("DATABASES['foreign']" in m and "did you mean MAX_CONNS" in m for m in messages)
+    assert all(m.hint and "OPTIONS" in m.hint for m in issues)
+    with override_settings(DATABASES={"default": alias_settings(OPTIONS={"MAX_CONNS": 0})}):
+        with pytest.raises(SystemCheckError, match=r"django_gevent_pool\.E001"):
+            call_command("check")
+
+
+def test_e001_manage_py_check_reports_instead_of_a_traceback(tmp_path: Path) -> None:
+    (tmp_path / "e001_settings.py").write_text(
+        textwrap.dedent(
+            """
+            from tests.settings import *  # noqa: F403
+
+            DATABASES = {
+                **DATABASES,
+                "bad": {**DATABASES["default"], "OPTIONS": {"MAX_CONNS": 0}},
+            }
+            """
+        )
+    )
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "e001_settings",
+        "PYTHONPATH": os.pathsep.join([os.getcwd(), str(tmp_path)]),
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "django", "check"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "(django_gevent_pool.E001) DATABASES['bad']: OPTIONS['MAX_CONNS']" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_w001_conn_max_age_is_ignored_by_the_pool() -> None:
+    issues = our_issues(
+        {
+            "default": alias_settings(),
+            "minute": alias_settings(CONN_MAX_AGE=60),
+            "forever": alias_settings(CONN_MAX_AGE=None),
+        }
+    )
+    assert ids(issues) == ["django_gevent_pool.W001"] * 2
+    assert {m.msg.split(":")[0] for m in issues} == {
+        "DATABASES['minute']",
+        "DATABASES['forever']",
+    }
+    assert all("CONN_MAX_AGE" in m.msg and "MAX_LIFETIME" in (m.hint or "") for m in issues)
+
+
+def test_i001_conn_health_checks_has_no_effect() -> None:
+    issues = our_issues(
+        {
+            "default": alias_settings(CONN_HEALTH_CHECKS=False),
+            "checked": alias_settings(CONN_HEALTH_CHECKS=True),
+        }
+    )
+    assert ids(issues) == ["django_gevent_pool.I001"]
+    assert issues[0].level == INFO
+    assert issues[0].msg.startswith("DATABASES['checked']: CONN_HEALTH_CHECKS = True")
+
+
+def test_w003_ping_after_not_below_idle_timeout_never_pings() -> None:
+    issues = our_issues(
+        {
+            "default": alias_settings(OPTIONS={"PING_AFTER": 600}),  # IDLE_TIMEOUT 600
+            "shorter": alias_settings(OPTIONS={"PING_AFTER": 30, "IDLE_TIMEOUT": 10}),
+            "kept": alias_settings(OPTIONS={"PING_AFTER": 30, "IDLE_TIMEOUT": 10, "MIN_CONNS": 1}),
+            "no_idle_timeout": alias_settings(OPTIONS={"PING_AFTER": 30, "IDLE_TIMEOUT": None}),
+            "never_ping": alias_settings(OPTIONS={"PING_AFTER": None, "IDLE_TIMEOUT": 10}),
+        }
+    )
+    assert ids(issues) == ["django_gevent_pool.W003"] * 2
+    assert {m.msg.split(":")[0] for m in issues} == {"DATABASES['default']", "DATABASES['shorter']"}
+    assert all("PING_AFTER" in m.msg and "IDLE_TIMEOUT" in m.msg for m in issues)
+
+
+@pytest.mark.parametrize("min_conns", [0, 1])
+def test_w003_premise_idle_connections_close_before_ping_after(dsn: str, min_conns: int) -> None:
+    """What W003 says, on a real pool: with MIN_CONNS=0 no ping happens, with 1 it does."""
+    now = [0.0]
+    pool = ConnectionPool(
+        lambda: psycopg2.connect(dsn),
+        options={"IDLE_TIMEOUT": 10, "PING_AFTER": 20, "MIN_CONNS": min_conns},
+        clock=lambda: now[0],
+        background=False,
+    )
+    try:
+        pool.putconn(pool.getconn())
+        now[0] += 20  # idle for PING_AFTER, which is past IDLE_TIMEOUT
+        pool.maintain()
+        pool.putconn(pool.getconn())
+        stats = pool.get_stats()
+        if min_conns == 0:
+            assert (stats["pings"], stats["connections_num"]) == (0, 2), "closed, never pinged"
+        else:
+            assert (stats["pings"], stats["connections_num"]) == (1, 1), "kept, then pinged"
+    finally:
+        pool.close()
+
+
+def test_w003_autocommit_false_comes_back_in_a_transaction(django_db_blocker: Any) -> None:
+    databases = {"default": alias_settings(), "manual": alias_settings(AUTOCOMMIT=False)}
+    issues = our_issues(databases)
+    assert ids(issues) == ["django_gevent_pool.W003"]
+    assert issues[0].msg.startswith("DATABASES['manual']: AUTOCOMMIT = False")
+    # The premise, for real: a read without commit is rolled back by the pool on return.
+    with override_settings(DATABASES=databases), django_db_blocker.unblock():
+        settings_dict = configured_databases()["manual"]
+        wrapper = load_backend(ENGINE).DatabaseWrapper(settings_dict, "manual")
+        try:
+            with wrapper.cursor() as cur:
+                cur.execute("SELECT 1")
+            wrapper.close()
+            pool = get_pool("manual")
+            assert pool is not None
+            assert pool.get_stats()["returns_rolled_back"] == 1
+        finally:
+            wrapper.close()
+            close_pools("manual")
+
+
+# ------------------------------------------------------------------ gevent
+
+W002_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    case = sys.argv[1]
+    if case != "unpatched":
+        from gevent import monkey
+        monkey.patch_all()
+    os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+    import django
+    django.setup()
+    import psycopg2.extensions
+    if case == "patched":
+        import django_gevent_pool
+        django_gevent_pool.patch_psycopg2()
+    elif case == "foreign":
+        from psycopg2.extras import wait_select
+        psycopg2.extensions.set_wait_callback(wait_select)
+    from django.core.checks import run_checks
+    for message in run_checks():
+        print(message.id, message.msg, sep="|")
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("case", "fires", "detail"),
+    [
+        ("no callback", True, "psycopg2 has no wait callback"),
+        ("foreign", True, "psycopg2.extras.wait_select is not a known gevent one"),
+        ("patched", False, ""),
+        ("unpatched", False, ""),
+    ],
+)
+def test_w002_gevent_patched_but_psycopg2_not_cooperative(
+    case: str, fires: bool, detail: str
+) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", W002_SCRIPT, case],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.getcwd()},
+    )
+    assert out.returncode == 0, out.stderr
+    found = [line for line in out.stdout.splitlines() if line.startswith("django_gevent_pool.")]
+    if fires:
+        assert len(found) == 1 and found[0].startswith("django_gevent_pool.W002|"), out.stdout
+        assert detail in found[0]
+    else:
+        assert found == [], out.stdout
+
+
+# ---------------------------------------------------------------- database
+
+
+def test_database_checks_run_only_for_the_databases_given() -> None:
+    databases = {"default": alias_settings(), "big": alias_settings(OPTIONS={"MAX_CONNS": 200})}
+    assert our_issues(databases) == []
+    assert our_issues(databases, check_databases=[]) == []
+    stock = {**databases, "stock": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
+    assert our_issues(stock, check_databases=["stock"]) == []
+    assert ids(our_issues(databases, check_databases=["big"])) == ["django_gevent_pool.E005"]
+
+
+def test_e005_max_conns_above_what_the_server_accepts() -> None:
+    usable = usable_connections()
+    issues = our_issues(
+        {"default": alias_settings(OPTIONS={"MAX_CONNS": 200})}, check_databases=["default"]
+    )
+    assert ids(issues) == ["django_gevent_pool.E005"]
+    msg = issues[0].msg
+    assert msg.startswith("DATABASES['default']: OPTIONS['MAX_CONNS'] = 200 per process")
+    assert f"the {usable} connections the server at" in msg
+    assert "one process alone" in msg
+    assert "PgBouncer" in (issues[0].hint or "")
+    with override_settings(DATABASES={"default": alias_settings(OPTIONS={"MAX_CONNS": 200})}):
+        with pytest.raises(SystemCheckError, match=r"django_gevent_pool\.E005"):
+            call_command("check", tags=[checks.TAG], databases=["default"])
+
+
+def test_w005_more_than_half_of_the_server_per_process() -> None:
+    usable = usable_connections()
+    half = usable // 2
+    fires = our_issues(
+        {"default": alias_settings(OPTIONS={"MAX_CONNS": half + 1})}, check_databases=["default"]
+    )
+    assert ids(fires) == ["django_gevent_pool.W005"]
+    assert "2 processes" in fires[0].msg
+    assert f"2 workers x {half + 1} = {2 * (half + 1)}" in (fires[0].hint or "")
+    silent = our_issues(
+        {"default": alias_settings(OPTIONS={"MAX_CONNS": half})}, check_databases=["default"]
+    )
+    assert silent == []
+
+
+def test_w005_counts_every_pooled_alias_on_the_same_server() -> None:
+    quarter = usable_connections() // 4 + 1  # each alone is fine, both together are not
+    databases = {
+        "default": alias_settings(OPTIONS={"MAX_CONNS": quarter}),
+        "second": alias_settings(OPTIONS={"MAX_CONNS": quarter}),
+    }
+    issues = our_issues(databases, check_databases=["default", "second"])
+    assert ids(issues) == ["django_gevent_pool.W005"], "one message per server"
+    assert f"add up to {2 * quarter} per process" in issues[0].msg
+    assert "DATABASES['default']" in issues[0].msg and "DATABASES['second']" in issues[0].msg
+    alone = our_issues({"default": databases["default"]}, check_databases=["default"])
+    assert alone == []
+
+
+def test_w006_unreachable_server_is_a_warning_not_an_exception() -> None:
+    databases = {
+        "default": alias_settings(),
+        "dead": alias_settings(HOST="127.0.0.1", PORT=str(closed_port())),
+    }
+    issues = our_issues(databases, check_databases=["default", "dead"])
+    assert ids(issues) == ["django_gevent_pool.W006"]
+    assert issues[0].msg.startswith("DATABASES['dead']: cannot reach the server")
+    assert "--database dead" in (issues[0].hint or "")
+
+
+def test_w004_is_silent_on_a_plain_server() -> None:
+    """RESET_QUERY and server-side cursors are fine when no PgBouncer is in between."""
+    databases = {
+        "default": alias_settings(
+            DISABLE_SERVER_SIDE_CURSORS=False, OPTIONS={"RESET_QUERY": "DISCARD ALL"}
+        )
+    }
+    assert our_issues(databases, check_databases=["default"]) == []
+
+
+def test_server_checks_leave_no_connection_and_no_pool(admin: Any) -> None:
+    databases = {"default": alias_settings(), "big": alias_settings(OPTIONS={"MAX_CONNS": 200})}
+    assert get_pool("big") is None
+    assert ids(our_issues(databases, check_databases=["big"])) == ["django_gevent_pool.E005"]
+    assert get_pool("big") is None, "no pool was created"
+
+    def lingering() -> int:
+        with admin.cursor() as cur:
+            cur.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                [checks.CHECK_APPLICATION_NAME],
+            )
+            return int(cur.fetchone()[0])
+
+    # The backend of a closed connection goes away asynchronously, within moments.
+    wait_until(lambda: lingering() == 0, what="the check's own connection to end", timeout=5)
+
+
+def test_e005_through_something_in_between_is_only_a_warning() -> None:
+    """A port that is not the server's own (a pooler, a forward) may not be the server's limit."""
+    with Proxy(server()["test"]) as proxy:
+        through = alias_settings(HOST="127.0.0.1", PORT=str(proxy.port), OPTIONS={"MAX_CONNS": 200})
+        issues = our_issues({"default": through}, check_databases=["default"])
+    assert ids(issues) == ["django_gevent_pool.W005"]
+    assert "one process alone can exhaust the server" in issues[0].msg
+    assert "the server itself listens on port" in issues[0].msg
+    assert "stats_users" in (issues[0].hint or "")
+
+
+def test_w006_a_silent_server_is_given_up_on_in_seconds() -> None:
+    with Proxy(server()["test"]) as proxy:
+        proxy.stall()
+        databases = {
+            "default": alias_settings(HOST="127.0.0.1", PORT=str(proxy.port)),
+        }
+        started = time.monotonic()
+        issues = our_issues(databases, check_databases=["default"])
+        elapsed = time.monotonic() - started
+        proxy.resume()
+    assert ids(issues) == ["django_gevent_pool.W006"]
+    assert elapsed < 15, f"took {elapsed:.1f} s"
