@@ -125,7 +125,6 @@ def test_bare_pool_example_shares_five_connections(server_dsn: str) -> None:
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["sum"] == 2 * sum(range(50))
-    assert 1 <= result["peak_in_use"] <= 5
     stats = result["stats"]
     assert stats["requests_num"] == 50
     assert stats["connections_num"] <= 5
