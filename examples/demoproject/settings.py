@@ -64,6 +64,9 @@ LOGGING = {
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "[%(levelname)s] %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    # The pool logs discards and rollbacks at WARNING: worth seeing.
-    "loggers": {"django_gevent_pool": {"handlers": ["console"], "level": "WARNING"}},
+    # The pool logs discards and rollbacks at WARNING: worth seeing (once: not
+    # again through the root logger, which Celery and gunicorn also print).
+    "loggers": {
+        "django_gevent_pool": {"handlers": ["console"], "level": "WARNING", "propagate": False}
+    },
 }
