@@ -8,11 +8,15 @@ lent when they come back. No Django import here.
 
 from __future__ import annotations
 
+import os
+import weakref
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
 from . import sync
 from .pool import ConnectionPool
+
+_ALL_REGISTRIES: weakref.WeakSet[PoolRegistry] = weakref.WeakSet()
 
 
 class _Record:
@@ -31,6 +35,7 @@ class PoolRegistry:
         # An OS lock whatever gevent patched: the sections below never do I/O.
         self._lock = sync.allocate_lock()
         self._records: dict[Hashable, _Record] = {}
+        _ALL_REGISTRIES.add(self)
 
     def get(
         self,
@@ -76,3 +81,16 @@ class PoolRegistry:
         for record in records:
             record.pool.close()
         return len(records)
+
+
+def _after_fork_in_child() -> None:
+    """A new lock in the child: another thread of the parent may have held the old one.
+
+    The pools reset themselves (``ConnectionPool`` has its own hook); the
+    records stay, so each key keeps its (now empty) pool.
+    """
+    for registry in list(_ALL_REGISTRIES):
+        registry._lock = sync.allocate_lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

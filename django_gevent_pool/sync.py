@@ -160,8 +160,9 @@ def on_greenlet_exit(callback: Callable[[], None]) -> Callable[[], None] | None:
 def run_periodically(tick: Callable[[], float | None], *, name: str) -> None:
     """Call ``tick`` in the background until it returns None; it returns the next delay.
 
-    A greenlet when the calling thread runs a gevent hub, else a daemon OS
-    thread. ``tick`` must not raise; whatever it raises is logged and stops it.
+    A greenlet when the calling thread runs a gevent hub, else an OS thread
+    (which never keeps the process alive). ``tick`` must not raise; whatever it
+    raises is logged and stops it.
     """
     import logging
 
@@ -183,9 +184,11 @@ def run_periodically(tick: Callable[[], float | None], *, name: str) -> None:
 
         gevent.spawn(loop, gevent.sleep)
         return
-    thread_cls = original("threading", "Thread")
-    time_sleep = original("time", "sleep")
-    thread_cls(target=loop, args=(time_sleep,), name=name, daemon=True).start()
+    # A real OS thread even when gevent patched threading: its Thread class
+    # would start a greenlet of this thread, which the blocking sleep below
+    # (and a thread with no hub yet) would never let run again.
+    start_new_thread = original("_thread", "start_new_thread")
+    start_new_thread(loop, (original("time", "sleep"),))
 
 
 def cooperative_sleep() -> Callable[[float], None]:

@@ -85,3 +85,41 @@ def test_a_forked_child_never_uses_or_closes_the_parents_connections(dsn: str, m
     # The parent's sessions survived the child's returns, close() and GC.
     assert result["same_a"]
     assert [result["a"], result["b"], result["django"]] == parent
+
+
+REGISTRY_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, threading
+    from django_gevent_pool.registry import PoolRegistry
+
+    registry = PoolRegistry()
+    inside, release = threading.Event(), threading.Event()
+
+    def hold_the_lock():
+        with registry._lock:  # another thread is in a critical section at the fork
+            inside.set()
+            release.wait(10)
+
+    threading.Thread(target=hold_the_lock, daemon=True).start()
+    inside.wait(10)
+    pid = os.fork()
+    if pid == 0:
+        got = registry._lock.acquire(timeout=2)
+        if got:
+            registry._lock.release()
+        os.write(1, (json.dumps({"child_got_lock": got, "pools": len(registry.pools())})
+                     + "\\n").encode())
+        os._exit(0)
+    release.set()
+    os.waitpid(pid, 0)
+    """
+)
+
+
+def test_a_registry_lock_held_by_another_thread_at_fork_is_free_in_the_child() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", REGISTRY_SCRIPT], capture_output=True, text=True, timeout=20
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"child_got_lock": True, "pools": 0}

@@ -59,3 +59,38 @@ def test_a_running_query_does_not_block_the_hub(dsn: str) -> None:
     # and a single gap of 0.5 s.
     assert result["ticks"] >= 10
     assert result["max_gap"] < 0.4
+
+
+FIRST_USE_SCRIPT = textwrap.dedent(
+    """
+    from gevent import monkey
+    monkey.patch_all()
+
+    import json, sys, threading
+    import psycopg2
+    from django_gevent_pool import ConnectionPool
+
+    # No greenlet was ever spawned: this thread has no gevent hub yet when the
+    # first checkout starts the pool's background housekeeping.
+    pool = ConnectionPool(lambda: psycopg2.connect(sys.argv[1]),
+                          options={"MAX_CONNS": 2, "IDLE_TIMEOUT": 0.2})
+    conn = pool.getconn()
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")
+    pool.putconn(conn)
+    # The housekeeping runs beside us (a real thread): it closes the idle
+    # connection while this thread blocks, which a greenlet could not do.
+    monkey.get_original("time", "sleep")(1.0)
+    print(json.dumps({"size": pool.get_stats()["pool_size"],
+                      "threads": threading.active_count()}))
+    """
+)
+
+
+def test_first_checkout_in_a_patched_script_without_a_hub_does_not_hang(dsn: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", FIRST_USE_SCRIPT, dsn], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["size"] == 0  # closed by the housekeeping after IDLE_TIMEOUT
