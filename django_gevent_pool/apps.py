@@ -6,7 +6,8 @@ from django.apps import AppConfig
 
 
 class DjangoGeventPoolConfig(AppConfig):
-    """Registers the system checks and provides ``manage.py pool_connections``."""
+    """Registers the system checks, provides ``manage.py pool_connections``, and applies
+    the optional ``DJANGO_GEVENT_POOL`` setting (periodic stats log, Prometheus)."""
 
     name = "django_gevent_pool"
     verbose_name = "django-gevent-pool"
@@ -14,5 +15,7 @@ class DjangoGeventPoolConfig(AppConfig):
 
     def ready(self) -> None:
         from . import checks
+        from .observability import configure_from_settings
 
         checks.register()
+        configure_from_settings()

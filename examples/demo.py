@@ -142,6 +142,8 @@ def project_env(config: Config, db_dsn: str) -> dict[str, str]:
         DGP_APPNAME=config.appname,
         DGP_ITEMS=str(config.items),
     )
+    # One stats line per second from the worker (DJANGO_GEVENT_POOL in the settings).
+    env.setdefault("DGP_STATS_LOG", "1")
     return env
 
 
@@ -188,6 +190,18 @@ def stop_gunicorn(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait(timeout=STOP_LIMIT)
+
+
+def get_headers(port: int, path: str, timeout: float = 5.0) -> tuple[int, dict[str, str]]:
+    """GET ``path`` on a fresh connection; the status and the headers (lower-case names)."""
+    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        return response.status, {name.lower(): value for name, value in response.getheaders()}
+    finally:
+        conn.close()
 
 
 def get_json(port: int, path: str, timeout: float = 5.0) -> Any:
@@ -378,6 +392,10 @@ def report(result: dict[str, Any]) -> list[str]:
     for key, value in stats.items():
         print(f"    {key:<22}{value:g}")
     print()
+    print(f"  Server-Timing of GET /item/1/: {result['server_timing']}")
+    print(f"  GET /ops/pool-stats/ without logging in: {result['ops_view']}")
+    print(f"  last stats line of the worker: {result['stats_log']}")
+    print()
     if result["server_warnings"]:
         print(f"  gunicorn logged {len(result['server_warnings'])} warnings or errors:")
         for line in result["server_warnings"][:10]:
@@ -404,6 +422,12 @@ def report(result: dict[str, Any]) -> list[str]:
         problems.append("psycopg2 has no gevent wait callback in the worker: queries block it")
     if not result["ok"]:
         problems.append("no request succeeded")
+    if not result["server_timing"].startswith("db-pool;dur="):
+        problems.append("no Server-Timing header from the pool's middleware")
+    if not result["ops_view"].startswith("302 /login/"):
+        problems.append("the staff-only stats view answered anonymous users")
+    if "pool 'default': size=" not in result["stats_log"]:
+        problems.append("the worker wrote no periodic stats line")
     return problems
 
 
@@ -486,6 +510,12 @@ def main() -> int:
             finally:
                 peak = sampler.stop()
             stats = get_json(port, "/stats/")
+            # ServerTimingMiddleware: this request's wait for a connection.
+            _, headers = get_headers(port, "/item/1/")
+            server_timing = headers.get("server-timing", "")
+            # The library's JSON view, mounted for staff only: anonymous is redirected.
+            ops_status, ops_headers = get_headers(port, "/ops/pool-stats/")
+            gevent.sleep(1.2)  # let the worker write one more stats line
         except Exception:
             print_log(log)
             raise
@@ -495,12 +525,16 @@ def main() -> int:
         if proc.returncode not in (0, -signal.SIGTERM):
             print_log(log)
         server_warnings = noteworthy_lines(log)
+        stats_lines = [line for line in read_log(log) if "django_gevent_pool.stats" in line]
 
     extra = {
         "peak": peak,
         "samples": sampler.samples,
         "orders": count_orders(db_dsn),
         "server_warnings": server_warnings,
+        "server_timing": server_timing,
+        "ops_view": f"{ops_status} {ops_headers.get('location', '')}".strip(),
+        "stats_log": stats_lines[-1] if stats_lines else "",
     }
     result = summarize(config, where, load, wall, stats, extra)
     problems = report(result)

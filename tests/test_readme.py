@@ -125,6 +125,8 @@ def check_settings_block(code: str) -> None:
             import_string(dotted)  # a class or function: MIDDLEWARE, views
         except ImportError:
             importlib.import_module(dotted)  # a module: ENGINE, INSTALLED_APPS
+    if "DJANGO_GEVENT_POOL" in namespace:
+        check_observability_setting(namespace["DJANGO_GEVENT_POOL"])
     databases = namespace.get("DATABASES", {})
     for alias, settings_dict in databases.items():
         assert settings_dict["ENGINE"].startswith("django_gevent_pool.backends.")
@@ -146,3 +148,15 @@ def _checks_for(alias: str, settings_dict: dict[str, Any]) -> list[Any]:
     with override_settings(DATABASES={alias: settings_dict}):
         messages = run_checks(tags=[checks.TAG])
     return [m for m in messages if m.id != "django_gevent_pool.W002"]
+
+
+def check_observability_setting(value: Any) -> None:
+    """Apply a README's ``DJANGO_GEVENT_POOL`` for real, then turn its log off again."""
+    from django.test.utils import override_settings
+
+    from django_gevent_pool import observability
+
+    with override_settings(DJANGO_GEVENT_POOL=value):
+        observability.configure_from_settings()  # raises ImproperlyConfigured if wrong
+    with override_settings(DJANGO_GEVENT_POOL={"STATS_LOG_INTERVAL": None}):
+        observability.configure_from_settings()  # stops the log it started

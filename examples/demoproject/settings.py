@@ -22,11 +22,23 @@ SECRET_KEY = os.environ.get("DGP_SECRET_KEY", "demo-only-not-a-secret")
 DEBUG = False  # DEBUG=True would also keep every query in memory: never under load
 ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
 
-INSTALLED_APPS = ["demoproject.shop"]
+INSTALLED_APPS = [
+    "django.contrib.contenttypes",
+    "django.contrib.auth",
+    "django.contrib.sessions",
+    # The system checks, `manage.py pool_connections`, and DJANGO_GEVENT_POOL below.
+    "django_gevent_pool",
+    "demoproject.shop",
+]
 
 #: How many items `manage.py seed` creates and `/tx/` picks from (primary keys 1..N).
 SHOP_ITEMS = int(os.environ.get("DGP_ITEMS", "1000"))
-MIDDLEWARE: list[str] = []
+MIDDLEWARE = [
+    # First, so it counts the checkouts of the middleware below it too.
+    "django_gevent_pool.observability.ServerTimingMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+]
 ROOT_URLCONF = "demoproject.urls"
 WSGI_APPLICATION = "demoproject.wsgi.application"
 
@@ -55,6 +67,13 @@ DATABASES = {
     }
 }
 
+DJANGO_GEVENT_POOL = {
+    # One INFO line per pool every N seconds on the django_gevent_pool.stats logger.
+    "STATS_LOG_INTERVAL": float(os.environ["DGP_STATS_LOG"])
+    if "DGP_STATS_LOG" in os.environ
+    else None,
+}
+
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 USE_TZ = True
 TIME_ZONE = "UTC"
@@ -67,6 +86,8 @@ LOGGING = {
     # The pool logs discards and rollbacks at WARNING: worth seeing (once: not
     # again through the root logger, which Celery and gunicorn also print).
     "loggers": {
-        "django_gevent_pool": {"handlers": ["console"], "level": "WARNING", "propagate": False}
+        "django_gevent_pool": {"handlers": ["console"], "level": "WARNING", "propagate": False},
+        # The periodic stats lines (DGP_STATS_LOG) are INFO.
+        "django_gevent_pool.stats": {"handlers": ["console"], "level": "INFO", "propagate": False},
     },
 }

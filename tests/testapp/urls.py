@@ -6,6 +6,8 @@ from django.db import connection
 from django.http import HttpRequest, JsonResponse
 from django.urls import path
 
+from django_gevent_pool.observability import stats_view
+
 from .models import Item
 
 
@@ -25,4 +27,5 @@ def backend_pid(request: HttpRequest) -> JsonResponse:
 urlpatterns = [
     path("create/", create_then_fail),
     path("pid/", backend_pid),
+    path("pool-stats/", stats_view),
 ]
