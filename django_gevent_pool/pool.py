@@ -458,11 +458,14 @@ class ConnectionPool:
             self._maintaining = True
         ref = weakref.ref(self)
         interval = self._maintenance_interval()
+        pid = os.getpid()
 
         def tick() -> float | None:
             pool = ref()
-            if pool is None or pool._closed or not pool._maintaining:
-                return None  # gone, closed, or forked away from: stop
+            if pool is None or pool._closed or not pool._maintaining or os.getpid() != pid:
+                # Gone, closed, or forked away from: a greenlet survives a fork,
+                # and the child starts its own loop at its first checkout.
+                return None
             return 0.0 if pool.maintain() else interval
 
         sync.run_periodically(tick, name=f"django_gevent_pool maintenance {self.name!r}")
