@@ -298,6 +298,7 @@ def check_servers(
             with brief_connection(params, timeout=SERVER_TIMEOUT) as conn:
                 limits = server_limits(conn)
                 listening = server_port(conn)
+                via_tcp = not str(conn.info.host or "/").startswith("/")
         except (ServerUnreachable, psycopg2.Error) as exc:
             reason = " ".join(str(exc).split()) or type(exc).__name__
             issues.append(
@@ -312,13 +313,15 @@ def check_servers(
                 )
             )
             continue
+        # Something sits in between when the server listens on another port than
+        # the one we reached, or sees a Unix-socket client where we came over TCP.
         configured = configured_port(params)
-        proxied = listening is not None and configured is not None and listening != configured
-        issues.extend(
-            _capacity_issues(
-                label, per_process.get(label, {}), limits, listening if proxied else None
-            )
-        )
+        proxied_to = None
+        if listening is not None and configured is not None and listening != configured:
+            proxied_to = f"port {listening}"
+        elif listening is None and via_tcp:
+            proxied_to = "a Unix socket"
+        issues.extend(_capacity_issues(label, per_process.get(label, {}), limits, proxied_to))
     return issues
 
 
@@ -341,14 +344,15 @@ def _capacity_issues(
     label: str,
     max_conns: Mapping[str, int],
     limits: ServerLimits,
-    proxied_to: int | None = None,
+    proxied_to: str | None = None,
 ) -> list[CheckMessage]:
     """E005 / W005 for the pooled aliases of one server.
 
-    ``proxied_to`` is the port the server itself listens on when it differs
-    from the configured one: something sits in between (a connection pooler
-    not detected as PgBouncer, or a port forward), so exceeding the server's
-    limit is only a warning (W005), never an error that would stop
+    ``proxied_to`` says where the server itself listens (``port 5432``, ``a
+    Unix socket``) when that is not what the check reached: something sits in
+    between (a connection pooler not detected as PgBouncer, or a port
+    forward), so exceeding the server's limit is only a warning (W005), never
+    an error that would stop
     ``migrate`` or the test runner.
     """
     total = sum(max_conns.values())
@@ -370,7 +374,7 @@ def _capacity_issues(
         ""
         if proxied_to is None
         else f" (unless what answers at {label} is a connection pooler such as PgBouncer: the "
-        f"server itself listens on port {proxied_to})"
+        f"server itself listens on {proxied_to})"
     )
     if total > usable and proxied_to is not None:
         fit = max(1, usable // 4)
