@@ -22,6 +22,7 @@ django_gevent_pool.W005      MAX_CONNS per process above half of them, or above 
                              when the server listens on another port than the one
                              configured (a pooler or port forward in between) (database)
 django_gevent_pool.W006      the server could not be reached for E005/W005 (database)
+django_gevent_pool.W007      DJANGO_GEVENT_POOL is set but the app is not installed
 ===========================  =================================================================
 
 E003 is not used: the pool's option validation already refuses every
@@ -78,6 +79,7 @@ def register() -> None:
     _registered = True
     checks.register(check_pool_settings, TAG)
     checks.register(check_psycopg2_cooperative, TAG)
+    checks.register(check_app_settings, TAG)
     checks.register(check_servers, Tags.database, TAG)
 
 
@@ -258,6 +260,26 @@ def _describe(callback: Any) -> str:
 
 
 # ------------------------------------------------------------------ servers
+
+
+def check_app_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """W007: ``DJANGO_GEVENT_POOL`` is set but nothing reads it (the app is not installed)."""
+    from django.apps import apps
+    from django.conf import settings
+
+    if not hasattr(settings, "DJANGO_GEVENT_POOL") or apps.is_installed("django_gevent_pool"):
+        return []
+    return [
+        Warning(
+            "settings.DJANGO_GEVENT_POOL is set but ignored: it is applied by the "
+            "django_gevent_pool app when Django starts, and the app is not in INSTALLED_APPS.",
+            hint=(
+                'Add "django_gevent_pool" to INSTALLED_APPS, or call '
+                "django_gevent_pool.observability.configure_from_settings() yourself."
+            ),
+            id=_id("W007"),
+        )
+    ]
 
 
 def check_servers(

@@ -120,10 +120,30 @@ def test_register_is_idempotent_and_the_app_registers_the_checks() -> None:
     checks.register()
     checks.register()
     assert set(registry.registered_checks) == before, "ready() registered them already"
-    ours = {checks.check_pool_settings, checks.check_psycopg2_cooperative, checks.check_servers}
+    ours = {
+        checks.check_pool_settings,
+        checks.check_psycopg2_cooperative,
+        checks.check_app_settings,
+        checks.check_servers,
+    }
     assert ours <= before
     assert "database" in checks.check_servers.tags  # type: ignore[attr-defined]
     assert "database" not in checks.check_pool_settings.tags  # type: ignore[attr-defined]
+
+
+def test_w007_the_observability_setting_without_the_app_is_reported() -> None:
+    from django.test import modify_settings
+
+    setting = {"STATS_LOG_INTERVAL": None}
+    with override_settings(DJANGO_GEVENT_POOL=setting):
+        assert "django_gevent_pool.W007" not in ids(run_checks(tags=[checks.TAG]))
+        with modify_settings(INSTALLED_APPS={"remove": ["django_gevent_pool"]}):
+            messages = run_checks(tags=[checks.TAG])
+    [w007] = [m for m in messages if m.id == "django_gevent_pool.W007"]
+    assert "DJANGO_GEVENT_POOL is set but ignored" in w007.msg
+    assert "INSTALLED_APPS" in (w007.hint or "")
+    with modify_settings(INSTALLED_APPS={"remove": ["django_gevent_pool"]}):
+        assert "django_gevent_pool.W007" not in ids(run_checks(tags=[checks.TAG]))
 
 
 def test_a_good_configuration_is_silent() -> None:
