@@ -491,7 +491,10 @@ class ServerTimingMiddleware:
             # Also when the view raised through Django's handler (or was killed):
             # the tally must not leak into what this greenlet or thread does next.
             timing.stop_tally(token)
-        metric = f'db-pool;dur={tally.seconds * 1000.0:.3f};desc="{tally.checkouts} checkouts"'
+        n = tally.checkouts
+        metric = (
+            f'db-pool;dur={tally.seconds * 1000.0:.3f};desc="{n} checkout{"" if n == 1 else "s"}"'
+        )
         existing = response.headers.get("Server-Timing")
         response.headers["Server-Timing"] = f"{existing}, {metric}" if existing else metric
         return response

@@ -116,7 +116,7 @@ def test_demo_serves_without_errors_within_max_conns(server_dsn: str, tmp_path: 
     assert stats["requests_timeouts"] == 0
     assert "peak server connections: " in done.stdout
     # The observability the demo turns on: Server-Timing, the guarded view, the log.
-    assert re.fullmatch(r'db-pool;dur=\d+\.\d{3};desc="1 checkouts"', result["server_timing"])
+    assert re.fullmatch(r'db-pool;dur=\d+\.\d{3};desc="1 checkout"', result["server_timing"])
     assert result["ops_view"].startswith("302 /login/?next=")
     assert "pool 'default': size=" in result["stats_log"]
     # The worker that served (and the master with it) is gone once the demo has exited.
