@@ -10,8 +10,9 @@ has to wait (its wake-up signal), from what is true at that moment.
   while holding it and an OS lock is both correct and cheapest, in greenlets,
   in threads and in both at once.
 - A caller that must wait for a connection blocks on a one-shot signal. In a
-  thread that runs a gevent hub it is a ``gevent.lock.Semaphore``, which yields
-  to the hub and may be released from any thread; elsewhere it is an OS lock.
+  thread that runs a gevent hub it is a ``gevent.hub.Waiter`` with one timer:
+  the waiting greenlet switches to the hub, and ``set`` (from this thread or
+  any other) schedules the switch back. Elsewhere it is an OS lock.
 """
 
 from __future__ import annotations
@@ -84,18 +85,45 @@ class _ThreadSignal:
 
 
 class _GreenSignal:
-    __slots__ = ("_sem",)
+    """A greenlet's one-shot wake-up: a ``Waiter`` of its hub, and a timer while it waits.
+
+    Cheaper than a ``Semaphore`` and a ``Timeout`` per wait (a checkout on a
+    busy pool waits every time). Both the timer and ``set`` only *schedule* a
+    call of ``Waiter.switch`` in the hub; whichever runs second finds nobody
+    waiting and just stores its value, so a late wake-up can never resume the
+    greenlet in the middle of something else. ``set`` may come from another
+    OS thread: the switch is then scheduled through the loop's thread-safe
+    queue.
+    """
+
+    __slots__ = ("_loop", "_thread", "_waiter")
 
     def __init__(self) -> None:
-        from gevent.lock import Semaphore
+        from gevent.hub import Waiter, get_hub
 
-        self._sem = Semaphore(0)
+        hub = get_hub()
+        self._waiter = Waiter(hub)
+        self._loop = hub.loop
+        self._thread = _get_ident()
 
     def wait(self, timeout: float | None) -> bool:
-        return bool(self._sem.acquire(timeout=timeout))
+        timer = None
+        if timeout is not None:
+            timer = self._loop.timer(max(timeout, 0.0))
+            timer.start(self._waiter.switch, False)
+        try:
+            # Returns at once if set() already ran; GreenletExit or an outer
+            # gevent.Timeout raise here, and the timer is stopped all the same.
+            return bool(self._waiter.get())
+        finally:
+            if timer is not None:
+                timer.close()
 
     def set(self) -> None:
-        self._sem.release()
+        if _get_ident() == self._thread:
+            self._loop.run_callback(self._waiter.switch, True)
+        else:
+            self._loop.run_callback_threadsafe(self._waiter.switch, True)
 
 
 def new_signal() -> Signal:
