@@ -462,7 +462,9 @@ class ServerTimingMiddleware:
     ``Server-Timing: db-pool;dur=12.345;desc="3 checkouts"``: ``dur`` is the
     milliseconds this request's checkouts spent getting a connection (queueing
     behind a busy pool, plus connecting or pinging when that was needed) and
-    ``desc`` how many checkouts it made, on every pool. A ``Server-Timing``
+    ``desc`` how many checkouts it made, on every pool. A checkout that failed
+    counts too, with all the time it waited: the 500 of a request whose
+    checkout timed out says ``dur`` = the timeout. A ``Server-Timing``
     header set by the view or an inner middleware is kept: the metric is
     appended to it after a comma. Put it first in ``MIDDLEWARE`` to count the
     checkouts of the other middleware too.

@@ -200,7 +200,25 @@ class ConnectionPool:
         if not self._maintaining:
             self._start_maintenance()
         start = self._clock()
-        deadline = start + (self.timeout if timeout is None else timeout)
+        try:
+            entry = self._checkout(start, self.timeout if timeout is None else timeout)
+        except BaseException:
+            # A checkout that failed (timed out, refused, killed) waited too: its
+            # time goes into the percentiles and the caller's tally, or an
+            # exhausted pool would look fast exactly when it is not.
+            waited = self._clock() - start
+            self._wait_samples.append(waited)
+            timing.record(waited)
+            raise
+        waited = entry.borrowed_at - start
+        self._wait_samples.append(waited)
+        timing.record(waited)
+        logger.debug("pool %r: checkout %s", self.name, self)
+        return entry.conn
+
+    def _checkout(self, start: float, timeout: float) -> _Entry:
+        """The checkout itself; :meth:`getconn` records how long it took, failed or not."""
+        deadline = start + timeout
         item, waiter = self._take_or_reserve()
         if waiter is not None:
             item = self._wait(waiter, start, deadline)
@@ -215,17 +233,14 @@ class ConnectionPool:
             item = self._replace_bad(item)
         entry.returning = False
         entry.leak_warned = False
-        entry.borrowed_at = now = self._clock()
+        entry.borrowed_at = self._clock()
         entry.holder = sync.current_holder()
-        self._wait_samples.append(now - start)
-        timing.record(now - start)
         if self.options.LEAK_TIMEOUT is not None:
             # Only paid for when asked: where this checkout came from, for the warning.
             entry.borrower = f"{sync.current_name()}\n" + "".join(
-                traceback.format_stack(limit=_LEAK_STACK_DEPTH)[:-1]
+                traceback.format_stack(limit=_LEAK_STACK_DEPTH)[:-2]
             )
-        logger.debug("pool %r: checkout %s", self.name, self)
-        return entry.conn
+        return entry
 
     def putconn(self, conn: Any, *, discard: bool = False) -> None:
         """Give ``conn`` back. ``discard=True`` closes it instead of reusing it.
@@ -236,6 +251,7 @@ class ConnectionPool:
         slot is free when this returns. Raises ``psycopg2.ProgrammingError``
         for a connection this pool did not lend, or one already returned.
         """
+        now = self._clock()
         with self._lock:  # critical section: find and flag the entry
             entry = self._in_use.get(id(conn))
             if entry is None and id(conn) in self._inherited:
@@ -248,6 +264,7 @@ class ConnectionPool:
             else:
                 entry.returning = True
                 entry.holder = None
+                self._counters["usage_ms"] += (now - entry.borrowed_at) * 1000.0
         if entry is None:
             # Lent before a fork and returned in the child: its socket points at
             # /dev/null already, so closing it cannot end the parent's session.
@@ -257,7 +274,7 @@ class ConnectionPool:
             logger.warning(
                 "pool %r: the connection held too long came back after %.1f s; borrowed by %s",
                 self.name,
-                self._clock() - entry.borrowed_at,
+                now - entry.borrowed_at,
                 entry.borrower,
             )
         try:
@@ -392,15 +409,16 @@ class ConnectionPool:
             _close_quietly(conn)
         if not grow:
             return False
+        started = self._clock()
         try:
             conn = self._connect()
         except Exception as exc:
-            self._connect_failed(exc)
+            self._connect_failed(exc, started)
             self._give_back_slot(opening=True, failed=True)
             return False
         waiter = None
         with self._lock:  # critical section: the new connection goes idle or to a waiter
-            entry = self._opened(conn)
+            entry = self._opened(conn, started)
             if entry is None:
                 to_close = [conn]
             elif self._waiting:
@@ -482,12 +500,14 @@ class ConnectionPool:
         ``pool_in_use``, ``pool_opening``, ``requests_waiting``; counters
         ``requests_num`` (checkouts), ``requests_queued``, ``requests_wait_ms``,
         ``requests_wait_max_ms``, ``requests_timeouts``, ``requests_too_many``,
-        ``requests_errors``, ``connections_num`` (opened), ``connections_errors``,
+        ``requests_errors``, ``connections_num`` (opened), ``connections_ms``
+        (time spent connecting, failed attempts included), ``connections_errors``,
         ``connections_lost``, ``connections_closed``, ``returns_bad``,
-        ``returns_rolled_back``, ``pings``; and ``requests_wait_p50_ms``,
+        ``returns_rolled_back``, ``pings``, ``usage_ms`` (time connections spent
+        lent, counted when they come back); and ``requests_wait_p50_ms``,
         ``requests_wait_p95_ms``, ``requests_wait_p99_ms``: percentiles of the
-        time the latest checkouts (up to 2048) took to get their connection,
-        waiting or not (0 when there were none).
+        time the latest checkouts (up to 2048) took to get their connection or
+        to fail, waiting or not (0 when there were none).
         """
         with self._lock:  # critical section: a consistent snapshot
             snap = self._snapshot()
@@ -645,7 +665,7 @@ class ConnectionPool:
             # the slot back too, or the pool shrinks for good.
             failed = isinstance(exc, Exception) and not isinstance(exc, _ConnectDeadline)
             if failed:
-                self._connect_failed(exc)
+                self._connect_failed(exc, now)
             self._give_back_slot(opening=True, failed=failed)
             if isinstance(exc, _ConnectDeadline):
                 raise PoolTimeout(
@@ -654,7 +674,7 @@ class ConnectionPool:
                 ) from None
             raise
         with self._lock:  # critical section: the reserved slot becomes a connection in use
-            entry = self._opened(conn)
+            entry = self._opened(conn, now)
             if entry is not None:
                 self._in_use[id(conn)] = entry
         if entry is None:
@@ -663,26 +683,31 @@ class ConnectionPool:
         logger.debug("pool %r: opened a connection %s", self.name, self)
         return entry
 
-    def _opened(self, conn: Any) -> _Entry | None:
+    def _opened(self, conn: Any, started: float) -> _Entry | None:
         """Under the lock: a reserved slot now holds ``conn``; None if the pool closed meanwhile.
 
-        A success ends any connect backoff. When None, the slot is already
-        freed and the caller closes ``conn``.
+        ``started`` is when the connect began. A success ends any connect
+        backoff. When None, the slot is already freed and the caller closes
+        ``conn``.
         """
+        now = self._clock()
         self._connect_failures = 0
         self._retry_at = float("-inf")
         self._opening -= 1
         self._counters["connections_num"] += 1
+        self._counters["connections_ms"] += (now - started) * 1000.0
         if self._closed:
             self._nconns -= 1
             return None
-        return _Entry(conn, self._clock(), self.options.MAX_LIFETIME)
+        return _Entry(conn, now, self.options.MAX_LIFETIME)
 
-    def _connect_failed(self, exc: BaseException) -> None:
+    def _connect_failed(self, exc: BaseException, started: float) -> None:
+        now = self._clock()
         with self._lock:  # critical section: grow the backoff
+            self._counters["connections_ms"] += (now - started) * 1000.0
             self._connect_failures += 1
             delay = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** (self._connect_failures - 1))
-            self._retry_at = self._clock() + delay * random.uniform(0.5, 1.0)
+            self._retry_at = now + delay * random.uniform(0.5, 1.0)
             self._last_connect_error = exc
         logger.warning("pool %r: connecting failed: %s", self.name, str(exc).strip())
 
@@ -720,7 +745,7 @@ class ConnectionPool:
             return "it is closed"
         if entry.expires_at is not None and now >= entry.expires_at:
             return _EXPIRED
-        status = conn.info.transaction_status
+        status = conn.get_transaction_status()
         if status != ext.TRANSACTION_STATUS_IDLE:
             return f"its transaction status is {_STATUS_NAMES.get(status, status)}"
         try:
@@ -795,7 +820,7 @@ class ConnectionPool:
         conn = entry.conn
         if conn.closed:
             return "it is closed"
-        status = conn.info.transaction_status
+        status = conn.get_transaction_status()
         if status == ext.TRANSACTION_STATUS_IDLE:
             pass
         elif status in (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR):
@@ -970,12 +995,14 @@ _COUNTERS = (
     "requests_too_many",
     "requests_errors",
     "connections_num",
+    "connections_ms",
     "connections_errors",
     "connections_lost",
     "connections_closed",
     "returns_bad",
     "returns_rolled_back",
     "pings",
+    "usage_ms",
 )
 
 

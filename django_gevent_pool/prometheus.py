@@ -92,6 +92,11 @@ COUNTERS: dict[str, tuple[str, str, float]] = {
         1.0,
     ),
     "connections_num": ("connections_opened", "Connections opened.", 1.0),
+    "connections_ms": (
+        "connections_connect_seconds",
+        "Seconds spent opening connections, failed attempts included.",
+        0.001,
+    ),
     "connections_errors": ("connections_errors", "Connection attempts that failed.", 1.0),
     "connections_lost": (
         "connections_lost",
@@ -106,6 +111,11 @@ COUNTERS: dict[str, tuple[str, str, float]] = {
         1.0,
     ),
     "pings": ("pings", "Round trips made to check a connection before lending it.", 1.0),
+    "usage_ms": (
+        "connections_usage_seconds",
+        "Seconds connections spent lent out, counted when they are given back.",
+        0.001,
+    ),
 }
 
 

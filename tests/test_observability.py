@@ -44,7 +44,8 @@ pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "othe
 MIDDLEWARE = "django_gevent_pool.observability.ServerTimingMiddleware"
 SERVER_TIMING = re.compile(r'db-pool;dur=(\d+\.\d{3});desc="(\d+) checkouts?"')
 TINY = "obs_tiny"  # MAX_CONNS=1: the request views below wait on it
-OUR_ALIASES = ("obs_stats", "obs_view", "obs_log", "obs_prom", TINY)
+TIMING_OUT = "obs_timeout"  # MAX_CONNS=1, POOL_TIMEOUT=0.3: its checkouts time out
+OUR_ALIASES = ("obs_stats", "obs_view", "obs_log", "obs_prom", TINY, TIMING_OUT)
 
 
 # ----------------------------------------------------------------- helpers
@@ -59,6 +60,10 @@ def make_wrapper(alias: str, **options: Any) -> Any:
 
 def tiny_wrapper() -> Any:
     return make_wrapper(TINY, MAX_CONNS=1, POOL_TIMEOUT=10)
+
+
+def timing_out_wrapper() -> Any:
+    return make_wrapper(TIMING_OUT, MAX_CONNS=1, POOL_TIMEOUT=0.3)
 
 
 def checkouts(wrapper: Any, n: int) -> None:
@@ -128,6 +133,11 @@ def tiny_view(request: HttpRequest) -> HttpResponse:
     return HttpResponse("ok")
 
 
+def timing_out_view(request: HttpRequest) -> HttpResponse:
+    checkouts(timing_out_wrapper(), 1)
+    return HttpResponse("ok")
+
+
 def default_view(request: HttpRequest) -> HttpResponse:
     use_default()
     response = HttpResponse("ok")
@@ -153,6 +163,7 @@ def streaming_view(request: HttpRequest) -> StreamingHttpResponse:
 
 urlpatterns = [
     path("tiny/", tiny_view),
+    path("timeout/", timing_out_view),
     path("default/", default_view),
     path("fail/", failing_view),
     path("stream/", streaming_view),
@@ -631,6 +642,22 @@ def test_server_timing_counts_the_wait_of_a_request_behind_a_busy_pool(
     waited_ms = stat(TINY, "requests_wait_ms") - waited_before
     assert waited_ms > 0
     assert duration_ms > 0 and duration_ms >= round(waited_ms, 3) - 0.001
+
+
+@with_middleware
+def test_server_timing_counts_the_whole_wait_of_a_checkout_that_timed_out() -> None:
+    holder = timing_out_wrapper()
+    holder.ensure_connection()  # the pool's only connection, held through the request
+    try:
+        response = Client(raise_request_exception=False).get("/timeout/")
+    finally:
+        holder.close()
+    assert response.status_code == 500, "PoolTimeout became a server error"
+    duration_ms, count = parse_server_timing(response["Server-Timing"])
+    assert count == 1, "the failed checkout is counted"
+    assert duration_ms >= 300, "with all the time it waited (POOL_TIMEOUT=0.3)"
+    assert stat(TIMING_OUT, "requests_timeouts") == 1
+    assert stat(TIMING_OUT, "requests_wait_p99_ms") >= 300, "and in the pool's percentiles"
 
 
 @with_middleware

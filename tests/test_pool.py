@@ -228,6 +228,42 @@ def test_wait_percentiles_and_the_per_context_tally(
     assert timing.current_tally() is None
 
 
+def test_a_checkout_that_fails_counts_in_the_percentiles_and_the_tally(
+    make_pool: PoolFactory,
+) -> None:
+    pool = make_pool(MAX_CONNS=1, POOL_TIMEOUT=0.3)
+    for _ in range(3):
+        with pool.connection():
+            pass  # three fast checkouts
+    held = pool.getconn()
+    with timing.tally_waits() as tally, pytest.raises(PoolTimeout):
+        pool.getconn()
+    assert tally.checkouts == 1 and tally.seconds >= 0.3
+    pool.putconn(held)
+    stats = pool.get_stats()
+    assert stats["requests_timeouts"] == 1
+    # Five checkouts, the slowest one the timeout: the p99 is it, the median is not.
+    assert stats["requests_wait_p99_ms"] >= 300 > stats["requests_wait_p50_ms"]
+
+
+def test_usage_and_connect_times_are_counted(make_pool: PoolFactory, proxy: Proxy) -> None:
+    proxy.connect_delay = 0.2
+    pool = make_pool(proxy.dsn(), MAX_CONNS=1)
+    with pool.connection():
+        sleep(0.3)
+    stats = pool.get_stats()
+    assert stats["connections_num"] == 1
+    assert stats["connections_ms"] >= 200, "the slow connect"
+    assert stats["usage_ms"] >= 300, "the time it was lent"
+    proxy.refuse()
+    pool.close()
+    pool = make_pool(proxy.dsn(), MAX_CONNS=1)
+    with pytest.raises(psycopg2.OperationalError):
+        pool.getconn()
+    assert pool.get_stats()["connections_errors"] == 1
+    assert pool.get_stats()["usage_ms"] == 0, "nothing was lent"
+
+
 def test_checkout_timeout_argument_overrides_the_default(make_pool: PoolFactory) -> None:
     pool = make_pool(MAX_CONNS=1, POOL_TIMEOUT=60)
     held = pool.getconn()

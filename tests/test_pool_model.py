@@ -75,6 +75,9 @@ class FakeConn:
     def fileno(self) -> int:
         return self.sock.fileno()
 
+    def get_transaction_status(self) -> int:
+        return self.info.transaction_status
+
     def cursor(self) -> FakeCursor:
         if self.closed:
             raise psycopg2.InterfaceError("connection already closed")
