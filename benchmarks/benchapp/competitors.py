@@ -106,6 +106,17 @@ COMPETITORS: tuple[Competitor, ...] = (
         notes="pool_size = workers x MAX_CONNS; Django CONN_MAX_AGE=60 to PgBouncer",
     ),
     Competitor(
+        "django-queue",
+        "Django on a bare queue (no pool)",
+        "psycopg2",
+        hide_psycopg=True,
+        in_micro=True,
+        notes=(
+            "Django's backend taking connections from a plain gevent Queue (benchapp/queuebackend):"
+            " Django's own connect/close work around a checkout that costs next to nothing"
+        ),
+    ),
+    Competitor(
         "ours",
         "django-gevent-pool (ours)",
         "psycopg2",
@@ -180,6 +191,13 @@ def database(
                 "pool": {"min_size": max_conns, "max_size": max_conns, "timeout": pool_timeout},
                 "application_name": name,
             },
+        }
+    if key == "django-queue":
+        return {
+            **common,
+            "ENGINE": "benchapp.queuebackend",
+            "CONN_MAX_AGE": 0,
+            "OPTIONS": {"application_name": name},
         }
     if key == "ours":
         return {

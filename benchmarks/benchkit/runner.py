@@ -28,6 +28,7 @@ from benchapp.competitors import (
     DBNAME,
     ITEMS,
     MICRO_BARE,
+    SLEEP_SECONDS,
     Competitor,
 )
 
@@ -333,8 +334,18 @@ class Run:
             if "micro" in config.scenarios:
                 self.micro_round(round_no, rotate(micro_keys, round_no))
             if "http" in config.scenarios:
+                self.server_sleep_rate(round_no)
                 for key in rotate(http_keys, round_no):
                     self.http_competitor(round_no, key)
+
+    def server_sleep_rate(self, round_no: int) -> None:
+        """The sleep view's real ceiling this round: the server alone, MAX_CONNS per worker."""
+        config = self.config
+        rate = self.server.sleep_rate(
+            self.dbname, config.workers * config.max_conns, SLEEP_SECONDS, per_connection=10
+        )
+        self.records.append({"scenario": "server", "round": round_no, "sleep_rps": rate})
+        print(f"  server alone: {rate:.0f} pg_sleep({SLEEP_SECONDS})/s", flush=True)
 
 
 def rotate(keys: list[str], by: int) -> list[str]:

@@ -100,6 +100,42 @@ class Server:
             )
             return int(cursor.fetchone()[0])
 
+    def sleep_rate(
+        self, dbname: str, connections: int, seconds: float, per_connection: int
+    ) -> float:
+        """Sleeps per second the server runs with nothing but clients in between.
+
+        ``connections`` OS threads, each on its own connection, run
+        ``SELECT pg_sleep(seconds)`` ``per_connection`` times back to back;
+        the rate is all of them over the wall time. It is the sleep view's
+        ceiling as this machine really has it (timer slack, scheduling, the
+        round trip), with no HTTP, no Django and no pool in the way.
+        """
+        conns = [
+            self.connect(dbname, application_name="dgpb-sleep-rate") for _ in range(connections)
+        ]
+        try:
+            start = threading.Barrier(connections + 1)
+
+            def sleeper(conn: Any) -> None:
+                with conn.cursor() as cursor:
+                    start.wait(10)
+                    for _ in range(per_connection):
+                        cursor.execute("SELECT pg_sleep(%s)", [seconds])
+
+            threads = [threading.Thread(target=sleeper, args=(c,), daemon=True) for c in conns]
+            for thread in threads:
+                thread.start()
+            start.wait(10)
+            began = time.perf_counter()
+            for thread in threads:
+                thread.join(per_connection * seconds * 20 + 10)
+            elapsed = time.perf_counter() - began
+        finally:
+            for conn in conns:
+                conn.close()
+        return connections * per_connection / elapsed
+
     def prepare(self, dbname: str, items: int) -> None:
         """Create ``dbname`` and the shop's tables if missing; empty them; seed ``items`` items."""
         with contextlib.closing(self.connect()) as conn, conn.cursor() as cursor:
