@@ -41,7 +41,7 @@ import psycopg2.extensions as ext
 
 from . import sync, timing
 from .errors import PoolClosed, PoolConfigError, PoolTimeout, PoolUnavailable, TooManyRequests
-from .green import ensure_cooperative
+from .green import ensure_cooperative, is_psycopg2_cooperative
 from .options import PoolOptions
 
 logger = logging.getLogger("django_gevent_pool")
@@ -668,9 +668,16 @@ class ConnectionPool:
                 self._connect_failed(exc, now)
             self._give_back_slot(opening=True, failed=failed)
             if isinstance(exc, _ConnectDeadline):
+                # Not the server's fault (no backoff): this checkout ran out of time.
+                spent_ms = (self._clock() - now) * 1000.0
+                with self._lock:  # critical section: count, and read the state for the message
+                    self._counters["connections_ms"] += spent_ms
+                    self._counters["requests_timeouts"] += 1
+                    self._counters["requests_errors"] += 1
+                    counts = self._counts()
                 raise PoolTimeout(
                     f"pool {self.name!r}: connecting took longer than the checkout timeout "
-                    f"(MAX_CONNS={self.max_conns}) {self._counts()}"
+                    f"(MAX_CONNS={self.max_conns}) {counts}"
                 ) from None
             raise
         with self._lock:  # critical section: the reserved slot becomes a connection in use
@@ -713,10 +720,13 @@ class ConnectionPool:
 
     def _connect_before(self, deadline: float) -> Any:
         remaining = deadline - self._clock()
-        if remaining <= 0 or not sync.hub_in_this_thread():
-            # OS threads cannot be interrupted, and a checkout with no time left
-            # (timeout=0: "don't wait for a busy pool") still may open a free
-            # slot: libpq's connect_timeout bounds these.
+        if remaining <= 0 or not (sync.hub_in_this_thread() or is_psycopg2_cooperative()):
+            # A thread whose waits never go through a gevent hub cannot be
+            # interrupted, and a checkout with no time left (timeout=0: "don't
+            # wait for a busy pool") still may open a free slot: libpq's
+            # connect_timeout bounds these. With gevent's wait callback in
+            # psycopg2, even a thread with no hub yet waits in one (made on
+            # its first wait), so the deadline holds there too.
             return self._connect()
         import gevent
 

@@ -110,7 +110,9 @@ class _GreenSignal:
         timer = None
         if timeout is not None:
             timer = self._loop.timer(max(timeout, 0.0))
-            timer.start(self._waiter.switch, False)
+            # update=True: from the real time now, not the loop's cached time (as
+            # gevent.Timeout does), or the timer could fire before the deadline.
+            timer.start(self._waiter.switch, False, update=True)
         try:
             # Returns at once if set() already ran; GreenletExit or an outer
             # gevent.Timeout raise here, and the timer is stopped all the same.

@@ -94,3 +94,50 @@ def test_first_checkout_in_a_patched_script_without_a_hub_does_not_hang(dsn: str
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["size"] == 0  # closed by the housekeeping after IDLE_TIMEOUT
+
+
+# A patched script whose first checkout has to connect while no gevent hub
+# exists yet: the connect (slow here) must still end at POOL_TIMEOUT.
+NO_HUB_DEADLINE_SCRIPT = textwrap.dedent(
+    """
+    from gevent import monkey
+    monkey.patch_all()
+
+    import json, sys, time
+    import gevent, gevent._hub_local
+    import psycopg2
+    from django_gevent_pool import ConnectionPool, PoolTimeout
+
+    def slow_connect():
+        gevent.sleep(3)  # a server slow to accept: the wait goes through a hub
+        return psycopg2.connect(sys.argv[1])
+
+    pool = ConnectionPool(slow_connect, options={"POOL_TIMEOUT": 0.3})
+    assert gevent._hub_local.get_hub_if_exists() is None, "no hub before the checkout"
+    started = time.monotonic()
+    try:
+        pool.getconn()
+        outcome = "connected"
+    except PoolTimeout as exc:
+        outcome = str(exc)
+    stats = pool.get_stats()
+    print(json.dumps({"outcome": outcome, "seconds": time.monotonic() - started,
+                      "timeouts": stats["requests_timeouts"], "size": stats["pool_size"]}))
+    """
+)
+
+
+def test_a_connect_in_a_patched_script_without_a_hub_still_ends_at_the_deadline(
+    dsn: str,
+) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", NO_HUB_DEADLINE_SCRIPT, dsn],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert "connecting took longer than the checkout timeout" in result["outcome"], result
+    assert 0.3 <= result["seconds"] < 2.0, result
+    assert result["timeouts"] == 1 and result["size"] == 0, result

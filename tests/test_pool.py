@@ -264,6 +264,28 @@ def test_usage_and_connect_times_are_counted(make_pool: PoolFactory, proxy: Prox
     assert pool.get_stats()["usage_ms"] == 0, "nothing was lent"
 
 
+@pytest.mark.gevent_only
+def test_a_waiting_checkout_never_times_out_early_after_a_busy_greenlet(
+    make_pool: PoolFactory,
+) -> None:
+    """The wait's timer counts from now, not from the hub's cached time of its last loop."""
+    import time
+
+    import gevent
+
+    pool = make_pool(MAX_CONNS=1)
+    held = pool.getconn()
+    gevent.sleep(0)  # the hub runs a loop and caches its time ...
+    busy_until = time.monotonic() + 0.3
+    while time.monotonic() < busy_until:
+        pass  # ... which then goes stale: this greenlet keeps the CPU without yielding
+    started = time.monotonic()
+    with pytest.raises(PoolTimeout):
+        pool.getconn(timeout=0.2)
+    assert time.monotonic() - started >= 0.2
+    pool.putconn(held)
+
+
 def test_checkout_timeout_argument_overrides_the_default(make_pool: PoolFactory) -> None:
     pool = make_pool(MAX_CONNS=1, POOL_TIMEOUT=60)
     held = pool.getconn()
@@ -625,7 +647,11 @@ def test_a_connect_past_the_deadline_raises_pool_timeout_and_frees_the_slot(
     pool = make_pool(proxy.dsn(), MAX_CONNS=1, POOL_TIMEOUT=0.2)
     with pytest.raises(PoolTimeout, match="connecting took longer than the checkout timeout"):
         pool.getconn()
-    assert pool.get_stats()["pool_size"] == 0
+    stats = pool.get_stats()
+    assert stats["pool_size"] == 0
+    assert stats["requests_timeouts"] == 1 and stats["requests_errors"] == 1
+    assert stats["connections_errors"] == 0, "the checkout ran out of time, the server did not fail"
+    assert stats["connections_ms"] >= 150, "the time spent connecting is counted"
     proxy.connect_delay = 0
     conn = pool.getconn(timeout=5)
     pool.putconn(conn)
