@@ -6,6 +6,10 @@ alias's ``MAX_CONNS = 4`` client connections. Claims are checked on both
 sides: at PgBouncer's admin console (``SHOW CLIENTS``, ``SHOW POOLS``) and on
 the real server (``pg_stat_activity``, where PgBouncer's server connections
 are every backend of the test database except the direct ``default`` alias's).
+
+The backend's behaviour tests (tests/test_django.py) run through a
+transaction-mode PgBouncer too (the ``target`` fixture, tests/targets.py); this
+module holds what is specific to PgBouncer.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from django.db import (
 )
 from django.test import override_settings
 
-from django_gevent_pool import ConnectionPool
+from django_gevent_pool import ConnectionPool, PoolTimeout
 from django_gevent_pool.backends.base import close_pools, get_pool
 from django_gevent_pool.pgbouncer import detect_pool_mode
 
@@ -519,6 +523,60 @@ def test_a_client_beyond_pgbouncers_pool_waits_there_until_a_transaction_ends(
     assert len(workers.results) == MAX_CONNS
     assert set(workers.results) <= {pid for pid, _, _ in bouncer_backends(admin, bouncer.dbname)}
     wait_until(lambda: bouncer.in_use() == 0, what="the holders to give their connections back")
+
+
+@uses_db
+@pytest.mark.gevent_only
+def test_pool_timeout_bounds_a_checkout_that_waits_at_pgbouncer(bouncer: Bouncer) -> None:
+    """Every PgBouncer server busy: a new connection waits there (Django's session setup
+    is its first query), and POOL_TIMEOUT, not PgBouncer's query_wait_timeout (10 s),
+    bounds the checkout; the slot is given back and the pool opens again once a
+    server frees.
+
+    gevent only: an OS thread's connect cannot be interrupted (libpq's
+    connect_timeout bounds it, not this wait at PgBouncer).
+    """
+    pgb = bouncer.pgbouncer
+    app_name = next_app_name()
+    base = connections.settings[ALIAS]
+    settings_dict = {
+        **base,
+        "OPTIONS": {**base["OPTIONS"], "POOL_TIMEOUT": 0.5, "application_name": app_name},
+    }
+    wrapper = type(connections[ALIAS])(settings_dict, alias="bouncer_slow")
+    holders = [raw_client(pgb, bouncer.dbname, autocommit=False) for _ in range(DEFAULT_POOL_SIZE)]
+    try:
+        for holder in holders:
+            fetch(holder, "SELECT 1")  # BEGIN: each keeps a server until it ends
+        assert int(bouncer.pool_row()["sv_active"]) == DEFAULT_POOL_SIZE
+        started = time.monotonic()
+        with pytest.raises(OperationalError) as err:
+            wrapper.ensure_connection()
+        elapsed = time.monotonic() - started
+        assert 0.5 <= elapsed < 3, elapsed
+        assert isinstance(err.value.__cause__, PoolTimeout)
+        assert "pool 'bouncer_slow': connecting took longer than the checkout timeout" in str(
+            err.value
+        )
+        pool = get_pool("bouncer_slow")
+        assert pool is not None
+        stats = pool.get_stats()
+        assert stats["pool_size"] == stats["pool_opening"] == 0, "the slot came back"
+        # (PgBouncer lists the abandoned client as waiting until query_wait_timeout:
+        # it does not read a waiting client's socket, so it sees the close only then.)
+        holders[0].rollback()  # one server free: the same pool now opens and lends
+        with wrapper.cursor() as cur:
+            cur.execute("SELECT 1")
+            assert cur.fetchone() == (1,)
+        pool.check_invariants()
+    finally:
+        for holder in holders:
+            holder.rollback()
+            holder.close()
+        wrapper.close()
+        close_pools("bouncer_slow")
+    # The abandoned client got a server and was dropped: nothing waits at PgBouncer.
+    wait_until(lambda: int(bouncer.pool_row()["cl_waiting"]) == 0, what="no client waiting")
 
 
 @uses_db

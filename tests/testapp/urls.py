@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from django.db import connection
+from django.db import DEFAULT_DB_ALIAS, connections
 from django.http import HttpRequest, JsonResponse
 from django.urls import path
 
@@ -12,14 +12,16 @@ from .models import Item
 
 
 def create_then_fail(request: HttpRequest) -> JsonResponse:
-    Item.objects.create(name="from-request")
+    """Write an Item on ``?using=`` (default: the default alias), then fail if ``?fail=``."""
+    using = request.GET.get("using", DEFAULT_DB_ALIAS)
+    Item.objects.using(using).create(name="from-request")
     if request.GET.get("fail"):
         raise RuntimeError("the view failed after writing")
-    return JsonResponse({"in_atomic_block": connection.in_atomic_block})
+    return JsonResponse({"in_atomic_block": connections[using].in_atomic_block})
 
 
 def backend_pid(request: HttpRequest) -> JsonResponse:
-    with connection.cursor() as cur:
+    with connections[DEFAULT_DB_ALIAS].cursor() as cur:
         cur.execute("SELECT pg_backend_pid()")
         return JsonResponse({"pid": cur.fetchone()[0]})
 
