@@ -28,6 +28,28 @@ django_gevent_pool.W007      DJANGO_GEVENT_POOL is set but the app is not instal
 E003 is not used: the pool's option validation already refuses every
 combination that cannot work (MIN_CONNS above REUSE_CONNS, REUSE_CONNS above
 MAX_CONNS, Django's own pool); what remains is W003.
+
+Aliases found to be behind PgBouncer skip E005/W005 whatever its pool mode:
+in session mode every client connection this pool keeps pins a server
+connection, so MAX_CONNS summed over all processes must fit PgBouncer's
+``default_pool_size``, but nothing here checks that (the number of processes
+is not known to a check). An alias whose pool mode cannot be detected (the
+console refuses the user) is treated as a direct connection: E005/W005 compare
+its MAX_CONNS with the max_connections of the server behind PgBouncer (W005
+rather than E005 when that server listens on another port than the
+configured one, as it does behind a PgBouncer on its own port).
+
+When the checks run: they are registered by the app's ``ready()`` and, as a
+side effect, when the backend module (``django_gevent_pool.backends.base``)
+is first imported. Without ``"django_gevent_pool"`` in INSTALLED_APPS that
+import happens during ``django.setup()`` only when ``DATABASES["default"]``
+uses one of this package's ENGINEs and an installed app defines a model
+without ``Meta.db_table`` (Django shortens its table name with
+``connection.ops.max_name_length()``, which loads the default alias's
+backend). Otherwise ``manage.py check`` runs none of these checks and says
+nothing about them, even with ``--database`` (Django's database check loads
+the backend only after it has listed the checks to run). Installing the app
+is the reliable way.
 """
 
 from __future__ import annotations
@@ -41,12 +63,12 @@ from django.core import checks
 from django.core.checks import CheckMessage, Error, Info, Tags, Warning
 from django.core.exceptions import ImproperlyConfigured
 
-from .errors import PoolConfigError
 from .green import gevent_patched_socket, is_psycopg2_cooperative
 from .options import PoolOptions
 from .serverinfo import (
     ServerLimits,
     ServerUnreachable,
+    alias_pool_options,
     brief_connection,
     configured_port,
     connection_params,
@@ -70,8 +92,10 @@ _registered = False
 def register() -> None:
     """Register the checks with Django's check framework. Idempotent.
 
-    Called by the app's ``AppConfig.ready()`` and by the backend module, so
-    the checks run whether or not ``"django_gevent_pool"`` is in INSTALLED_APPS.
+    Called by the app's ``AppConfig.ready()`` and when the backend module is
+    first imported. Without the app in INSTALLED_APPS, the checks run only if
+    something imported the backend before Django listed the checks to run
+    (see the module docstring).
     """
     global _registered
     if _registered:
@@ -85,23 +109,6 @@ def register() -> None:
 
 def _id(code: str) -> str:
     return f"django_gevent_pool.{code}"
-
-
-def alias_pool_options(alias: str, settings_dict: Mapping[str, Any]) -> PoolOptions:
-    """The validated pool options of ``alias``.
-
-    Raises ``ImproperlyConfigured`` with the backend's own message (naming the
-    alias, the key and what is allowed) when OPTIONS is refused.
-    """
-    options = settings_dict.get("OPTIONS")
-    if not isinstance(options, Mapping):
-        raise ImproperlyConfigured(
-            f"DATABASES[{alias!r}]: OPTIONS must be a dict, got {type(options).__name__}"
-        )
-    try:
-        return PoolOptions.from_mapping(options, name=f"DATABASES[{alias!r}]")[0]
-    except PoolConfigError as exc:
-        raise ImproperlyConfigured(str(exc)) from exc
 
 
 # ------------------------------------------------------------------ settings
@@ -219,7 +226,13 @@ def _conflicts(
 
 
 def check_psycopg2_cooperative(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    """W002: gevent patched ``socket`` but psycopg2 has no gevent wait callback."""
+    """W002: gevent patched ``socket`` but psycopg2 has no gevent wait callback.
+
+    Looks at the process the checks run in: it fires only where gevent's
+    monkey-patching already ran (a script or command that patches before
+    ``django.setup()``, a check run inside a gunicorn gevent worker), never in
+    a plain ``manage.py check``, which gevent does not patch.
+    """
     if not gevent_patched_socket() or is_psycopg2_cooperative():
         return []
     if not pooled_databases():
@@ -288,9 +301,11 @@ def check_servers(
     """W004, E005, W005 and W006 for the pooled aliases in ``databases``; needs the network.
 
     Each server is asked once, through a short-lived plain connection (never
-    the pool). Aliases behind PgBouncer are not compared with the server's
-    max_connections: PgBouncer, not MAX_CONNS, decides how many server
-    connections they use.
+    the pool). Aliases found to be behind PgBouncer, in any pool mode, are not
+    compared with the server's max_connections: PgBouncer, not MAX_CONNS,
+    decides how many server connections they use (in session mode the sizing
+    rule against ``default_pool_size`` is left unchecked; see the module
+    docstring).
     """
     if not databases:
         return []

@@ -24,6 +24,9 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 from . import sync
+from .errors import PoolConfigError
+from .options import PoolOptions
+from .pgbouncer import detect_pool_mode
 
 #: Every ENGINE of this package starts with this.
 ENGINE_PREFIX = "django_gevent_pool.backends."
@@ -98,6 +101,23 @@ def pooled_databases() -> dict[str, dict[str, Any]]:
     }
 
 
+def alias_pool_options(alias: str, settings_dict: Mapping[str, Any]) -> PoolOptions:
+    """The validated pool options of ``alias``.
+
+    Raises ``ImproperlyConfigured`` with the backend's own message (naming the
+    alias, the key and what is allowed) when OPTIONS is refused.
+    """
+    options = settings_dict.get("OPTIONS")
+    if not isinstance(options, Mapping):
+        raise ImproperlyConfigured(
+            f"DATABASES[{alias!r}]: OPTIONS must be a dict, got {type(options).__name__}"
+        )
+    try:
+        return PoolOptions.from_mapping(options, name=f"DATABASES[{alias!r}]")[0]
+    except PoolConfigError as exc:
+        raise ImproperlyConfigured(str(exc)) from exc
+
+
 def connection_params(
     alias: str,
     settings_dict: dict[str, Any],
@@ -113,10 +133,12 @@ def connection_params(
     ``connect_timeout`` at most ``connect_timeout`` seconds.
 
     Raises ``ImproperlyConfigured`` when the alias's settings are invalid
-    (bad pool OPTIONS, no NAME...).
+    (pool OPTIONS refused by :func:`alias_pool_options`, no NAME...): the
+    wrapper itself validates OPTIONS only when it connects.
     """
     from django.db.utils import load_backend
 
+    alias_pool_options(alias, settings_dict)
     wrapper = load_backend(settings_dict["ENGINE"]).DatabaseWrapper(settings_dict, alias)
     params: dict[str, Any] = dict(wrapper.get_connection_params())
     params.pop("cursor_factory", None)
@@ -239,15 +261,10 @@ def configured_port(params: Mapping[str, Any]) -> int | None:
 def pool_mode(params: Mapping[str, Any], timeout: float = 2.0) -> str | None:
     """PgBouncer's pool mode in front of ``params``'s host:port, or None if none or unknown.
 
-    Asks ``django_gevent_pool.pgbouncer.detect_pool_mode``; when that module
-    is missing or the detection fails, the answer is "unknown" (None).
+    Asks :func:`django_gevent_pool.pgbouncer.detect_pool_mode`, which answers
+    None for a plain PostgreSQL server, for a PgBouncer whose admin console
+    refuses the alias's user, when nothing answers within ``timeout`` seconds,
+    and on any other error: it never raises an ``Exception``, so a check
+    calling this never crashes on it.
     """
-    try:
-        from .pgbouncer import detect_pool_mode  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        return None
-    try:
-        mode = detect_pool_mode(params, timeout=timeout)
-    except Exception:  # a failed detection means "unknown", never a crash in a check
-        return None
-    return mode if isinstance(mode, str) else None
+    return detect_pool_mode(params, timeout=timeout)

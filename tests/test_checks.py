@@ -20,6 +20,7 @@ from typing import Any
 import psycopg2
 import pytest
 from django.core.checks import INFO, CheckMessage, run_checks
+from django.core.exceptions import ImproperlyConfigured
 from django.core.management import call_command
 from django.core.management.base import SystemCheckError
 from django.db.utils import load_backend
@@ -225,6 +226,167 @@ def test_e001_manage_py_check_reports_instead_of_a_traceback(tmp_path: Path) -> 
     assert out.returncode == 1, out.stdout + out.stderr
     assert "(django_gevent_pool.E001) DATABASES['bad']: OPTIONS['MAX_CONNS']" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def manage_py_check(
+    tmp_path: Path, settings_code: str, *args: str
+) -> subprocess.CompletedProcess[str]:
+    """``python -m django check ARGS`` in a fresh process, with ``settings_code`` as settings."""
+    (tmp_path / "check_settings.py").write_text(textwrap.dedent(settings_code))
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "check_settings",
+        "PYTHONPATH": os.pathsep.join([os.getcwd(), str(tmp_path)]),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "django", "check", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+
+
+@pytest.mark.parametrize("args", [(), ("--database", "default")])
+def test_e001_on_the_default_alias_is_reported_too(tmp_path: Path, args: tuple[str, ...]) -> None:
+    """contrib.auth's models build the default alias's wrapper in django.setup(): no raise there."""
+    out = manage_py_check(
+        tmp_path,
+        """
+        from tests.settings import *  # noqa: F403
+
+        INSTALLED_APPS = ["django.contrib.contenttypes", "django.contrib.auth"]
+        DATABASES = {
+            "default": {**DATABASES["default"], "OPTIONS": {"MAX_CONNS": 0}},
+        }
+        """,
+        *args,
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert (
+        "(django_gevent_pool.E001) DATABASES['default']: OPTIONS['MAX_CONNS'] must be an "
+        "integer >= 1, got 0"
+    ) in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_e001_the_wrapper_raises_when_it_connects_not_when_it_is_made(
+    django_db_blocker: Any,
+) -> None:
+    """E001's text is what the alias raises at its first connection; making a wrapper is silent."""
+    settings_dict = {
+        **configured_databases()["default"],
+        "OPTIONS": {"MAX_CONNS": 0},
+    }
+    wrapper = load_backend(ENGINE).DatabaseWrapper(settings_dict, "e001")
+    [e001] = our_issues(
+        {"default": alias_settings(), "e001": alias_settings(OPTIONS={"MAX_CONNS": 0})}
+    )
+    with django_db_blocker.unblock():
+        with pytest.raises(ImproperlyConfigured) as err:
+            wrapper.ensure_connection()
+    assert str(err.value) == e001.msg
+    assert wrapper.connection is None
+    assert get_pool("e001") is None
+
+
+def test_a_connect_with_unchanged_settings_does_not_validate_again(
+    django_db_blocker: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The per-request fast path: a new wrapper per greenlet, OPTIONS validated once per pool."""
+    from django_gevent_pool.options import PoolOptions
+
+    calls: list[str] = []
+    validate = PoolOptions.from_mapping.__func__  # type: ignore[attr-defined]
+
+    def counted(cls: type[PoolOptions], options: Any, **kwargs: Any) -> Any:
+        calls.append(kwargs.get("name", ""))
+        return validate(cls, options, **kwargs)
+
+    monkeypatch.setattr(PoolOptions, "from_mapping", classmethod(counted))
+    settings_dict = {**configured_databases()["default"], "OPTIONS": {"MAX_CONNS": 2}}
+    backend = load_backend(ENGINE)
+    with django_db_blocker.unblock():
+        try:
+            for _ in range(3):
+                wrapper = backend.DatabaseWrapper(settings_dict, "fast")
+                with wrapper.cursor() as cur:
+                    cur.execute("SELECT 1")
+                wrapper.close()
+            assert calls, "the first connect validated OPTIONS"
+            first = len(calls)
+            for _ in range(3):
+                wrapper = backend.DatabaseWrapper(settings_dict, "fast")
+                with wrapper.cursor() as cur:
+                    cur.execute("SELECT 1")
+                wrapper.close()
+            assert len(calls) == first, calls
+            changed = backend.DatabaseWrapper(
+                {**settings_dict, "OPTIONS": {"MAX_CONNS": 0}}, "fast"
+            )
+            with pytest.raises(ImproperlyConfigured, match=r"DATABASES\['fast'\]"):
+                changed.ensure_connection()
+        finally:
+            close_pools("fast")
+
+
+# Without the app, the checks exist only if the backend was imported before Django
+# listed the checks to run: see the "System checks" section of README.rst.
+NO_APP_SETTINGS = """
+from tests.settings import DATABASES as _D
+
+INSTALLED_APPS = {apps}
+DATABASES = {{
+    "default": {default},
+    "pooled": {{**_D["default"], "CONN_MAX_AGE": 60, "TEST": {{}}}},
+}}
+SECRET_KEY = "checks"
+USE_TZ = True
+"""
+
+
+@pytest.mark.parametrize(
+    ("apps", "default", "args", "reported"),
+    [
+        # A model without Meta.db_table loads the default alias's backend in django.setup().
+        (["django.contrib.contenttypes", "django.contrib.auth"], "pooled", (), True),
+        # ContentType names its table: contenttypes alone loads no backend.
+        (["django.contrib.contenttypes"], "pooled", (), False),
+        # No models: nothing loads the backend, no check of ours runs.
+        ([], "pooled", (), False),
+        # --database loads the backend only after Django listed the checks to run.
+        ([], "pooled", ("--database", "default"), False),
+        # The pooled alias is not default: models load the stock backend only.
+        (["django.contrib.contenttypes", "django.contrib.auth"], "stock", (), False),
+    ],
+    ids=[
+        "auth-default-pooled",
+        "only-named-tables",
+        "no-models",
+        "no-models-database",
+        "default-not-pooled",
+    ],
+)
+def test_without_the_app_the_checks_run_only_if_the_backend_was_loaded(
+    tmp_path: Path, apps: list[str], default: str, args: tuple[str, ...], reported: bool
+) -> None:
+    default_dict = (
+        '{**_D["default"], "CONN_MAX_AGE": 60, "TEST": {}}'
+        if default == "pooled"
+        else '{"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}'
+    )
+    out = manage_py_check(
+        tmp_path, NO_APP_SETTINGS.format(apps=repr(apps), default=default_dict), *args
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    printed = out.stdout + out.stderr  # warnings go to stdout, errors to stderr
+    w001 = [line for line in printed.splitlines() if "(django_gevent_pool.W001)" in line]
+    if reported:
+        assert len(w001) == 2, printed  # default and pooled
+        assert all("CONN_MAX_AGE = 60 is ignored" in line for line in w001)
+    else:
+        assert w001 == [], printed
+        assert "System check identified no issues" in out.stdout
 
 
 def test_w001_conn_max_age_is_ignored_by_the_pool() -> None:
@@ -488,3 +650,32 @@ def test_w006_a_silent_server_is_given_up_on_in_seconds() -> None:
         proxy.resume()
     assert ids(issues) == ["django_gevent_pool.W006"]
     assert elapsed < 15, f"took {elapsed:.1f} s"
+
+
+def test_behind_pgbouncer_whose_console_refuses_the_user_only_w005_is_possible() -> None:
+    """Mode unknown: no W004 whatever the settings; MAX_CONNS is compared with the server behind.
+
+    PgBouncer's console answers only admin_users and stats_users; the alias's
+    user is neither (its PgBouncer database logs in to the server as the
+    test's user). The server behind it listens on another port than
+    PgBouncer's, so exceeding its max_connections is W005 (not E005), with a
+    hint to add the user to stats_users.
+    """
+    from .pgbouncer import PLAIN_USER, require_binary, running_pgbouncer
+
+    require_binary()
+    base = alias_settings()
+    forced = {"dgp_forced": f"dbname={base['NAME']} user={base['USER'] or 'postgres'}"}
+    with running_pgbouncer("transaction", databases=forced) as bouncer:
+        through = {
+            **base,
+            **bouncer.django_settings("dgp_forced"),
+            "USER": PLAIN_USER,
+            "PASSWORD": "",
+            "DISABLE_SERVER_SIDE_CURSORS": False,  # W004 in transaction mode, if it were known
+            "OPTIONS": {"MAX_CONNS": 200, "RESET_QUERY": "DISCARD ALL"},
+        }
+        issues = our_issues({"default": through}, check_databases=["default"])
+    assert ids(issues) == ["django_gevent_pool.W005"], [m.msg for m in issues]
+    assert f"the server itself listens on port {bouncer.upstream_port}" in issues[0].msg
+    assert "stats_users" in (issues[0].hint or "")

@@ -10,19 +10,29 @@ as JSON, which the assertions read; the server-side peak comes from
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pytest
+from psycopg2.extensions import parse_dsn
 
 from django_gevent_pool import devserver
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+README = EXAMPLES.parent / "README.rst"
 RUN_TIMEOUT = 50  # seconds per example run; below the suite's per-test limit
 
 
@@ -135,3 +145,267 @@ def test_bare_pool_example_shares_five_connections(server_dsn: str) -> None:
     assert stats["connections_num"] <= 5
     assert stats["requests_queued"] > 0  # the greenlets really did wait for each other
     assert stats["requests_errors"] == 0
+
+
+# ------------------------------------------------- pool_connections, 3 workers
+
+WORKERS = 3
+WORKER_MAX_CONNS = 4
+HTTP_HOST = "127.0.0.1"
+#: The names README's pool_connections example shows, put in place of this run's own.
+README_DBNAME = "dgp_readme_demo"
+README_APPNAME = "shop-web"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HTTP_HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def http_get(port: int, path: str, timeout: float = 10.0) -> tuple[int, bytes]:
+    """GET ``path`` on a new HTTP connection (closed after): a new accept() for every request."""
+    conn = http.client.HTTPConnection(HTTP_HOST, port, timeout=timeout)
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def worker_pids(master: int) -> set[int]:
+    """The gunicorn master's child processes (its workers), from /proc."""
+    children = Path(f"/proc/{master}/task/{master}/children")
+    return {int(pid) for pid in children.read_text().split()} if children.exists() else set()
+
+
+def sockets_to(port: int, pids: set[int]) -> dict[int, int]:
+    """Per PID, its TCP sockets connected to ``port`` (on any address), from /proc."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        if not os.path.exists(table):
+            continue
+        with open(table) as rows:
+            next(rows)
+            for row in rows:
+                fields = row.split()
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                if remote_port == port and fields[3] == "01":  # ESTABLISHED
+                    inodes.add(fields[9])
+    counts: dict[int, int] = {}
+    for pid in pids:
+        fd_dir = Path(f"/proc/{pid}/fd")
+        n = 0
+        for fd in fd_dir.iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue  # closed meanwhile
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                n += 1
+        counts[pid] = n
+    return counts
+
+
+def app_states(dsn: str, app_name: str) -> dict[str, int]:
+    """How many of the server's backends carry ``app_name``, by state."""
+    conn = psycopg2.connect(dsn, application_name="dgp-examples-look")
+    try:
+        with conn.cursor() as cur:
+            cur.execute(
+                "SELECT state, count(*) FROM pg_stat_activity WHERE application_name = %s "
+                "GROUP BY state",
+                [app_name],
+            )
+            return {str(state): int(n) for state, n in cur.fetchall()}
+    finally:
+        conn.close()
+
+
+@contextmanager
+def gunicorn(env: dict[str, str], port: int, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """examples/gunicorn.conf.py with WORKERS gevent workers; stopped by PID on exit."""
+    env = {
+        **env,
+        "DGP_BIND": f"{HTTP_HOST}:{port}",
+        "DGP_WORKERS": str(WORKERS),
+        "DGP_NO_CONTROL_SOCKET": "1",
+    }
+    command = [sys.executable, "-m", "gunicorn", "-c", str(EXAMPLES / "gunicorn.conf.py")]
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # up when every worker is forked and one of them answers
+            assert proc.poll() is None, f"gunicorn exited:\n{log.read_text()}"
+            workers = worker_pids(proc.pid) or workers
+            try:
+                if len(workers) == WORKERS and http_get(port, "/stats/", timeout=2)[0] == 200:
+                    break
+            except (OSError, http.client.HTTPException):
+                pass
+            assert time.monotonic() < deadline, f"gunicorn not up in 30 s:\n{log.read_text()}"
+            time.sleep(0.1)
+        yield proc
+    finally:
+        workers |= worker_pids(proc.pid)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=15)
+        for pid in workers:  # only the workers this gunicorn forked, by PID
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def fill_every_pool(port: int, dsn: str, app_name: str, expected: int) -> None:
+    """Concurrent /sleep/ requests until the server sees ``expected`` backends of ``app_name``.
+
+    Each request is a new HTTP connection, so gunicorn's workers race for
+    every one of them; 16 per worker in flight fill each worker's pool.
+    """
+    stop = threading.Event()
+    failures: list[str] = []
+
+    def client() -> None:
+        while not stop.is_set():
+            try:
+                status, body = http_get(port, "/sleep/")
+            except (OSError, http.client.HTTPException) as exc:
+                failures.append(repr(exc))
+                return
+            if status != 200:
+                failures.append(f"HTTP {status}: {body[:80]!r}")
+                return
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(16 * WORKERS)]
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while sum(app_states(dsn, app_name).values()) < expected and not failures:
+            assert time.monotonic() < deadline, f"pools not filled: {app_states(dsn, app_name)}"
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=15)
+    assert not failures, failures
+
+
+def readme_pool_connections_sample() -> list[str]:
+    """The lines of README's ``pool_connections --workers`` example output, dedented."""
+    lines = README.read_text().splitlines()
+    start = next(
+        i for i, line in enumerate(lines) if line.strip().startswith("$ python manage.py pool_con")
+    )
+    end = start + 1
+    while end < len(lines) and (not lines[end].strip() or lines[end].startswith("    ")):
+        end += 1
+    return [line[4:] for line in lines[start + 1 : end] if line.strip()]
+
+
+def normalized(line: str, names: dict[str, str]) -> str:
+    """``line`` with this run's names put back to README's; times, numbers, spacing blurred."""
+    for ours, readme in names.items():
+        line = line.replace(ours, readme)
+    line = re.sub(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d UTC \([^)]*\)", "<time>", line)
+    line = re.sub(r"\d+(\.\d+)?s\b", "<duration>", line)
+    line = re.sub(r"\d+", "#", line)
+    return " ".join(line.split())
+
+
+def test_pool_connections_counts_three_gunicorn_workers(server_dsn: str, tmp_path: Path) -> None:
+    """README's "Who holds the connections" example, for real: 3 gevent workers, MAX_CONNS 4.
+
+    Each worker's pool is filled under load (checked per process through the
+    workers' own sockets, from /proc), then ``manage.py pool_connections``
+    must count all 12 from the server's side against the cap 3 x 4 = 12, flag
+    them as over the cap with ``--workers 2``, and print what README shows.
+    """
+    dbname = "dgp_examples_workers"
+    app_name = f"shop-web-{os.getpid()}"
+    env = example_env(
+        server_dsn,
+        dbname,
+        DJANGO_SETTINGS_MODULE="demoproject.settings",
+        DGP_MAX_CONNS=str(WORKER_MAX_CONNS),
+        DGP_APPNAME=app_name,
+    )
+    db_dsn = env["DGP_DSN"]
+    expected = WORKERS * WORKER_MAX_CONNS
+    port = free_port()
+    with gunicorn(env, port, tmp_path / "gunicorn.log") as proc:
+        fill_every_pool(port, db_dsn, app_name, expected)
+        # The requests are over; the connections stay in the pools, idle.
+        deadline = time.monotonic() + 10
+        while app_states(db_dsn, app_name) != {"idle": expected}:
+            assert time.monotonic() < deadline, app_states(db_dsn, app_name)
+            time.sleep(0.05)
+        params = parse_dsn(db_dsn)
+        if not str(params.get("host", "/")).startswith("/") and Path("/proc/net/tcp").exists():
+            per_process = sockets_to(int(params.get("port") or 5432), worker_pids(proc.pid))
+            assert sorted(per_process.values()) == [WORKER_MAX_CONNS] * WORKERS, per_process
+
+        def pool_connections(*args: str) -> subprocess.CompletedProcess[str]:
+            done = subprocess.run(
+                [sys.executable, str(EXAMPLES / "manage.py"), "pool_connections", *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=RUN_TIMEOUT,
+                check=False,
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+            return done
+
+        report = json.loads(pool_connections("--workers", str(WORKERS), "--json").stdout)
+        human = pool_connections("--workers", str(WORKERS)).stdout
+        wrong = pool_connections("--workers", str(WORKERS - 1)).stdout
+
+    alias = report["aliases"]["default"]
+    assert (alias["database"], alias["application_name"]) == (dbname, app_name)
+    assert (alias["max_conns"], alias["workers"]) == (WORKER_MAX_CONNS, WORKERS)
+    assert alias["expected_max_per_host"] == expected
+    assert alias["connections"] == expected
+    assert alias["by_state"] == {"idle": expected}
+    [(client, per_host)] = alias["by_client"].items()
+    assert per_host == {"connections": expected, "expected_max": expected, "over": False}
+    [server] = report["servers"]
+    assert server["this_app"] == expected
+    assert report["unreachable"] == {}
+
+    verdict = human.splitlines()[-1]
+    assert verdict.endswith(
+        f"this app: {expected} (cap {WORKER_MAX_CONNS} per process x {WORKERS} workers "
+        f"= {expected})"
+    ), verdict
+    assert "OVER" not in human
+    small = (WORKERS - 1) * WORKER_MAX_CONNS
+    assert (
+        f"OVER THE CAP: default from {client}: {expected} > {small} (more processes than "
+        "--workers, or another client with the same database and user)"
+    ) in wrong.splitlines()[-1]
+
+    # README shows this output: the same lines, but for its names and this run's numbers.
+    names = {app_name: README_APPNAME, dbname: README_DBNAME, client: "127.0.0.1"}
+    printed = {normalized(line, names) for line in human.splitlines()}
+    sample = readme_pool_connections_sample()
+    assert sample[-1].startswith("server: "), sample
+    ours = [line for line in sample if not line.lstrip().startswith("(other)")]
+    missing = [line for line in ours if normalized(line, names) not in printed]
+    assert not missing, "README lines the command does not print:\n" + "\n".join(missing)
+    assert sum(line.lstrip().startswith("default ") for line in sample) == 3, (
+        "README shows one row per table for the alias: by alias, by host, grouped"
+    )
+    [flagged] = [line.strip() for line in README.read_text().splitlines() if "OVER THE CAP" in line]
+    assert normalized(flagged, names) == normalized(wrong.splitlines()[-1], names)

@@ -41,8 +41,10 @@ logger = logging.getLogger("django_gevent_pool")
 #: Every pool of this process, one per database alias.
 registry = PoolRegistry()
 
-# The system checks run with `manage.py check` even when "django_gevent_pool"
-# is not in INSTALLED_APPS: using the backend is enough.
+# Without "django_gevent_pool" in INSTALLED_APPS, the checks are registered only
+# once this module is imported: during django.setup() when a model of an
+# installed app builds the default alias's wrapper (contrib.auth does), or at
+# the first use of a pooled alias. Installing the app registers them always.
 checks.register()
 
 # alias -> (settings key, pool, isolation level): lets a connect with unchanged
@@ -111,21 +113,31 @@ class PooledDatabaseWrapperMixin:
         self._pool_discard = False  # Django judged the current connection broken
         self._pool_unwatch: Callable[[], None] | None = None  # cancels the greenlet-end return
         self._checked_key: tuple[Any, ...] | None = None  # settings key from check_settings
-        if self.alias != NO_DB_ALIAS:
-            # Misconfiguration fails as soon as the alias is first used; a wrapper
-            # per request greenlet must not re-validate unchanged settings.
-            self._validated_settings_key()
+        # OPTIONS are not validated here but in check_settings(), at connect
+        # time, as Django does with its own settings: model classes build the
+        # default alias's wrapper while django.setup() imports them, and a
+        # misconfigured alias must still let `manage.py check` report E001.
 
     # ----------------------------------------------------------- settings
 
     def check_settings(self) -> None:
+        """Django's settings checks, then the pool OPTIONS; ``ImproperlyConfigured`` if wrong.
+
+        ``connect()`` calls this first, so a misconfigured alias fails at its
+        first connection, naming the alias, the key and what is allowed.
+        """
         super().check_settings()  # type: ignore[misc]
         if self.alias != NO_DB_ALIAS:
             # get_new_connection, called next by connect(), reuses the key.
             self._checked_key = self._validated_settings_key()
 
     def _validated_settings_key(self) -> tuple[Any, ...]:
-        """The settings key, after validating OPTIONS unless the alias's pool uses them already."""
+        """The settings key, after validating OPTIONS unless the alias's pool uses them already.
+
+        A wrapper per request greenlet connects with unchanged settings: while
+        the alias's pool was built from this same key, validation is skipped.
+        Raises ``ImproperlyConfigured`` when OPTIONS are refused.
+        """
         key = self._settings_key()
         resolved = _resolved.get(self.alias)
         if resolved is None or resolved[0] != key:

@@ -28,10 +28,10 @@ import psycopg2
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from ...checks import alias_pool_options
 from ...serverinfo import (
     ServerLimits,
     ServerUnreachable,
+    alias_pool_options,
     brief_connection,
     configured_databases,
     connection_params,
