@@ -88,6 +88,7 @@ class _Entry:
         "holder",
         "last_used",
         "leak_warned",
+        "probe",
         "returning",
         "verified_at",
     )
@@ -104,6 +105,7 @@ class _Entry:
         self.borrower: str | None = None  # who borrowed it and where (LEAK_TIMEOUT only)
         self.holder: tuple[Any, int] | None = None  # sync.current_holder() of the borrower
         self.leak_warned = False
+        self.probe: Callable[[], bool] | None = None  # is its socket readable? (made on first use)
 
 
 class _Waiter:
@@ -158,7 +160,6 @@ class ConnectionPool:
         self._connect = connect
         self._after_reset = after_reset
         self._clock = clock
-        self._readable = sync.socket_readable()
         # In a process where gevent patched socket, psycopg2 must yield too.
         ensure_cooperative()
 
@@ -759,7 +760,10 @@ class ConnectionPool:
         if status != ext.TRANSACTION_STATUS_IDLE:
             return f"its transaction status is {_STATUS_NAMES.get(status, status)}"
         try:
-            readable = self._readable(conn.fileno())
+            probe = entry.probe
+            if probe is None:
+                probe = entry.probe = sync.socket_probe(conn.fileno())
+            readable = probe()
         except (OSError, ValueError, psycopg2.Error):
             readable = True
         if readable:

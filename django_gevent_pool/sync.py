@@ -99,10 +99,14 @@ class _GreenSignal:
     __slots__ = ("_loop", "_thread", "_waiter")
 
     def __init__(self) -> None:
-        from gevent.hub import Waiter, get_hub
+        global _gevent_hub_api
+        if _gevent_hub_api is None:  # bound on first use, never at import time
+            from gevent.hub import Waiter, get_hub
 
+            _gevent_hub_api = (Waiter, get_hub)
+        waiter_cls, get_hub = _gevent_hub_api
         hub = get_hub()
-        self._waiter = Waiter(hub)
+        self._waiter = waiter_cls(hub)
         self._loop = hub.loop
         self._thread = _get_ident()
 
@@ -128,6 +132,10 @@ class _GreenSignal:
             self._loop.run_callback_threadsafe(self._waiter.switch, True)
 
 
+# gevent's (Waiter, get_hub): a wait on a busy pool happens on nearly every checkout.
+_gevent_hub_api: tuple[Any, Any] | None = None
+
+
 def new_signal() -> Signal:
     """A signal suited to the calling thread (see the module docstring)."""
     if hub_in_this_thread():
@@ -135,25 +143,27 @@ def new_signal() -> Signal:
     return _ThreadSignal(original("_thread", "allocate_lock"))
 
 
-def socket_readable() -> Callable[[int], bool]:
-    """A function telling, without blocking or yielding, if a descriptor is readable.
+def socket_probe(fd: int) -> Callable[[], bool]:
+    """A function telling, without blocking or yielding, if descriptor ``fd`` is readable.
 
-    Uses the original ``select.poll`` (gevent's patching removes it), so the
-    look is one system call and never a switch to the hub.
+    Uses the original ``select.poll`` (gevent's patching removes it), so each
+    look is one system call and never a switch to the hub. The poll object is
+    made and registered once, here: a pool keeps one probe per connection.
+    An invalid descriptor reads as readable (``POLLNVAL``).
     """
     poll_cls = original("select", "poll") if hasattr(select, "poll") or _patched("select") else None
     if poll_cls is not None:
-        pollin = select.POLLIN | select.POLLERR | select.POLLHUP
+        poller = poll_cls()
+        poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
+        poll = poller.poll
 
-        def readable(fd: int) -> bool:
-            poller = poll_cls()
-            poller.register(fd, pollin)
-            return bool(poller.poll(0))
+        def readable() -> bool:
+            return bool(poll(0))
 
         return readable
     select_fn = original("select", "select")
 
-    def readable_select(fd: int) -> bool:
+    def readable_select() -> bool:
         return bool(select_fn([fd], [], [], 0)[0])
 
     return readable_select
