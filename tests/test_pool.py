@@ -194,6 +194,28 @@ def test_a_checkout_timeout_logs_who_holds_the_connections_rate_limited(
     pool.check_invariants()
 
 
+def test_with_leak_timeout_the_holders_log_shows_where_the_longest_holder_borrowed(
+    make_pool: PoolFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="django_gevent_pool")
+    pool = make_pool(MAX_CONNS=1, POOL_TIMEOUT=0.1, LEAK_TIMEOUT=60)
+
+    def borrow_here_and_keep() -> Any:
+        return pool.getconn()
+
+    held = borrow_here_and_keep()
+    with pytest.raises(PoolTimeout):
+        pool.getconn()
+    pool.putconn(held)
+    [report] = [r.getMessage() for r in caplog.records if "are held by" in r.getMessage()]
+    assert "The longest holder borrowed it here:" in report
+    where = report.split("The longest holder borrowed it here:", 1)[1]
+    frames = [line.strip() for line in where.splitlines() if line.strip().startswith("File ")]
+    # Innermost frame first to last: the borrower's own call, none of the pool's frames.
+    assert frames[-1].endswith("in borrow_here_and_keep"), frames[-3:]
+    assert "Set OPTIONS['LEAK_TIMEOUT']" not in report
+
+
 def test_wait_percentiles_and_the_per_context_tally(
     make_pool: PoolFactory, workers: Workers
 ) -> None:
