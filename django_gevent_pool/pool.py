@@ -892,11 +892,14 @@ class ConnectionPool:
                 self._in_use[id(entry.conn)] = entry
             elif len(self._idle) < self.reuse_conns:
                 self._idle.append(entry)
+                # Only here can idle connections be past IDLE_TIMEOUT (nobody waits
+                # while one is idle): a hand-off to a waiter skips the look.
+                to_close.extend(self._trim_idle())
             else:
                 self._nconns -= 1
                 self._counters["connections_closed"] += 1
                 to_close.append(entry.conn)
-            to_close.extend(self._trim_idle())
+                to_close.extend(self._trim_idle())
         if waiter is not None:
             waiter.signal.set()
         for conn in to_close:
