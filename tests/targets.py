@@ -166,7 +166,8 @@ def bouncer_alias_settings(pgbouncer: PgBouncer) -> dict[str, Any]:
     }
 
 
-def _forget_alias(alias: str) -> None:
+def forget_alias(alias: str) -> None:
+    """Give back this greenlet's (thread's) connection, close the alias's pool, drop its wrapper."""
     for conn in connections.all(initialized_only=True):
         if conn.alias == alias:
             conn.close()
@@ -192,5 +193,5 @@ def target_fixture(request: pytest.FixtureRequest, django_db_setup: None) -> Ite
     try:
         yield Target("pgbouncer", BOUNCER_ALIAS, BOUNCER_APP, pgbouncer)
     finally:
-        _forget_alias(BOUNCER_ALIAS)
+        forget_alias(BOUNCER_ALIAS)
         connections.settings.pop(BOUNCER_ALIAS, None)

@@ -50,6 +50,7 @@ from .pgbouncer import (  # noqa: F401 - fixtures, found by pytest in this modul
 )
 from .proxy import Proxy
 from .support import TEST_DB, Workers, next_app_name, server, wait_until
+from .targets import forget_alias
 from .testapp.models import Item
 
 ALIAS = "bouncer"
@@ -158,16 +159,6 @@ def alias_settings(bouncer: PgBouncer, app_name: str, **overrides: Any) -> dict[
         "TEST": {**base["TEST"], "NAME": None, "MIRROR": "default"},
         **overrides,
     }
-
-
-def forget_alias(alias: str) -> None:
-    """Give back this greenlet's (thread's) connection and close the alias's pool."""
-    for conn in connections.all(initialized_only=True):
-        if conn.alias == alias:
-            conn.close()
-    close_pools(alias)
-    with contextlib.suppress(AttributeError):
-        del connections[alias]
 
 
 @contextlib.contextmanager
