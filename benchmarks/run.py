@@ -63,7 +63,7 @@ STARTED_AT = "DGPB_STARTED_AT"
 COMMAND = "DGPB_COMMAND"
 
 FULL = {"rounds": 3, "http_seconds": 4.0, "sleep_seconds": 5.0, "micro_seconds": 1.5}
-QUICK = {"rounds": 1, "http_seconds": 2.0, "sleep_seconds": 3.0, "micro_seconds": 1.0}
+QUICK = {"rounds": 1, "http_seconds": 1.5, "sleep_seconds": 2.5, "micro_seconds": 1.0}
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
