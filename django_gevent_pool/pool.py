@@ -201,19 +201,16 @@ class ConnectionPool:
         if not self._maintaining:
             self._start_maintenance()
         start = self._clock()
+        entry = None
         try:
             entry = self._checkout(start, self.timeout if timeout is None else timeout)
-        except BaseException:
+        finally:
             # A checkout that failed (timed out, refused, killed) waited too: its
             # time goes into the percentiles and the caller's tally, or an
             # exhausted pool would look fast exactly when it is not.
-            waited = self._clock() - start
+            waited = (self._clock() if entry is None else entry.borrowed_at) - start
             self._wait_samples.append(waited)
             timing.record(waited)
-            raise
-        waited = entry.borrowed_at - start
-        self._wait_samples.append(waited)
-        timing.record(waited)
         logger.debug("pool %r: checkout %s", self.name, self)
         return entry.conn
 
@@ -890,15 +887,15 @@ class ConnectionPool:
                 waiter = self._waiting.popleft()
                 waiter.item = entry
                 self._in_use[id(entry.conn)] = entry
-            elif len(self._idle) < self.reuse_conns:
-                self._idle.append(entry)
+            else:
+                if len(self._idle) < self.reuse_conns:
+                    self._idle.append(entry)
+                else:
+                    self._nconns -= 1
+                    self._counters["connections_closed"] += 1
+                    to_close.append(entry.conn)
                 # Only here can idle connections be past IDLE_TIMEOUT (nobody waits
                 # while one is idle): a hand-off to a waiter skips the look.
-                to_close.extend(self._trim_idle())
-            else:
-                self._nconns -= 1
-                self._counters["connections_closed"] += 1
-                to_close.append(entry.conn)
                 to_close.extend(self._trim_idle())
         if waiter is not None:
             waiter.signal.set()
