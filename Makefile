@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test demo bench bench-quick lint clean
+.PHONY: test test-embedded demo bench bench-quick lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,11 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	DGP_TEST_MODE=gevent $(PY) -m pytest
 	DGP_TEST_MODE=threads $(PY) -m pytest
+
+# The suite as on a fresh machine with no PostgreSQL: the system server hidden
+# (as root: private network and mount namespaces), the embedded one used.
+test-embedded: $(STAMP)
+	.ci/without-system-server env DGP_TEST_MODE=gevent $(PY) -m pytest
 
 demo: $(STAMP)
 	$(PY) examples/demo.py

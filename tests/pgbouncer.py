@@ -176,9 +176,9 @@ def find_binary() -> str | None:
 def require_binary() -> str:
     """The binary, or skip the test (fail under ``DGP_REQUIRE_PGBOUNCER=1``) saying why.
 
-    Also skips when the test server listens on a Unix socket only (the
-    embedded server): PgBouncer runs as another user when we are root, and
-    the socket's private directory is not theirs to enter.
+    Also skips when ``$DGP_DSN`` names a Unix socket: PgBouncer runs as
+    another user when we are root, and the socket's directory may not be
+    theirs to enter. (The embedded server listens on loopback TCP.)
     """
     binary = find_binary()
     reason = None
@@ -186,9 +186,9 @@ def require_binary() -> str:
         reason = INSTALL_HINT
     elif _upstream()[0].startswith("/") and _run_as() is not None:
         reason = (
-            "the PgBouncer tier needs a test server reachable over TCP (the embedded "
-            "server listens on a private Unix socket): set $DGP_DSN or run one on "
-            "127.0.0.1:5432"
+            "the PgBouncer tier needs a test server reachable over TCP, and $DGP_DSN "
+            "names a Unix socket, which PgBouncer (run as another user than root) may "
+            "not enter: give $DGP_DSN a TCP host"
         )
     if reason is not None:
         if os.environ.get(ENV_REQUIRE) == "1":

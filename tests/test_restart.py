@@ -7,44 +7,32 @@ with no restart of the app.
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Iterator
-from typing import Any
 
 import psycopg2
 import pytest
-from psycopg2.extensions import parse_dsn
 
 from django_gevent_pool import ConnectionPool
+from django_gevent_pool.devserver import EmbeddedServer
 
 from .support import Workers, wait_until
 
 
 @pytest.fixture(scope="module")
-def throwaway() -> Iterator[Any]:
-    pgserver = pytest.importorskip("pgserver", reason="the embedded server is a test extra")
-    with tempfile.TemporaryDirectory(prefix="dgp-restart-") as datadir:
-        server = pgserver.get_server(datadir, cleanup_mode="stop")
-        try:
-            yield server
-        finally:
-            server.cleanup()
-
-
-def restart(server: Any) -> None:
-    from pgserver._commands import pg_ctl
-
-    # "fast": the server terminates every session (admin shutdown), then comes back.
-    pg_ctl(
-        ["-w", "restart", "-m", "fast"], pgdata=server.pgdata, user=server.system_user, timeout=60
-    )
+def throwaway() -> Iterator[EmbeddedServer]:
+    pytest.importorskip("pgserver", reason="the embedded server is a test extra")
+    server = EmbeddedServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.cleanup()
 
 
 def test_a_restart_fails_only_queries_in_flight_and_the_pool_recovers(
-    throwaway: Any, workers: Workers
+    throwaway: EmbeddedServer, workers: Workers
 ) -> None:
-    params = parse_dsn(throwaway.get_uri())
-    dsn = " ".join(f"{k}={v}" for k, v in params.items() if v != "")
+    dsn = throwaway.dsn()
     pool = ConnectionPool(
         lambda: psycopg2.connect(dsn), name="restart", options={"MAX_CONNS": 4, "PING_AFTER": None}
     )
@@ -64,7 +52,7 @@ def test_a_restart_fails_only_queries_in_flight_and_the_pool_recovers(
             lambda: busy.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_ACTIVE,
             what="the in-flight query to start",
         )
-        restart(throwaway)
+        throwaway.restart()  # "fast": every session is terminated, then it comes back
         workers.join(30)
         assert len(workers.errors) == 1, "the query in flight fails"
         assert isinstance(workers.errors[0], psycopg2.OperationalError)
