@@ -24,7 +24,7 @@ class PoolClosed(PoolError):
 
 
 class PoolUnavailable(PoolError):
-    """Connecting failed moments ago; the pool backs off instead of trying again at once."""
+    """The server is failing: no connection could be opened within the outage wait (2 s)."""
 
 
 class TooManyRequests(PoolError):

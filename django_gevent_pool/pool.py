@@ -20,6 +20,10 @@ The state machine, guarded by one OS lock whose critical sections never do I/O::
   flag, transaction status, a non-blocking look at its socket); a real ping
   only after ``PING_AFTER`` seconds idle, or when it is older than a lost
   connection seen since (the server may have restarted).
+- While connects fail, the pool is *failing*: one connect attempt at a time
+  (single flight), spaced by a short backoff; checkouts that need a new
+  connection wait for their turn at most 2 s, so a server that is back is
+  served within a second and a server that is down is not stampeded.
 """
 
 from __future__ import annotations
@@ -57,11 +61,19 @@ _STATUS_NAMES = {
 # What a waiter can be handed besides a connection entry.
 _SLOT = "slot"  # a reserved slot: the waiter opens a connection with it
 _CLOSED = "closed"  # the pool was closed while it waited
-# Delay before connecting again after failed connects: doubles from the base
-# with each failure up to the max, jittered down by up to half.
 _LEAK_STACK_DEPTH = 25
-_BACKOFF_BASE = 0.25
-_BACKOFF_MAX = 10.0
+# While connects fail, the next attempt waits a delay that doubles from the base
+# with each failed round up to the max, jittered down by up to half: short, so
+# a server that is back is served within a second, and single flight (one
+# attempt in flight per pool), so a failing server sees no herd.
+_BACKOFF_BASE = 0.05
+_BACKOFF_MAX = 0.5
+# While connects fail, a checkout that needs a new connection waits for its
+# turn to try at most this long (or its own timeout, if shorter), then fails
+# with PoolUnavailable chained from the last connect error.
+_OUTAGE_WAIT = 2.0
+# With MIN_CONNS, housekeeping looks at idle connections at least this often.
+_MIN_CONNS_LOOK_EVERY = 0.5
 _EXPIRED = "it reached MAX_LIFETIME"  # a retirement, not a fault: no warning, not "bad"
 _BY_CALLER = "discarded by the caller"
 _SEVERED = "it was returned while a query was running on it (ACTIVE): cancelled and cut"
@@ -176,10 +188,18 @@ class ConnectionPool:
         # Seconds each of the latest checkouts took (appends are atomic: no lock).
         self._wait_samples: deque[float] = deque(maxlen=_WAIT_SAMPLES)
         self._holders_logged_at = float("-inf")
-        # Connect failures in a row, and when the next attempt is allowed.
+        # Failed connect rounds in a row (0: healthy), when the next attempt is
+        # allowed, whether one is in flight (single flight while failing), who
+        # waits for their turn, and when the failures began.
         self._connect_failures = 0
         self._retry_at = float("-inf")
         self._last_connect_error: BaseException | None = None
+        self._last_failed_at = float("-inf")
+        self._failing_since = float("-inf")
+        self._probing = False
+        self._turn_waiters: list[sync.Signal] = []
+        # Cuts the housekeeping loop's sleep short (MIN_CONNS to refill).
+        self._wakeup = sync.Wakeup()
         # Connections inherited through os.fork(): never used or closed by the child.
         self._inherited: set[int] = set()
         self._forked_leftovers: list[Any] = []
@@ -222,7 +242,7 @@ class ConnectionPool:
             item = self._wait(waiter, start, deadline)
         while True:
             if item is _SLOT:
-                entry = self._open(deadline)
+                entry = self._open(start, deadline)
                 break
             assert isinstance(item, _Entry)
             if self._usable(item):
@@ -366,6 +386,11 @@ class ConnectionPool:
         self._wait_samples.clear()
         self._connect_failures = 0
         self._retry_at = float("-inf")
+        self._last_failed_at = float("-inf")
+        self._failing_since = float("-inf")
+        self._probing = False
+        self._turn_waiters = []
+        self._wakeup = sync.Wakeup()
         # The parent's greenlet or thread did not come along: start one on first use.
         self._maintaining = not self._background
         # The objects go when the child drops them: their sockets are detached.
@@ -374,35 +399,55 @@ class ConnectionPool:
     def maintain(self) -> bool:
         """One round of housekeeping; True if it opened a connection.
 
-        Closes idle connections past ``MAX_LIFETIME`` and those idle longer than
-        ``IDLE_TIMEOUT`` above ``MIN_CONNS``; opens one connection, at most, when
-        fewer than ``MIN_CONNS`` are open and nobody is opening one (never above
-        ``MAX_CONNS``). A background greenlet, or a daemon thread outside
-        gevent, runs it from the first checkout on, so idle connections close
-        even when no request ever comes again. A failed connect is logged and
-        retried on the next round.
+        Closes idle connections the server closed (the zero-round-trip socket
+        look of a checkout), those past ``MAX_LIFETIME`` and those idle longer
+        than ``IDLE_TIMEOUT`` above ``MIN_CONNS``; opens one connection, at
+        most, when fewer than ``MIN_CONNS`` are open and nobody is opening one
+        (never above ``MAX_CONNS``; while the server fails, only when the
+        backoff allows the pool's one attempt). A background greenlet, or a
+        daemon thread outside gevent, runs it from the first checkout on, so
+        idle connections close even when no request ever comes again; it runs
+        again at once after a connect or a lost connection while below
+        ``MIN_CONNS``. A failed connect is logged and retried on a later round.
         """
         now = self._clock()
         self._warn_leaks(now)
+        dead = self._dead_idle()
         with self._lock:  # critical section: pick what to close, reserve what to open
             if self._closed:
                 return False
+            # Dead ones only if still idle and not lent and returned meanwhile.
+            lost = [e for e in self._idle if dead.get(id(e)) == e.last_used]
             expired = [e for e in self._idle if e.expires_at is not None and now >= e.expires_at]
-            if expired:
-                gone = {id(e) for e in expired}
+            gone = {id(e) for e in lost} | {id(e) for e in expired}
+            if gone:
                 self._idle = [e for e in self._idle if id(e) not in gone]
-                self._nconns -= len(expired)
-                self._counters["connections_closed"] += len(expired)
-            to_close = [e.conn for e in expired] + self._trim_idle()
+                self._nconns -= len(gone)
+                self._counters["connections_closed"] += len(gone)
+            if lost:
+                self._counters["connections_lost"] += len(lost)
+                self._invalidated_at = now
+            leaving = {id(e): e for e in lost + expired}.values()
+            to_close = [e.conn for e in leaving] + self._trim_idle()
+            failing = self._connect_failures > 0
             grow = (
                 self._nconns < self.options.MIN_CONNS
                 and self._opening == 0
                 and not self._waiting
-                and now >= self._retry_at
+                and not self._probing
+                and (not failing or now >= self._retry_at)
             )
             if grow:
                 self._nconns += 1
                 self._opening += 1
+                # While failing, this is the pool's one attempt in flight.
+                self._probing = failing
+        if lost:
+            logger.warning(
+                "pool %r: %d idle connection(s) closed by the server; discarded",
+                self.name,
+                len(lost),
+            )
         for conn in to_close:
             _close_quietly(conn)
         if not grow:
@@ -410,12 +455,20 @@ class ConnectionPool:
         started = self._clock()
         try:
             conn = self._connect()
-        except Exception as exc:
-            self._connect_failed(exc, started)
-            self._give_back_slot(opening=True, failed=True)
+        except BaseException as exc:
+            # BaseException on purpose: the housekeeping greenlet killed in the
+            # middle of a connect must give its slot and its turn back too.
+            if isinstance(exc, Exception):
+                self._connect_failed(exc, started, probing=failing)
+            elif failing:
+                self._end_turn()
+            self._give_back_slot(opening=True)
+            if not isinstance(exc, Exception):
+                raise
             return False
         waiter = None
         with self._lock:  # critical section: the new connection goes idle or to a waiter
+            woken = self._take_turn_waiters()
             entry = self._opened(conn, started)
             if entry is None:
                 to_close = [conn]
@@ -429,9 +482,37 @@ class ConnectionPool:
                 to_close = []
         if waiter is not None:
             waiter.signal.set()
+        for signal in woken:
+            signal.set()
         for conn in to_close:
             _close_quietly(conn)
         return True
+
+    def _dead_idle(self) -> dict[int, float]:
+        """Idle entries the server closed, by id, with their ``last_used`` when looked at.
+
+        The same look as a checkout's (closed flag, a readable idle socket; a
+        poll with no wait, never a round trip), made outside the lock on a copy
+        of the idle list.
+        """
+        with self._lock:  # critical section: copy
+            idle = list(self._idle)
+        dead: dict[int, float] = {}
+        for entry in idle:
+            last_used = entry.last_used
+            try:
+                if entry.conn.closed:
+                    readable = True
+                else:
+                    probe = entry.probe
+                    if probe is None:
+                        probe = entry.probe = sync.socket_probe(entry.conn.fileno())
+                    readable = probe()
+            except (OSError, ValueError, psycopg2.Error):
+                readable = True
+            if readable:
+                dead[id(entry)] = last_used
+        return dead
 
     def _warn_leaks(self, now: float) -> None:
         """Log, once per checkout, each connection held longer than LEAK_TIMEOUT."""
@@ -465,7 +546,11 @@ class ConnectionPool:
             )
             if t
         ]
-        return min(5.0, max(0.05, min(spans, default=20.0) / 4))
+        interval = min(5.0, max(0.05, min(spans, default=20.0) / 4))
+        if self.options.MIN_CONNS:
+            # Idle connections the server closed are found, and replaced, soon.
+            interval = min(interval, _MIN_CONNS_LOOK_EVERY)
+        return interval
 
     def _start_maintenance(self) -> None:
         with self._lock:  # critical section: start it once
@@ -482,9 +567,30 @@ class ConnectionPool:
                 # Gone, closed, or forked away from: a greenlet survives a fork,
                 # and the child starts its own loop at its first checkout.
                 return None
-            return 0.0 if pool.maintain() else interval
+            if pool.maintain():
+                return 0.0  # MIN_CONNS: the next one back to back
+            return pool._next_round_in(interval)
 
-        sync.run_periodically(tick, name=f"django_gevent_pool maintenance {self.name!r}")
+        sync.run_periodically(
+            tick, name=f"django_gevent_pool maintenance {self.name!r}", wakeup=self._wakeup
+        )
+
+    def _next_round_in(self, interval: float) -> float:
+        """Seconds until the next housekeeping round: sooner while MIN_CONNS is short.
+
+        Below MIN_CONNS with the server failing, the round comes when the
+        backoff allows the next attempt. A connect or a lost connection ends
+        the wait early (:meth:`_poke`).
+        """
+        with self._lock:  # critical section: read
+            if self._nconns < self.options.MIN_CONNS and self._connect_failures:
+                return max(0.0, min(interval, self._retry_at - self._clock()))
+        return interval
+
+    def _poke(self) -> None:
+        """Wake the housekeeping now if the pool is below MIN_CONNS (a racy read: a hint)."""
+        if self._nconns < self.options.MIN_CONNS and self._maintaining and self._background:
+            self._wakeup.wake()
 
     @property
     def closed(self) -> bool:
@@ -637,34 +743,47 @@ class ConnectionPool:
                 self._counters["requests_wait_max_ms"] = waited_ms
         return item
 
-    def _open(self, deadline: float) -> _Entry:
+    def _open(self, start: float, deadline: float) -> _Entry:
         """Connect with the slot already reserved; give the slot back on any failure.
 
-        After a failed connect, further connects wait for a jittered, growing
-        delay (the database is down or refusing): until then checkouts that
-        need a new connection fail at once with :class:`PoolUnavailable`,
-        chained from the last connect error, instead of all hammering it.
+        While the server is failing (the last connect round failed), connects
+        are single flight: one attempt at a time per pool, spaced by a short
+        backoff. A checkout that needs a new connection then waits for its
+        turn, woken as soon as the attempt in flight ends, at most
+        ``min(deadline, start + 2 s)``; past that it fails with
+        :class:`PoolUnavailable` chained from the last connect error. A
+        checkout whose own attempt fails raises that attempt's error.
         """
-        now = self._clock()
-        if now < self._retry_at:
-            self._give_back_slot(opening=True)
-            with self._lock:  # critical section: count
-                self._counters["requests_errors"] += 1
-                failures, last = self._connect_failures, self._last_connect_error
-            raise PoolUnavailable(
-                f"pool {self.name!r}: the last {failures} connection attempt(s) failed; "
-                f"next attempt in {self._retry_at - now:.2f} s (last error: "
-                f"{str(last).strip() if last else 'unknown'})"
-            ) from last
         try:
-            conn = self._connect_before(deadline)
+            probing, connect_deadline = self._take_turn(start, deadline)
+        except BaseException:
+            # PoolUnavailable, PoolClosed, or killed while waiting for the turn.
+            self._give_back_slot(opening=True)
+            raise
+        now = self._clock()
+        try:
+            conn = self._connect_before(connect_deadline)
         except BaseException as exc:
             # BaseException on purpose: GreenletExit and gevent.Timeout must give
-            # the slot back too, or the pool shrinks for good.
-            failed = isinstance(exc, Exception) and not isinstance(exc, _ConnectDeadline)
-            if failed:
-                self._connect_failed(exc, now)
-            self._give_back_slot(opening=True, failed=failed)
+            # the slot back (and the turn, if this was the one attempt in flight)
+            # too, or the pool shrinks for good or never connects again. The
+            # failure is recorded first, so the freed slot's next taker waits
+            # for its turn instead of connecting alongside.
+            if isinstance(exc, _ConnectDeadline) and probing:
+                # The failing server did not even answer in time: a failed round.
+                last = self._last_connect_error
+                err = PoolUnavailable(
+                    f"pool {self.name!r}: connecting did not finish within "
+                    f"{connect_deadline - now:.2f} s while the server is failing"
+                )
+                self._connect_failed(err, now, probing=True)
+                self._give_back_slot(opening=True)
+                raise err from last
+            if isinstance(exc, Exception) and not isinstance(exc, _ConnectDeadline):
+                self._connect_failed(exc, now, probing=probing)
+            elif probing:
+                self._end_turn()
+            self._give_back_slot(opening=True)
             if isinstance(exc, _ConnectDeadline):
                 # Not the server's fault (no backoff): this checkout ran out of time.
                 spent_ms = (self._clock() - now) * 1000.0
@@ -677,27 +796,105 @@ class ConnectionPool:
                     f"pool {self.name!r}: connecting took longer than the checkout timeout "
                     f"(MAX_CONNS={self.max_conns}) {counts}"
                 ) from None
+            if probing and isinstance(exc, Exception):
+                # The pool was failing already: say so, the attempt's error chained.
+                raise self._unavailable(start) from exc
             raise
         with self._lock:  # critical section: the reserved slot becomes a connection in use
             entry = self._opened(conn, now)
             if entry is not None:
                 self._in_use[id(conn)] = entry
+            woken = self._take_turn_waiters()
+        for signal in woken:
+            signal.set()
         if entry is None:
             _close_quietly(conn)
             raise PoolClosed(f"pool {self.name!r} was closed while connecting")
+        self._poke()
         logger.debug("pool %r: opened a connection %s", self.name, self)
         return entry
+
+    def _take_turn(self, start: float, deadline: float) -> tuple[bool, float]:
+        """May this checkout connect now? Wait for the turn while the server is failing.
+
+        Returns ``(probing, connect_deadline)``: ``probing`` when this is the
+        one attempt in flight of a failing pool, whose connect is then bounded
+        by the outage wait too. Raises :class:`PoolUnavailable` (chained from
+        the last connect error) when the wait ends without a turn, and
+        :class:`PoolClosed` if the pool closes meanwhile.
+        """
+        give_up_at = min(deadline, start + _OUTAGE_WAIT)
+        signal: sync.Signal | None = None
+        while True:
+            if self._connect_failures == 0 and not self._probing:
+                return False, deadline  # healthy: no lock taken on the common path
+            now = self._clock()
+            if signal is None:
+                signal = sync.new_signal()
+            with self._lock:  # critical section: connect, take the turn, or queue for it
+                if self._closed:
+                    raise PoolClosed(f"pool {self.name!r} is closed")
+                if self._connect_failures == 0 and not self._probing:
+                    return False, deadline
+                if not self._probing and now >= self._retry_at:
+                    self._probing = True
+                    return True, give_up_at
+                if now >= give_up_at:
+                    self._counters["requests_errors"] += 1
+                    raise self._unavailable(start, now) from self._last_connect_error
+                self._turn_waiters.append(signal)
+                wake_at = give_up_at if self._probing else min(self._retry_at, give_up_at)
+            try:
+                woke = signal.wait(wake_at - now)
+            except BaseException:
+                # Killed or timed out from outside while waiting: leave the line.
+                with self._lock:  # critical section: unqueue
+                    if signal in self._turn_waiters:
+                        self._turn_waiters.remove(signal)
+                raise
+            if woke:
+                signal = None  # a one-shot signal: used up
+            else:
+                with self._lock:  # critical section: unqueue after a timeout
+                    if signal in self._turn_waiters:
+                        self._turn_waiters.remove(signal)
+                    else:
+                        signal = None  # set meanwhile: used up
+
+    def _unavailable(self, start: float, now: float | None = None) -> PoolUnavailable:
+        """The error of a checkout given up on while the server fails (reads without lock)."""
+        now = self._clock() if now is None else now
+        last = self._last_connect_error
+        return PoolUnavailable(
+            f"pool {self.name!r}: the server is failing ({self._connect_failures} connect "
+            f"round(s) failed in {max(0.0, now - self._failing_since):.2f} s); no connection "
+            f"after {now - start:.2f} s (last error: {str(last).strip() if last else 'unknown'})"
+        )
+
+    def _take_turn_waiters(self) -> list[sync.Signal]:
+        """Under the lock: everyone waiting for a turn to connect, to be woken outside it."""
+        woken, self._turn_waiters = self._turn_waiters, []
+        return woken
+
+    def _end_turn(self) -> None:
+        """The attempt in flight ended without a verdict (killed): let the next one try."""
+        with self._lock:  # critical section: free the turn
+            self._probing = False
+            woken = self._take_turn_waiters()
+        for signal in woken:
+            signal.set()
 
     def _opened(self, conn: Any, started: float) -> _Entry | None:
         """Under the lock: a reserved slot now holds ``conn``; None if the pool closed meanwhile.
 
         ``started`` is when the connect began. A success ends any connect
-        backoff. When None, the slot is already freed and the caller closes
-        ``conn``.
+        backoff (the caller wakes the checkouts waiting for a turn). When
+        None, the slot is already freed and the caller closes ``conn``.
         """
         now = self._clock()
         self._connect_failures = 0
         self._retry_at = float("-inf")
+        self._probing = False
         self._opening -= 1
         self._counters["connections_num"] += 1
         self._counters["connections_ms"] += (now - started) * 1000.0
@@ -706,14 +903,31 @@ class ConnectionPool:
             return None
         return _Entry(conn, now, self.options.MAX_LIFETIME)
 
-    def _connect_failed(self, exc: BaseException, started: float) -> None:
+    def _connect_failed(self, exc: BaseException, started: float, *, probing: bool) -> None:
+        """Record a failed connect that began at ``started``; wake who waits for a turn.
+
+        Attempts that began before the last recorded failure belong to the same
+        round (concurrent connects when the outage began): they count as errors
+        but do not grow the backoff. ``probing``: this was the one attempt in
+        flight of a failing pool, whose turn ends here.
+        """
         now = self._clock()
-        with self._lock:  # critical section: grow the backoff
+        with self._lock:  # critical section: grow the backoff, end the turn
             self._counters["connections_ms"] += (now - started) * 1000.0
-            self._connect_failures += 1
-            delay = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** (self._connect_failures - 1))
-            self._retry_at = now + delay * random.uniform(0.5, 1.0)
+            self._counters["connections_errors"] += 1
+            if started >= self._last_failed_at:
+                if self._connect_failures == 0:
+                    self._failing_since = now
+                self._connect_failures += 1
+                delay = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** (self._connect_failures - 1))
+                self._retry_at = now + delay * random.uniform(0.5, 1.0)
+            self._last_failed_at = now
             self._last_connect_error = exc
+            if probing:
+                self._probing = False
+            woken = self._take_turn_waiters()
+        for signal in woken:
+            signal.set()
         logger.warning("pool %r: connecting failed: %s", self.name, str(exc).strip())
 
     def _connect_before(self, deadline: float) -> Any:
@@ -937,14 +1151,12 @@ class ConnectionPool:
             _close_quietly(entry.conn)
         self._give_back_slot(opening=False)
 
-    def _give_back_slot(self, *, opening: bool, failed: bool = False) -> None:
+    def _give_back_slot(self, *, opening: bool) -> None:
         """Free one slot; if someone waits, reserve it for them and wake them."""
         waiter = None
         with self._lock:  # critical section: free a slot or pass it on
             if opening:
                 self._opening -= 1
-            if failed:
-                self._counters["connections_errors"] += 1
             if self._waiting and not self._closed:
                 waiter = self._waiting.popleft()
                 waiter.item = _SLOT
@@ -953,6 +1165,8 @@ class ConnectionPool:
                 self._nconns -= 1
         if waiter is not None:
             waiter.signal.set()
+        else:
+            self._poke()
 
     # ------------------------------------------------------------- helpers
 

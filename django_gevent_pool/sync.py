@@ -197,12 +197,57 @@ def on_greenlet_exit(callback: Callable[[], None]) -> Callable[[], None] | None:
     return lambda: current.unlink(fire)
 
 
-def run_periodically(tick: Callable[[], float | None], *, name: str) -> None:
+class Wakeup:
+    """A background loop's sleep that another greenlet or thread can cut short.
+
+    ``sleep(delay)`` waits up to ``delay`` seconds on a fresh :func:`new_signal`
+    (so it suits the loop's own thread); ``wake()``, from anywhere, ends the
+    current sleep at once, or makes the next one return at once if the loop is
+    not sleeping. Never blocks the caller of ``wake``.
+    """
+
+    __slots__ = ("_lock", "_pending", "_signal")
+
+    def __init__(self) -> None:
+        self._lock = allocate_lock()
+        self._signal: Signal | None = None
+        self._pending = False
+
+    def wake(self) -> None:
+        with self._lock:  # critical section: take the sleeper's signal, or leave a note
+            signal, self._signal = self._signal, None
+            if signal is None:
+                self._pending = True
+        if signal is not None:
+            signal.set()
+
+    def sleep(self, delay: float) -> None:
+        signal = new_signal()
+        with self._lock:  # critical section: sleep only if no wake-up came meanwhile
+            if self._pending:
+                self._pending = False
+                return
+            self._signal = signal
+        try:
+            signal.wait(delay)
+        finally:
+            with self._lock:  # critical section: a timed-out signal is nobody's any more
+                if self._signal is signal:
+                    self._signal = None
+
+
+def run_periodically(
+    tick: Callable[[], float | None],
+    *,
+    name: str,
+    wakeup: Wakeup | None = None,
+) -> None:
     """Call ``tick`` in the background until it returns None; it returns the next delay.
 
     A greenlet when the calling thread runs a gevent hub, else an OS thread
     (which never keeps the process alive). ``tick`` must not raise; whatever it
-    raises is logged and stops it.
+    raises is logged and stops it. With ``wakeup``, its ``wake()`` ends a
+    delay early (the next ``tick`` runs at once).
     """
     import logging
 
@@ -222,13 +267,14 @@ def run_periodically(tick: Callable[[], float | None], *, name: str) -> None:
     if hub_in_this_thread():
         import gevent
 
-        gevent.spawn(loop, gevent.sleep)
+        gevent.spawn(loop, gevent.sleep if wakeup is None else wakeup.sleep)
         return
     # A real OS thread even when gevent patched threading: its Thread class
     # would start a greenlet of this thread, which the blocking sleep below
-    # (and a thread with no hub yet) would never let run again.
+    # (and a thread with no hub yet) would never let run again. The Wakeup's
+    # signal is made in that thread: an OS lock there.
     start_new_thread = original("_thread", "start_new_thread")
-    start_new_thread(loop, (original("time", "sleep"),))
+    start_new_thread(loop, (original("time", "sleep") if wakeup is None else wakeup.sleep,))
 
 
 def cooperative_sleep() -> Callable[[float], None]:

@@ -8,6 +8,7 @@ proxy, which counts every connection attempt.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -615,50 +616,65 @@ def test_a_stalled_connection_fails_its_ping_and_is_replaced(
 # ------------------------------------------------------ failing connects
 
 
-def test_database_down_fails_fast_backs_off_and_recovers(
+def test_database_down_single_flight_bounded_failures_and_recovery(
     proxy: Proxy, app_name: str, workers: Workers
 ) -> None:
+    """While the server refuses: one connect in flight at a time, each checkout
+    fails within 2 s (not its 30 s timeout) chained from the last connect error;
+    once it accepts again the pool serves within 1 s."""
     attempts = [0]
+    in_flight = [0, 0]  # now, most ever
     target = proxy.dsn(connect_timeout=2)
 
     def connect() -> Any:
         attempts[0] += 1
-        return psycopg2.connect(target, application_name=app_name)
+        in_flight[0] += 1
+        in_flight[1] = max(in_flight)
+        try:
+            return psycopg2.connect(target, application_name=app_name)
+        finally:
+            in_flight[0] -= 1
 
-    pool = ConnectionPool(connect, name=app_name, options={"MAX_CONNS": 3})
+    pool = ConnectionPool(connect, name=app_name, options={"MAX_CONNS": 25})
     try:
         proxy.refuse()
         with pytest.raises(psycopg2.OperationalError) as first:
             pool.getconn()
         assert not isinstance(first.value, PoolUnavailable), "the real error comes first"
-        with pytest.raises(PoolUnavailable) as err:
-            pool.getconn()
-        assert err.value.__cause__ is first.value
-        assert "the last 1 connection attempt(s) failed; next attempt in" in str(err.value)
-        # A burst during the outage: every checkout fails at once, none waits out
-        # its 30 s timeout, and the server is not hammered.
+        # A burst of 50 during the outage, each willing to wait 30 s.
+        started = time.monotonic()
         for _ in range(50):
             workers.spawn(pool.getconn, 30)
         workers.join(10)
+        elapsed = time.monotonic() - started
         assert len(workers.errors) == 50
-        assert all(isinstance(e, psycopg2.OperationalError) for e in workers.errors)
-        assert attempts[0] <= 4
+        assert all(isinstance(e, PoolUnavailable) for e in workers.errors), workers.errors
+        assert all(isinstance(e.__cause__, psycopg2.OperationalError) for e in workers.errors)
+        assert "the server is failing" in str(workers.errors[0])
+        assert "Connection refused" in str(workers.errors[0])
+        assert elapsed < 2.0 + 1.0, f"checkouts gave up after {elapsed:.2f} s"
+        assert in_flight[1] == 1, "single flight: one connect at a time while failing"
+        # Spaced by the backoff (0.05 s doubling to at most 0.5 s): a handful, not 50.
+        assert 3 <= attempts[0] <= 14, attempts[0]
         stats = pool.get_stats()
         assert stats["pool_size"] == 0 and stats["requests_waiting"] == 0
+        assert stats["connections_errors"] == attempts[0]
         pool.check_invariants()
-        # Recovery needs no restart: once the backoff has passed, it connects.
+        # Recovery needs no restart, and comes within a second.
         proxy.accept_again()
-
-        def recovered() -> bool:
+        back = time.monotonic()
+        served_after = None
+        while time.monotonic() - back < 5:
             try:
                 conn = pool.getconn()
             except PoolUnavailable:
-                return False
+                continue
+            served_after = time.monotonic() - back
             pool.putconn(conn)
-            return True
-
-        wait_until(recovered, what="the pool to connect again", timeout=15)
+            break
+        assert served_after is not None and served_after < 1.0, served_after
         assert pool.get_stats()["pool_size"] == 1
+        pool.check_invariants()
     finally:
         pool.close()
 
