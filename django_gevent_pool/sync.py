@@ -68,6 +68,10 @@ def hub_in_this_thread() -> bool:
     return hub_local is not None and hub_local.get_hub_if_exists() is not None
 
 
+# The longest single OS lock wait: a day, far below threading.TIMEOUT_MAX.
+_LONGEST_OS_WAIT = 86400.0
+
+
 class _ThreadSignal:
     __slots__ = ("_lock",)
 
@@ -78,7 +82,14 @@ class _ThreadSignal:
     def wait(self, timeout: float | None) -> bool:
         if timeout is None:
             return bool(self._lock.acquire())
-        return bool(self._lock.acquire(True, max(timeout, 0.0)))
+        # An OS lock refuses timeouts past the platform's time_t ("wait for
+        # ever" as POOL_TIMEOUT=1e10): wait in bounded pieces instead.
+        remaining = max(timeout, 0.0)
+        while remaining > _LONGEST_OS_WAIT:
+            if self._lock.acquire(True, _LONGEST_OS_WAIT):
+                return True
+            remaining -= _LONGEST_OS_WAIT
+        return bool(self._lock.acquire(True, remaining))
 
     def set(self) -> None:
         self._lock.release()

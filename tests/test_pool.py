@@ -969,3 +969,20 @@ def test_retirements_are_spread_out_not_all_at_once(dsn: str, app_name: str) -> 
         assert len(set(retired_at)) >= 3, "not all at once"
     finally:
         pool.close()
+
+
+def test_a_waiting_checkout_with_a_huge_timeout_waits_and_is_served(
+    make_pool: PoolFactory, workers: Workers
+) -> None:
+    """POOL_TIMEOUT=1e10 ("wait for ever"): OS threads used to raise OverflowError."""
+    pool = make_pool(MAX_CONNS=1, POOL_TIMEOUT=1e10)
+    held = pool.getconn()
+    workers.spawn(pool.getconn)
+    wait_until(lambda: waiting(pool) == 1, what="a waiting checkout")
+    sleep(0.05)
+    assert not workers.errors, workers.errors
+    pool.putconn(held)
+    workers.join(10)
+    assert not workers.errors and len(workers.results) == 1
+    pool.putconn(workers.results[0])
+    pool.check_invariants()
