@@ -136,8 +136,10 @@ class PoolCollector(Collector):
     def __init__(self, pools: Callable[[], Mapping[str, ConnectionPool]] | None = None) -> None:
         self._pools = pools or _django_pools
         # An OS lock: the sections below read the pools' stats and add, no I/O.
+        # Renewed in a forked child (another thread may have held it at the fork).
         self._lock = sync.allocate_lock()
         self._reset()
+        _collectors.add(self)
 
     def _reset(self) -> None:
         self._pid = os.getpid()
@@ -202,6 +204,23 @@ _registered: weakref.WeakKeyDictionary[CollectorRegistry, PoolCollector] = (
     weakref.WeakKeyDictionary()
 )
 _lock = sync.allocate_lock()
+_collectors: weakref.WeakSet[PoolCollector] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """New locks in a forked child: a scrape in another thread may have held one at the fork.
+
+    A lock inherited held would block the child's first scrape for good (a
+    frozen worker under gevent). The totals start again from the child's pools.
+    """
+    global _lock
+    _lock = sync.allocate_lock()
+    for collector in list(_collectors):
+        collector._lock = sync.allocate_lock()
+        collector._reset()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def register_collector(registry: CollectorRegistry | None = None) -> PoolCollector:

@@ -123,3 +123,54 @@ def test_a_registry_lock_held_by_another_thread_at_fork_is_free_in_the_child() -
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"child_got_lock": True, "pools": 0}
+
+
+COLLECTOR_SCRIPT = textwrap.dedent(
+    """
+    import json, os, sys, threading
+    from prometheus_client import CollectorRegistry
+    from django_gevent_pool import ConnectionPool
+    from django_gevent_pool.prometheus import register_collector
+
+    class Conn:
+        closed = 0
+        def close(self):
+            self.closed = 1
+
+    pool = ConnectionPool(Conn, name="fork", background=False)
+    registry = CollectorRegistry()
+    collector = register_collector(registry)
+    collector._pools = lambda: {"fork": pool}
+    inside, release = threading.Event(), threading.Event()
+
+    def scrape_in_progress():
+        with collector._lock:  # a scrape of another thread is mid-way at the fork
+            inside.set()
+            release.wait(10)
+
+    threading.Thread(target=scrape_in_progress, daemon=True).start()
+    inside.wait(10)
+    pid = os.fork()
+    if pid == 0:
+        import signal
+        signal.alarm(5)  # a blocked scrape kills the child instead of hanging the test
+        names = [m.name for m in registry.collect()]
+        again = register_collector(registry) is collector
+        os.write(1, (json.dumps({"metrics": len(names), "same": again}) + "\\n").encode())
+        os._exit(0)
+    release.set()
+    os.waitpid(pid, 0)
+    """
+)
+
+
+def test_a_prometheus_scrape_in_progress_at_fork_does_not_block_the_childs_scrapes() -> None:
+    pytest.importorskip("prometheus_client")
+    out = subprocess.run(
+        [sys.executable, "-c", COLLECTOR_SCRIPT], capture_output=True, text=True, timeout=20
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines, f"the child's scrape never returned: {out.stderr}"
+    result = json.loads(lines[-1])
+    assert result["metrics"] > 10 and result["same"] is True
