@@ -197,6 +197,49 @@ def test_a_fast_restart_under_load_is_served_again_within_a_second(
         pool.close()
 
 
+def test_a_restart_fails_only_queries_in_flight_and_the_pool_recovers(
+    throwaway: EmbeddedServer, workers: Workers
+) -> None:
+    dsn = throwaway.dsn()
+    pool = ConnectionPool(
+        lambda: psycopg2.connect(dsn), name="restart", options={"MAX_CONNS": 4, "PING_AFTER": None}
+    )
+    try:
+        idle = [pool.getconn() for _ in range(3)]
+        for conn in idle:
+            conn.autocommit = True
+            pool.putconn(conn)
+        busy = pool.getconn()
+
+        def in_flight() -> None:
+            with busy.cursor() as cur:
+                cur.execute("SELECT pg_sleep(30)")
+
+        workers.spawn(in_flight)
+        wait_until(
+            lambda: busy.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_ACTIVE,
+            what="the in-flight query to start",
+        )
+        throwaway.restart()  # "fast": every session is terminated, then it comes back
+        workers.join(30)
+        assert len(workers.errors) == 1, "the query in flight fails"
+        assert isinstance(workers.errors[0], psycopg2.OperationalError)
+        pool.putconn(busy)  # broken: discarded, its slot freed
+        # Every checkout after the restart gets a working connection, none of the
+        # three idle ones the restart killed.
+        for _ in range(8):
+            with pool.connection() as conn, conn.cursor() as cur:
+                cur.execute("SELECT 1")
+                assert cur.fetchone() == (1,)
+                assert all(conn is not dead for dead in idle)
+        stats = pool.get_stats()
+        assert stats["connections_lost"] >= 1
+        assert stats["returns_bad"] == 1
+        pool.check_invariants()
+    finally:
+        pool.close()
+
+
 def test_a_restart_through_the_django_backend_with_twenty_greenlets(
     throwaway: EmbeddedServer, workers: Workers, app_name: str, django_db_blocker: Any
 ) -> None:
