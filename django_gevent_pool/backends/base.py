@@ -15,6 +15,7 @@ PostGIS's adapters are set up as by the stock backend.
 
 from __future__ import annotations
 
+import _thread
 import functools
 import logging
 import os
@@ -90,11 +91,17 @@ def drain_pools(timeout: float = 30.0) -> bool:
 
 
 def pool_options_for(alias: str, options: dict[str, Any]) -> tuple[PoolOptions, dict[str, Any]]:
-    """Validate ``OPTIONS`` of ``alias``; ``ImproperlyConfigured`` names the alias and key."""
+    """Validate ``OPTIONS`` of ``alias``; ``ImproperlyConfigured`` names the alias and key.
+
+    Django's own ``isolation_level`` is checked here too, before any pool is
+    made from these options (the stock backend checks it when connecting).
+    """
     try:
-        return PoolOptions.from_mapping(options, name=f"DATABASES[{alias!r}]")
+        validated = PoolOptions.from_mapping(options, name=f"DATABASES[{alias!r}]")
     except PoolConfigError as exc:
         raise ImproperlyConfigured(str(exc)) from exc
+    _isolation_level(alias, options)
+    return validated
 
 
 class PooledDatabaseWrapperMixin:
@@ -112,6 +119,9 @@ class PooledDatabaseWrapperMixin:
         self._pool: ConnectionPool | None = None  # where the current connection came from
         self._pool_discard = False  # Django judged the current connection broken
         self._pool_unwatch: Callable[[], None] | None = None  # cancels the greenlet-end return
+        # Identifies the current greenlet-end return: one that fires after it
+        # was cancelled (its callback already scheduled) finds another token.
+        self._pool_watch: object | None = None
         self._checked_key: tuple[Any, ...] | None = None  # settings key from check_settings
         # OPTIONS are not validated here but in check_settings(), at connect
         # time, as Django does with its own settings: model classes build the
@@ -191,19 +201,65 @@ class PooledDatabaseWrapperMixin:
             if conn_params is _SKIPPED_PARAMS:  # the pool was closed in between
                 self._checked_key = None
                 conn_params = self.get_connection_params()
+            isolation_level = _isolation_level(self.alias, self.settings_dict["OPTIONS"])
             pool = self._pool_for(conn_params)
-            isolation_level = _isolation_level(self.settings_dict["OPTIONS"])
             _resolved[self.alias] = (key, pool, isolation_level)
         conn = pool.getconn()
         self._pool = pool
         self._pool_discard = False
-        # A greenlet that ends holding the connection (a spawned ORM job, a
-        # Celery task, a killed request) gives it back without any decorator.
-        self._pool_unwatch = sync.on_greenlet_exit(
-            functools.partial(_return_orphan, weakref.ref(self), pool, conn)
-        )
+        if not self.allow_thread_sharing:  # type: ignore[attr-defined]
+            self._watch(pool, conn)
         self.isolation_level = isolation_level
         return conn
+
+    def _watch(self, pool: ConnectionPool, conn: Any) -> None:
+        """Give ``conn`` back to ``pool`` when the current greenlet ends holding it.
+
+        A greenlet that ends holding the connection (a spawned ORM job, a
+        Celery task, a killed request) gives it back without any decorator.
+        Does nothing in an OS thread or the main greenlet, which have no end
+        to watch.
+        """
+        token = object()
+        unwatch = sync.on_greenlet_exit(
+            functools.partial(_return_orphan, weakref.ref(self), pool, conn, token)
+        )
+        self._pool_unwatch = unwatch
+        self._pool_watch = None if unwatch is None else token
+
+    # ----------------------------------------------------- thread sharing
+
+    def inc_thread_sharing(self) -> None:
+        """Django's ``inc_thread_sharing()``; the connection then stays with whoever uses it.
+
+        Other threads or greenlets may now use this wrapper (Django's ticket
+        17258, ``LiveServerTestCase``), so the end of the greenlet that borrowed
+        the connection says nothing about whether it is still in use: the
+        greenlet-end return is cancelled, and the connection goes back to the
+        pool when the wrapper is closed. A connection borrowed while sharing is
+        on is not watched either.
+        """
+        super().inc_thread_sharing()  # type: ignore[misc]
+        self._stop_watching()
+
+    def dec_thread_sharing(self) -> None:
+        """Django's ``dec_thread_sharing()``; the last one watches the owner's greenlet again.
+
+        Once nobody shares the wrapper, only the greenlet (or thread) that
+        owns it may use it: if that is the caller and it holds a pooled
+        connection, the connection comes back to the pool when it ends.
+        Raises ``RuntimeError`` (Django's) when sharing was not on.
+        """
+        super().dec_thread_sharing()  # type: ignore[misc]
+        pool, conn = self._pool, self.connection
+        if (
+            pool is not None
+            and conn is not None
+            and self._pool_unwatch is None
+            and not self.allow_thread_sharing  # type: ignore[attr-defined]
+            and self._thread_ident == _thread.get_ident()  # type: ignore[attr-defined]
+        ):
+            self._watch(pool, conn)
 
     def _set_autocommit(self, autocommit: bool) -> None:
         # connect() sets it on every checkout; a pooled connection comes back
@@ -219,6 +275,9 @@ class PooledDatabaseWrapperMixin:
         # The PostgreSQL part (time zone, role) ran once when the pool opened
         # this connection; only Django's once-per-alias version check is left.
         BaseDatabaseWrapper.init_connection_state(self)  # type: ignore[arg-type]
+        # What the stock setup leaves cached on the wrapper, as it leaves it
+        # (code and tests read or reset it: `del connection.timezone_name`).
+        self.timezone_name  # type: ignore[attr-defined]  # noqa: B018 - caches it
 
     def _pool_for(self, conn_params: dict[str, Any]) -> ConnectionPool:
         pool_options, _ = pool_options_for(self.alias, self.settings_dict["OPTIONS"])
@@ -271,6 +330,7 @@ class PooledDatabaseWrapperMixin:
 
     def _stop_watching(self) -> None:
         unwatch, self._pool_unwatch = self._pool_unwatch, None
+        self._pool_watch = None
         if unwatch is not None:
             unwatch()
 
@@ -299,21 +359,25 @@ class PooledDatabaseWrapperMixin:
         self.close()  # type: ignore[attr-defined]
 
 
-def _return_orphan(wrapper_ref: weakref.ref[Any], pool: ConnectionPool, conn: Any) -> None:
+def _return_orphan(
+    wrapper_ref: weakref.ref[Any], pool: ConnectionPool, conn: Any, token: object
+) -> None:
     """Give back a connection whose greenlet ended without closing it.
 
     Runs in a fresh greenlet after the borrower's greenlet is dead, so the
-    borrower's wrapper (greenlet-local) can no longer be used by anyone; it is
-    only told that its connection is gone. A connection killed mid-query was
-    already closed by psycopg2 (and its query cancelled): the pool discards it.
+    borrower's wrapper (greenlet-local, and not shared: sharing cancels this)
+    can no longer be used by anyone; it is only told that its connection is
+    gone. A connection killed mid-query was already closed by psycopg2 (and
+    its query cancelled): the pool discards it.
     """
     wrapper = wrapper_ref()
     if wrapper is not None:
-        if wrapper.connection is not conn:
-            return  # given back (or replaced) already
+        if wrapper.connection is not conn or wrapper._pool_watch is not token:
+            return  # given back, replaced, or shared (inc_thread_sharing) meanwhile
         wrapper.connection = None
         wrapper._pool = None
         wrapper._pool_unwatch = None
+        wrapper._pool_watch = None
         discard = wrapper._pool_discard
     else:
         discard = False
@@ -338,17 +402,30 @@ def _forget_connections_after_fork() -> None:
             wrapper.connection = None
             wrapper._pool = None
             wrapper._pool_unwatch = None
+            wrapper._pool_watch = None
 
 
 os.register_at_fork(after_in_child=_forget_connections_after_fork)
 
 
-def _isolation_level(options: dict[str, Any]) -> Any:
-    """The wrapper's ``isolation_level`` attribute, as Django's get_new_connection sets it."""
+def _isolation_level(alias: str, options: dict[str, Any]) -> Any:
+    """The wrapper's ``isolation_level`` attribute, as Django's get_new_connection sets it.
+
+    Raises ``ImproperlyConfigured`` for a value that is not one of
+    ``IsolationLevel``'s, with Django's own message after the alias's name.
+    """
     from django.db.backends.postgresql.psycopg_any import IsolationLevel
 
     value = options.get("isolation_level")
-    return IsolationLevel.READ_COMMITTED if value is None else IsolationLevel(value)
+    if value is None:
+        return IsolationLevel.READ_COMMITTED
+    try:
+        return IsolationLevel(value)
+    except ValueError as exc:
+        raise ImproperlyConfigured(
+            f"DATABASES[{alias!r}]['OPTIONS']['isolation_level']: Invalid transaction "
+            f"isolation level {value} specified. Use one of the psycopg.IsolationLevel values."
+        ) from exc
 
 
 def _open_physical(
