@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .copying import CopyBlocksTheHub, blocking_copy
 from .errors import (
     PoolClosed,
     PoolConfigError,
@@ -18,6 +19,7 @@ __version__ = "1.0.0"
 
 __all__ = [
     "ConnectionPool",
+    "CopyBlocksTheHub",
     "PoolClosed",
     "PoolConfigError",
     "PoolError",
@@ -26,6 +28,7 @@ __all__ = [
     "PoolUnavailable",
     "TooManyRequests",
     "__version__",
+    "blocking_copy",
     "is_psycopg2_cooperative",
     "patch_psycopg2",
 ]

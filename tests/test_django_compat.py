@@ -8,19 +8,30 @@ tests/test_django.py they do not run again through PgBouncer.
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
+from decimal import Decimal
+from pathlib import Path
 from typing import Any
 
+import psycopg2
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 
+from django_gevent_pool import CopyBlocksTheHub, blocking_copy, devserver, is_psycopg2_cooperative
 from django_gevent_pool.backends.base import close_pools, get_pool
 from django_gevent_pool.backends.postgresql_psycopg2 import base as pooled_backend
 
-from .support import wait_until
+from .support import is_gevent, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True)
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 MakeWrapper = Callable[..., Any]
 
@@ -185,3 +196,192 @@ def test_once_sharing_ends_the_owner_greenlet_end_gives_it_back(make_wrapper: Ma
     conn, lent = seen[0]
     assert conn is not None and lent == 1, "taken back when the greenlet that borrowed it ended"
     wait_until(lambda: in_use("shared_then_not") == 0, what="the owner's end to give it back")
+
+
+# ---------------------------------------------------------------- COPY
+
+
+@pytest.fixture
+def copy_table() -> Iterator[str]:
+    """An empty table ``copy_item (name, price)`` in the test database, dropped afterwards."""
+    conn = connections["default"]
+    with conn.cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS copy_item")
+        cur.execute("CREATE TABLE copy_item (name text NOT NULL, price numeric NOT NULL)")
+    yield "copy_item"
+    with conn.cursor() as cur:
+        cur.execute("DROP TABLE IF EXISTS copy_item")
+    conn.close()
+
+
+def csv_rows(rows: int) -> io.StringIO:
+    return io.StringIO("".join(f"item {i},{i % 100}.25\n" for i in range(rows)))
+
+
+@pytest.mark.gevent_only
+@pytest.mark.parametrize("debug", [False, True], ids=["cursor", "debug-cursor"])
+def test_copy_under_gevent_says_to_use_blocking_copy(copy_table: str, debug: bool) -> None:
+    """Django's ``test_copy_to_expert_cursors``: psycopg2's message said nothing useful."""
+    conn = connections["default"]
+    conn.force_debug_cursor = debug
+    try:
+        with conn.cursor() as cur:
+            calls: list[Callable[[], Any]] = [
+                lambda: cur.copy_expert(f"COPY {copy_table} FROM STDIN (FORMAT csv)", csv_rows(1)),
+                lambda: cur.copy_from(io.StringIO("a\t1\n"), copy_table),
+                lambda: cur.copy_to(io.StringIO(), copy_table),
+            ]
+            for call in calls:
+                with pytest.raises(CopyBlocksTheHub, match=r"blocking_copy\(\)") as caught:
+                    call()
+                assert isinstance(caught.value, psycopg2.ProgrammingError), "as psycopg2's was"
+                assert "blocks the gevent hub" in str(caught.value)
+            cur.execute(f"SELECT count(*) FROM {copy_table}")
+            assert cur.fetchone()[0] == 0, "refused before anything reached the server"
+    finally:
+        conn.force_debug_cursor = False
+
+
+@pytest.mark.parametrize("debug", [False, True], ids=["cursor", "debug-cursor"])
+def test_blocking_copy_loads_and_unloads_real_data(copy_table: str, debug: bool) -> None:
+    """In both modes; under gevent the callback is lifted for the block and restored after."""
+    conn = connections["default"]
+    conn.force_debug_cursor = debug
+    cooperative = is_psycopg2_cooperative()
+    assert cooperative is is_gevent()
+    rows = 20_000
+    try:
+        with conn.cursor() as cur:
+            with blocking_copy():
+                assert psycopg2.extensions.get_wait_callback() is None
+                cur.copy_expert(f"COPY {copy_table} FROM STDIN (FORMAT csv)", csv_rows(rows))
+                cur.copy_from(io.StringIO("extra\t1000\n"), copy_table)
+                out = io.StringIO()
+                cur.copy_to(out, copy_table)
+            assert is_psycopg2_cooperative() is cooperative, "restored"
+            cur.execute(f"SELECT count(*), sum(price) FROM {copy_table}")
+            count, total = cur.fetchone()
+    finally:
+        conn.force_debug_cursor = False
+    assert count == rows + 1
+    assert total == sum(Decimal(i % 100) + Decimal("0.25") for i in range(rows)) + 1000
+    lines = out.getvalue().splitlines()
+    assert len(lines) == rows + 1
+    assert lines[0] == "item 0\t0.25" and lines[-1] == "extra\t1000"
+    if debug:
+        assert any("COPY" in q["sql"] for q in conn.queries), "the debug wrapper still logs"
+
+
+@pytest.mark.gevent_only
+def test_blocking_copy_blocks_the_hub_for_the_copy_only() -> None:
+    """What README.rst says: no other greenlet runs during the COPY, and all of them do after."""
+    import gevent
+
+    ticks = 0
+
+    def ticker() -> None:
+        nonlocal ticks
+        for _ in range(1000):  # bounded: 10 s at most
+            gevent.sleep(0.01)
+            ticks += 1
+
+    ticking = gevent.spawn(ticker)
+    try:
+        with connections["default"].cursor() as cur:
+            gevent.sleep(0.05)
+            assert ticks > 0, "the ticker runs while nothing blocks"
+            before = ticks
+            with blocking_copy():
+                cur.copy_expert("COPY (SELECT pg_sleep(0.3)) TO STDOUT", io.StringIO())
+            assert ticks == before, "a greenlet ran during the COPY"
+            gevent.sleep(0.05)
+            assert ticks > before, "the hub runs again once the COPY is over"
+    finally:
+        ticking.kill()
+        connections["default"].close()
+
+
+class _YieldingFile(io.StringIO):
+    """A COPY source whose ``read()`` yields to the hub, so a kill or timeout lands there."""
+
+    def read(self, size: int | None = -1) -> str:
+        import gevent
+
+        gevent.sleep(0.2)
+        return super().read(size)
+
+
+@pytest.mark.gevent_only
+def test_blocking_copy_restores_the_callback_on_every_exit(copy_table: str) -> None:
+    import gevent
+
+    callback = psycopg2.extensions.get_wait_callback()
+    assert callback is not None
+
+    def copy_in() -> None:
+        with connections["default"].cursor() as cur:
+            with blocking_copy():
+                source = _YieldingFile("a,1\n")
+                cur.copy_expert(f"COPY {copy_table} FROM STDIN (FORMAT csv)", source)
+
+    # A gevent.Timeout while read() yields. psycopg2 ends the COPY (nothing is
+    # written) and raises its own QueryCanceled in place of the Timeout.
+    with pytest.raises(psycopg2.errors.QueryCanceled, match="Timeout"):
+        with gevent.Timeout(0.05):
+            copy_in()
+    assert psycopg2.extensions.get_wait_callback() is callback
+    # Killed (GreenletExit) the same way.
+    job = gevent.spawn(copy_in)
+    gevent.sleep(0.05)
+    job.kill(block=True, timeout=5)
+    assert job.dead
+    assert psycopg2.extensions.get_wait_callback() is callback
+    # An error of the caller's inside the block.
+    with pytest.raises(ZeroDivisionError):
+        with blocking_copy():
+            1 / 0  # noqa: B018
+    assert psycopg2.extensions.get_wait_callback() is callback
+    # Overlapping blocks in two greenlets: lifted until the last one ends.
+    first_in = gevent.event.Event()
+    release = gevent.event.Event()
+
+    def holder() -> None:
+        with blocking_copy():
+            first_in.set()
+            release.wait(5)
+
+    held = gevent.spawn(holder)
+    first_in.wait(5)
+    with blocking_copy():
+        pass
+    assert psycopg2.extensions.get_wait_callback() is None, "the holder is still inside"
+    release.set()
+    held.join(timeout=5)
+    assert psycopg2.extensions.get_wait_callback() is callback
+    # The connection the interrupted COPYs ran on still works; nothing was loaded.
+    with connections["default"].cursor() as cur:
+        cur.execute(f"SELECT count(*) FROM {copy_table}")
+        assert cur.fetchone()[0] == 0
+
+
+def test_the_bulk_copy_example_loads_every_row(tmp_path: Path) -> None:
+    """examples/bulk_copy.py, which README.rst quotes, in a gevent-patched process of its own."""
+    dsn, _where = devserver.server_dsn()
+    out = tmp_path / "copy.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("DGP_", "DJANGO_"))}
+    env.update(DGP_DSN=dsn, DGP_DBNAME="dgp_examples_copy")
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "bulk_copy.py"), "--rows=50000", f"--json-out={out}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=50,
+        check=False,
+    )
+    assert done.returncode == 0 and out.exists(), done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    assert result["rows_loaded"] == 50_000
+    assert result["callback_restored"] is True
+    assert "blocking_copy()" in result["refused_without_it"]
+    assert result["ticks_during_copy"] == 0, "the COPY blocked the hub, as documented"
+    assert done.stdout.rstrip().endswith("OK")

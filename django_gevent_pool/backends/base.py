@@ -29,8 +29,10 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
+from django.db.backends.utils import CursorWrapper
 
 from .. import checks, sync
+from ..copying import guarded
 from ..errors import PoolConfigError
 from ..green import ensure_cooperative
 from ..options import PoolOptions
@@ -312,6 +314,18 @@ class PooledDatabaseWrapperMixin:
             after_reset=functools.partial(_setup_session, type(self), settings_dict, self.alias),
         )
 
+    # ----------------------------------------------------------- cursors
+
+    def make_cursor(self, cursor: Any) -> Any:
+        """Django's ``CursorWrapper``, whose COPY under gevent says to use ``blocking_copy()``."""
+        return _GuardedCursorWrapper(cursor, self)
+
+    def make_debug_cursor(self, cursor: Any) -> Any:
+        """The stock debug wrapper (it logs COPY), with the same COPY guard in front."""
+        wrapped = super().make_debug_cursor(cursor)  # type: ignore[misc]
+        wrapped.__class__ = guarded(type(wrapped))
+        return wrapped
+
     # ---------------------------------------------------------- return
 
     def _close(self) -> None:
@@ -357,6 +371,9 @@ class PooledDatabaseWrapperMixin:
         elif self.errors_occurred and self.is_usable():
             self.errors_occurred = False
         self.close()  # type: ignore[attr-defined]
+
+
+_GuardedCursorWrapper = guarded(CursorWrapper)
 
 
 def _return_orphan(
