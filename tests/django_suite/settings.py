@@ -1,0 +1,52 @@
+"""Settings for Django's own test suite (its ``tests/runtests.py --settings``).
+
+Both aliases Django's suite uses, ``default`` and ``other``, point at the
+server the rest of our suite uses (``devserver.server_dsn()``), through our
+engine, or through Django's stock PostgreSQL backend (psycopg2) when
+``DGP_DJANGO_BACKEND=stock`` (the reference run that tells our deviations from
+failures the stock backend has too). Everything else is what Django's own
+``tests/test_sqlite.py`` sets.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from django_gevent_pool.devserver import django_settings, server_dsn
+
+BACKEND = os.environ.get("DGP_DJANGO_BACKEND", "ours")
+if BACKEND not in ("ours", "stock"):
+    raise RuntimeError(f"DGP_DJANGO_BACKEND must be 'ours' or 'stock', got {BACKEND!r}")
+
+_dsn, _where = server_dsn()
+_pid = os.getpid()
+
+
+def _alias(name: str) -> dict[str, Any]:
+    if BACKEND == "stock":
+        engine = "django.db.backends.postgresql"
+        options: dict[str, Any] = {}
+    else:
+        engine = "django_gevent_pool.backends.postgresql_psycopg2"
+        # Room for the suite's threads (ThreadTests, select_for_update...) to
+        # hold a connection each; a checkout that waits this long is a bug.
+        options = {"MAX_CONNS": 10, "POOL_TIMEOUT": 10}
+    return {
+        "ENGINE": engine,
+        **django_settings(_dsn),
+        "OPTIONS": options,
+        # Django's suite creates (and drops) these; one pair per run.
+        "TEST": {"NAME": f"test_dgp_django_{name}_{_pid}"},
+    }
+
+
+DATABASES = {"default": _alias("default"), "other": _alias("other")}
+
+SECRET_KEY = "django_tests_secret_key"
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
+USE_TZ = False
+
+# Records every result for run.py, and leaves out what cannot run in this mode.
+TEST_RUNNER = "tests.django_suite.runner.RecordingRunner"
