@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test test-embedded demo bench bench-quick lint clean
+.PHONY: test test-django test-embedded demo bench bench-quick lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,13 @@ test: $(STAMP)
 	$(PY) -m ruff check .
 	DGP_TEST_MODE=gevent $(PY) -m pytest
 	DGP_TEST_MODE=threads $(PY) -m pytest
+
+# Django's own test suite (from the sdist of the installed Django, cached in
+# .cache/) through our engine, in both modes: fails on any failure not listed
+# with its reason in tests/django_suite/expected.py. The same apps also run
+# through Django's stock backend, to check which deviations it shares.
+test-django: $(STAMP)
+	$(PY) tests/django_suite/run.py --backend both
 
 # The suite as on a fresh machine with no PostgreSQL: the system server hidden
 # (as root: private network and mount namespaces), the embedded one used.
