@@ -9,9 +9,9 @@ in the process blocks: the COPY blocks the gevent hub, and so every greenlet
 of the process, until it ends. There is nothing better with psycopg2.
 
 :func:`blocking_copy` does that lifting, explicitly and for as short as the
-caller makes it. Without it, the pool's connections refuse COPY under gevent
-with :class:`CopyBlocksTheHub`, which says what to do, instead of psycopg2's
-message.
+caller makes it. Without it, the pooled backends' cursors refuse COPY under
+gevent with :class:`CopyBlocksTheHub`, which says what to do, instead of
+psycopg2's message (a raw psycopg2 cursor still gives psycopg2's).
 """
 
 from __future__ import annotations

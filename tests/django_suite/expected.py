@@ -35,11 +35,11 @@ _HEALTH_CHECKS = (
     "A pooled connection goes back to the pool at every request end "
     "(close_if_unusable_or_obsolete), whatever CONN_MAX_AGE says: the pool, not "
     "the greenlet that served a request, keeps connections alive (README.rst, "
-    "'Options'). These tests expect the wrapper to keep one persistent connection "
-    "across simulated requests and CONN_HEALTH_CHECKS to check it at the next "
-    "request's first query; here the next request borrows again, and the pool's "
-    "checkout check (local on every checkout, a real ping after PING_AFTER idle "
-    "seconds) does that job."
+    "Options: CONN_MAX_AGE and CONN_HEALTH_CHECKS). These tests expect the "
+    "wrapper to keep one persistent connection across simulated requests, and "
+    "CONN_HEALTH_CHECKS to check it at the next request's first query; here the "
+    "next request borrows again, and the pool's checkout check (local on every "
+    "checkout, a real ping after PING_AFTER idle seconds) does that job."
 )
 
 EXPECTED: list[Deviation] = [
