@@ -209,7 +209,8 @@ class PooledDatabaseWrapperMixin:
         conn = pool.getconn()
         self._pool = pool
         self._pool_discard = False
-        if not self.allow_thread_sharing:  # type: ignore[attr-defined]
+        # allow_thread_sharing, without its lock: an int read, on every checkout.
+        if not self._thread_sharing_count:  # type: ignore[attr-defined]
             self._watch(pool, conn)
         self.isolation_level = isolation_level
         return conn
