@@ -17,6 +17,8 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
+from .cancel import request_cancel
+
 logger = logging.getLogger("django_gevent_pool")
 
 # gevent's (wait_read, wait_write), bound on the first wait, never at import time.
@@ -27,8 +29,11 @@ def gevent_wait_callback(conn: Any, timeout: float | None = None) -> None:
     """psycopg2 wait callback: poll ``conn``, yielding to the gevent hub until done.
 
     Raises whatever the wait raises: ``gevent.Timeout`` or ``GreenletExit`` in
-    a killed greenlet, after which psycopg2 abandons the query and the
-    connection must not be reused in an unknown state.
+    a killed greenlet, after which psycopg2 abandons the query and closes the
+    connection. The running query is cancelled on the server first, without
+    waiting for the cancel (at most ``cancel.CANCEL_TIMEOUT`` s, in the
+    background), so the caller's timeout is honoured at once whatever the
+    network does.
     """
     global _gevent_waits
     if _gevent_waits is None:  # imported once, on first use: this runs for every query
@@ -53,17 +58,13 @@ def gevent_wait_callback(conn: Any, timeout: float | None = None) -> None:
     except BaseException:
         # Killed (GreenletExit) or timed out (gevent.Timeout) in the middle of a
         # query: psycopg2 closes the connection when we raise, but the server
-        # would go on running the query for nobody. Cancel it first.
-        _cancel_running_query(conn)
+        # would go on running the query for nobody. Cancel it, without waiting:
+        # psycopg2's own cancel() would block the whole process, with the GIL,
+        # for as long as a silent network stays silent. The request runs in a
+        # background greenlet, bounded (see cancel.py); the caller's exception
+        # goes on at once.
+        request_cancel(conn)
         raise
-
-
-def _cancel_running_query(conn: Any) -> None:
-    try:
-        if conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_ACTIVE:
-            conn.cancel()
-    except Exception:  # best effort: the connection is being abandoned anyway
-        logger.debug("could not cancel the query of an interrupted connection", exc_info=True)
 
 
 def _is_green(callback: Any) -> bool:

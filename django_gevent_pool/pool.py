@@ -28,7 +28,6 @@ The state machine, guarded by one OS lock whose critical sections never do I/O::
 
 from __future__ import annotations
 
-import _socket
 import logging
 import os
 import random
@@ -43,7 +42,7 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions as ext
 
-from . import sync, timing
+from . import cancel, sync, timing
 from .errors import PoolClosed, PoolConfigError, PoolTimeout, PoolUnavailable, TooManyRequests
 from .green import ensure_cooperative, is_psycopg2_cooperative
 from .options import PoolOptions
@@ -72,6 +71,12 @@ _BACKOFF_MAX = 0.5
 # turn to try at most this long (or its own timeout, if shorter), then fails
 # with PoolUnavailable chained from the last connect error.
 _OUTAGE_WAIT = 2.0
+# A checkout's ping ends within this many seconds (or the checkout's deadline,
+# if sooner): an empty query answers in milliseconds even from a busy server;
+# one that has not answered in 1.5 s is on a silent network or a stuck server,
+# and a new connection is the better bet. A ping never gets less than _PING_MIN.
+_PING_TIMEOUT = 1.5
+_PING_MIN = 0.05
 # With MIN_CONNS, housekeeping looks at idle connections at least this often.
 _MIN_CONNS_LOOK_EVERY = 0.5
 _EXPIRED = "it reached MAX_LIFETIME"  # a retirement, not a fault: no warning, not "bad"
@@ -238,16 +243,27 @@ class ConnectionPool:
         """The checkout itself; :meth:`getconn` records how long it took, failed or not."""
         deadline = start + timeout
         item, waiter = self._take_or_reserve()
+        # A slot may be used with no time left only when none was given
+        # (timeout=0 still opens a free slot; libpq's connect_timeout bounds it).
+        waited = waiter is not None and timeout > 0
         if waiter is not None:
             item = self._wait(waiter, start, deadline)
         while True:
             if item is _SLOT:
+                if waited and self._clock() >= deadline:
+                    # Handed a slot as the wait ended, or the checks of idle
+                    # connections took the rest of it (a ping that got no
+                    # answer): no time is left to connect, and a connect with
+                    # no bound would never end on a silent network.
+                    self._give_back_slot(opening=True)
+                    raise self._timed_out(start, "no time was left to connect")
                 entry = self._open(start, deadline)
                 break
             assert isinstance(item, _Entry)
-            if self._usable(item):
+            if self._usable(item, deadline):
                 entry = item
                 break
+            waited = timeout > 0
             item = self._replace_bad(item)
         entry.returning = False
         entry.leak_warned = False
@@ -861,6 +877,18 @@ class ConnectionPool:
                     else:
                         signal = None  # set meanwhile: used up
 
+    def _timed_out(self, start: float, why: str) -> PoolTimeout:
+        """Count a checkout that ran out of time for ``why``; the error to raise."""
+        waited = self._clock() - start
+        with self._lock:  # critical section: count and read the state for the message
+            self._counters["requests_timeouts"] += 1
+            self._counters["requests_errors"] += 1
+            counts = self._counts()
+        return PoolTimeout(
+            f"pool {self.name!r}: no connection available after {waited:.2f} s: {why} "
+            f"(MAX_CONNS={self.max_conns}) {counts}"
+        )
+
     def _unavailable(self, start: float, now: float | None = None) -> PoolUnavailable:
         """The error of a checkout given up on while the server fails (reads without lock)."""
         now = self._clock() if now is None else now
@@ -945,10 +973,14 @@ class ConnectionPool:
         with gevent.Timeout(remaining, _ConnectDeadline):
             return self._connect()
 
-    def _usable(self, entry: _Entry) -> bool:
-        """Check an idle entry just taken; on failure drop nothing yet, return False."""
+    def _usable(self, entry: _Entry, deadline: float) -> bool:
+        """Check an idle entry just taken; on failure drop nothing yet, return False.
+
+        A ping, if one is due, ends by ``deadline`` (the checkout's) or
+        ``_PING_TIMEOUT``, whichever is sooner.
+        """
         try:
-            reason = self._checkout_problem(entry)
+            reason = self._checkout_problem(entry, deadline)
         except BaseException:
             # Killed during a ping: the connection's state is unknown.
             self._drop(entry, "interrupted during its checkout check")
@@ -959,7 +991,7 @@ class ConnectionPool:
             logger.warning("pool %r: discarding a connection on checkout: %s", self.name, reason)
         return False
 
-    def _checkout_problem(self, entry: _Entry) -> str | None:
+    def _checkout_problem(self, entry: _Entry, deadline: float) -> str | None:
         conn = entry.conn
         now = self._clock()
         if conn.closed:
@@ -986,15 +1018,25 @@ class ConnectionPool:
         if entry.verified_at < self._invalidated_at or (
             ping_after is not None and now - entry.last_used >= ping_after
         ):
-            return self._ping(entry, now)
+            return self._ping(entry, now, deadline)
         return None
 
-    def _ping(self, entry: _Entry, now: float) -> str | None:
-        """One round trip with the empty query; None if the server answered."""
+    def _ping(self, entry: _Entry, now: float, deadline: float) -> str | None:
+        """One round trip with the empty query; None if the server answered.
+
+        Bounded by ``min(deadline - now, _PING_TIMEOUT)`` (at least
+        ``_PING_MIN``): past that a watchdog cuts the connection's socket, so
+        the ping's wait ends with an error in a greenlet and in a plain
+        thread alike, and the connection is reported bad (it is closed by the
+        caller; with its socket shut, closing it sends nothing that could
+        wait). A ping has no server-side work to cancel.
+        """
         conn = entry.conn
         with self._lock:  # critical section: count
             self._counters["pings"] += 1
+        bound = max(_PING_MIN, min(_PING_TIMEOUT, deadline - now))
         autocommit = conn.autocommit
+        watchdog = sync.Watchdog(bound, lambda: cancel.cut(conn))
         try:
             if not autocommit:
                 conn.autocommit = True  # local: no BEGIN for the ping
@@ -1005,13 +1047,26 @@ class ConnectionPool:
             # the round trip happened and the server is there.
             pass
         except psycopg2.Error as exc:
+            if watchdog.disarm():
+                return self._ping_timed_out(now, bound)
             self._lost(now)
             return f"ping failed: {str(exc).strip()}"
         finally:
-            if not conn.closed and not autocommit:
+            # Also when killed mid-ping (GreenletExit, an outer gevent.Timeout:
+            # BaseExceptions): the watchdog must never cut a socket later.
+            cut = watchdog.disarm()
+            if not cut and not conn.closed and not autocommit:
                 conn.autocommit = False
+        if cut:
+            # Answered just as the watchdog fired: the socket is shut all the same.
+            return self._ping_timed_out(now, bound)
         entry.last_used = entry.verified_at = now
         return None
+
+    def _ping_timed_out(self, now: float, bound: float) -> str:
+        """A ping got no answer in time: the network or the server is silent."""
+        self._lost(now)
+        return f"no answer to a ping within {bound:.2f} s (connection cut)"
 
     def _lost(self, now: float) -> None:
         """A connection died under us: connections opened before now get pinged before reuse."""
@@ -1291,25 +1346,16 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 def _sever(conn: Any) -> None:
     """Stop a connection in the middle of a query without taking psycopg2's lock.
 
-    The running query is cancelled (``PQcancel`` uses a separate connection,
-    so the server stops working for it at once), then the socket is shut in
-    both directions, so the server ends the backend and the party waiting on
-    the query gets an error instead of a result.
+    The running query's cancel request is set up (its own connection: the
+    server stops working for it), then the socket is shut in both
+    directions, so the party waiting on the query gets an error at once
+    instead of a result, and the server ends the backend. Never blocks the
+    hub: under a gevent hub the cancel is sent by a background greenlet;
+    in a plain thread it is sent here, within ``cancel.CANCEL_TIMEOUT`` s.
     """
-    try:
-        conn.cancel()
-    except Exception:  # best effort: the shutdown below ends it anyway
-        logger.debug("cancel failed", exc_info=True)
-    try:
-        sock = _socket.socket(fileno=os.dup(conn.fileno()))
-    except Exception:  # no socket left: nothing to shut
-        return
-    try:
-        sock.shutdown(_socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        sock.close()
+    send = cancel.start_cancel(conn)
+    cancel.cut(conn)
+    cancel.finish_cancel(send)
 
 
 def _close_quietly(conn: Any) -> None:

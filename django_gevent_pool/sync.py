@@ -338,3 +338,91 @@ def current_name() -> str:
     import threading
 
     return f"thread {threading.current_thread().name!r}"
+
+
+def wait_fd(fd: int, *, write: bool, timeout: float) -> bool:
+    """Wait until descriptor ``fd`` is readable (or writable); False after ``timeout`` s.
+
+    Yields to the gevent hub when this thread runs one (other greenlets go on);
+    otherwise blocks this thread only, in the original ``poll``/``select``.
+    GreenletExit or an outer ``gevent.Timeout`` raise through it.
+    """
+    timeout = max(timeout, 0.0)
+    if hub_in_this_thread():
+        from gevent.socket import wait_read, wait_write
+
+        try:
+            (wait_write if write else wait_read)(fd, timeout=timeout, timeout_exc=_FdTimeout())
+        except _FdTimeout:
+            return False
+        return True
+    if hasattr(select, "poll") or _patched("select"):
+        poller = original("select", "poll")()
+        poller.register(fd, (select.POLLOUT if write else select.POLLIN) | select.POLLERR)
+        return bool(poller.poll(timeout * 1000.0))
+    want = ([], [fd]) if write else ([fd], [])
+    ready = original("select", "select")(want[0], want[1], [], timeout)
+    return bool(ready[0] or ready[1])
+
+
+class _FdTimeout(Exception):
+    """``wait_fd``'s own timeout, told apart from any other exception."""
+
+
+class Watchdog:
+    """Call ``fire`` once after ``seconds``, unless :meth:`disarm` comes first.
+
+    For bounding a blocking call that another party can interrupt (a ping
+    whose socket gets cut): a timer of the hub when this thread runs one (so
+    ``fire`` runs in the hub and must not block: a system call such as
+    ``shutdown`` is fine), else a real OS thread, started now and ended by
+    :meth:`disarm`. ``fire`` must not raise; what it raises is logged.
+    """
+
+    __slots__ = ("_fire", "_fired", "_lock", "_pending", "_stop")
+
+    def __init__(self, seconds: float, fire: Callable[[], None]) -> None:
+        self._fire = fire
+        self._fired = False
+        self._pending = True
+        self._lock = allocate_lock()
+        self._stop: Callable[[], None]
+        seconds = max(seconds, 0.0)
+        if hub_in_this_thread():
+            from gevent import get_hub
+
+            timer = get_hub().loop.timer(seconds)
+            # update=True: from the real time now, not the loop's cached time.
+            timer.start(self._expire, update=True)
+            self._stop = timer.close
+        else:
+            done = original("_thread", "allocate_lock")()
+            done.acquire()
+
+            def watch() -> None:
+                if not done.acquire(True, min(seconds, _LONGEST_OS_WAIT)):
+                    self._expire()
+
+            original("_thread", "start_new_thread")(watch, ())
+            self._stop = done.release
+
+    def _expire(self) -> None:
+        with self._lock:  # critical section: fire once, and never after disarm()
+            if not self._pending:
+                return
+            self._pending = False
+            self._fired = True
+            try:
+                self._fire()  # under the lock: disarm() returns only once it is done
+            except Exception:
+                import logging
+
+                logging.getLogger("django_gevent_pool").exception("watchdog callback failed")
+
+    def disarm(self) -> bool:
+        """Stop the watchdog; True if it fired (before this call). Idempotent."""
+        with self._lock:  # critical section: after this, fire() never runs
+            pending, self._pending = self._pending, False
+        if pending:
+            self._stop()
+        return self._fired

@@ -1,0 +1,233 @@
+"""Cancelling a running query, and cutting a connection, without ever blocking the hub.
+
+psycopg2's ``conn.cancel()`` is libpq's ``PQcancel``: it opens a new
+connection to the server, sends the cancel request and waits for the server
+to close it, all blocking, *with the GIL held*. On a silent network (a NAT or
+load balancer that dropped the flow, a partition) that wait never ends: the
+whole process stops, every greenlet and every thread, until the kernel gives
+up. So the pool never calls it. Instead:
+
+- with libpq 17 or later (psycopg2-binary ships it), the cancel request goes
+  through libpq's non-blocking cancel API (``PQcancelCreate``,
+  ``PQcancelStart``, ``PQcancelPoll``), called through ctypes on the very
+  libpq psycopg2 is linked with, so TLS, GSS and the address of the original
+  connection are honoured. Its socket is waited on cooperatively (a gevent
+  hub) or with ``poll`` (a plain thread), at most :data:`CANCEL_TIMEOUT`
+  seconds, then abandoned;
+- with an older libpq, ``PQcancel`` runs in a real OS thread of its own
+  (ctypes releases the GIL around it); nobody waits for that thread.
+
+Either way the request is only *started* in the caller, which goes on at
+once: under a gevent hub the rest runs in a background greenlet; in a thread
+with no hub it runs in the caller, bounded by :data:`CANCEL_TIMEOUT`.
+
+:func:`cut` shuts a connection's socket in both directions without touching
+psycopg2's lock or libpq's state: whoever waits on it (a query, a ping) gets an
+error at once, and a later ``close()`` has nothing left to flush.
+"""
+
+from __future__ import annotations
+
+import _socket
+import ctypes
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import psycopg2.extensions as ext
+
+from . import sync
+
+logger = logging.getLogger("django_gevent_pool")
+
+#: Seconds a cancel request may take (connect, send, the server's close)
+#: before it is abandoned; the query's connection is cut anyway.
+CANCEL_TIMEOUT = 2.0
+
+# PostgresPollingStatusType
+_POLLING_FAILED, _POLLING_READING, _POLLING_WRITING, _POLLING_OK = 0, 1, 2, 3
+# A cancel connection needs a handful of polls (connect, TLS, send, close).
+_MAX_POLLS = 64
+
+
+class _LibPQ:
+    """The libpq functions the cancel needs, from the library psycopg2 itself uses.
+
+    All but ``PQcancel`` are bound through ``PyDLL``: they never block, and
+    keeping the GIL while they read the connection means no other Python
+    thread can close it under them. ``PQcancel`` may block: bound through
+    ``CDLL``, which releases the GIL around it.
+    """
+
+    def __init__(self, path: str) -> None:
+        handle = ctypes.PyDLL(path)
+        self.version = int(handle.PQlibVersion())
+        self.nonblocking = self.version >= 170000 and hasattr(handle, "PQcancelCreate")
+        vp, i = ctypes.c_void_p, ctypes.c_int
+        if self.nonblocking:
+            self.create = _fn(handle.PQcancelCreate, vp, [vp])
+            self.start = _fn(handle.PQcancelStart, i, [vp])
+            self.poll = _fn(handle.PQcancelPoll, i, [vp])
+            self.socket = _fn(handle.PQcancelSocket, i, [vp])
+            self.error = _fn(handle.PQcancelErrorMessage, ctypes.c_char_p, [vp])
+            self.finish = _fn(handle.PQcancelFinish, None, [vp])
+        self.get_cancel = _fn(handle.PQgetCancel, vp, [vp])
+        self.blocking_cancel = _fn(ctypes.CDLL(path).PQcancel, i, [vp, ctypes.c_char_p, i])
+        self.free_cancel = _fn(handle.PQfreeCancel, None, [vp])
+
+
+def _fn(func: Any, restype: Any, argtypes: list[Any]) -> Any:
+    func.restype = restype
+    func.argtypes = argtypes
+    return func
+
+
+_libpq: _LibPQ | None = None
+_libpq_failed = False
+
+
+def libpq() -> _LibPQ | None:
+    """psycopg2's libpq through ctypes (bound once, on first use); None if out of reach."""
+    global _libpq, _libpq_failed
+    if _libpq is None and not _libpq_failed:
+        try:
+            import psycopg2._psycopg as extension
+
+            # dlsym on the extension's handle finds the libpq it was linked
+            # with (the wheel's own copy for psycopg2-binary), not another one.
+            _libpq = _LibPQ(extension.__file__)
+        except Exception:  # no ctypes, a static build...: cancels are skipped, cuts remain
+            _libpq_failed = True
+            logger.warning("libpq is out of reach through ctypes: queries are cut, not cancelled")
+    return _libpq
+
+
+def request_cancel(conn: Any, timeout: float = CANCEL_TIMEOUT) -> None:
+    """Ask the server to stop ``conn``'s running query; never block the hub, never raise.
+
+    :func:`start_cancel` then :func:`finish_cancel`: the request is driven
+    in a background greenlet under a gevent hub, or in the calling thread,
+    for at most ``timeout`` seconds, otherwise.
+    """
+    finish_cancel(start_cancel(conn, timeout))
+
+
+def start_cancel(conn: Any, timeout: float = CANCEL_TIMEOUT) -> Callable[[], None] | None:
+    """Set up a cancel request for ``conn``'s running query; return what sends it.
+
+    Does nothing (returns None) unless a query runs on ``conn`` (transaction
+    status ACTIVE). No I/O happens here and the GIL is held throughout, so
+    ``conn`` may be cut or closed as soon as this returns: the request has
+    its own connection. The returned callable drives it to its end, at most
+    ``timeout`` seconds from now: past that, or on any error, it is
+    abandoned with a debug log (a silent network swallows it). Never raises.
+    A connection that is not psycopg2's (a test double) gets its own
+    ``cancel()`` called here.
+    """
+    try:
+        if conn.closed or conn.info.transaction_status != ext.TRANSACTION_STATUS_ACTIVE:
+            return None
+        ptr = getattr(conn, "pgconn_ptr", None)
+        if ptr is None:
+            conn.cancel()  # not psycopg2: whatever cancel its driver has
+            return None
+        lib = libpq()
+        if lib is None:
+            return None
+        if not lib.nonblocking:
+            return _blocking_cancel(lib, ptr)
+        cancel_conn = lib.create(ptr)
+        if not cancel_conn:
+            return None
+        if not lib.start(cancel_conn):
+            logger.debug("cancel request not started: %s", _error(lib, cancel_conn))
+            lib.finish(cancel_conn)
+            return None
+    except Exception:  # best effort: the connection is abandoned anyway
+        logger.debug("could not start a cancel request", exc_info=True)
+        return None
+    deadline = time.monotonic() + timeout
+    return lambda: _drive(lib, cancel_conn, deadline)
+
+
+def finish_cancel(send: Callable[[], None] | None) -> None:
+    """Run what :func:`start_cancel` returned: in a new greenlet under a hub, else here."""
+    if send is None:
+        return
+    if sync.hub_in_this_thread():
+        import gevent
+
+        gevent.spawn_raw(send)
+    else:
+        send()
+
+
+def _drive(lib: _LibPQ, cancel_conn: int, deadline: float) -> None:
+    """Poll a started cancel connection to its end or ``deadline``, then free it."""
+    try:
+        for _ in range(_MAX_POLLS):
+            state = lib.poll(cancel_conn)
+            if state == _POLLING_OK:
+                return
+            if state not in (_POLLING_READING, _POLLING_WRITING):
+                logger.debug("cancel request failed: %s", _error(lib, cancel_conn))
+                return
+            remaining = deadline - time.monotonic()
+            fd = lib.socket(cancel_conn)
+            if (
+                remaining <= 0
+                or fd < 0
+                or not sync.wait_fd(fd, write=state == _POLLING_WRITING, timeout=remaining)
+            ):
+                logger.debug("cancel request abandoned: no answer within its %s s", CANCEL_TIMEOUT)
+                return
+    finally:
+        # Whatever ends the loop, a GreenletExit too (the hub shutting down):
+        # the cancel connection is freed. PQcancelFinish closes its socket and
+        # sends nothing: it never blocks.
+        lib.finish(cancel_conn)
+
+
+def _blocking_cancel(lib: _LibPQ, ptr: int) -> Callable[[], None] | None:
+    """libpq < 17: ``PQcancel``, to run in a detached OS thread (ctypes drops the GIL)."""
+    cancel = lib.get_cancel(ptr)
+    if not cancel:
+        return None
+
+    def run() -> None:
+        errbuf = ctypes.create_string_buffer(256)
+        try:
+            if not lib.blocking_cancel(cancel, errbuf, 256):
+                logger.debug("cancel request failed: %s", errbuf.value.decode(errors="replace"))
+        finally:
+            lib.free_cancel(cancel)
+
+    # Nobody waits for this thread: it ends when the network answers or the
+    # kernel gives up on it (keepalives, tcp_user_timeout).
+    return lambda: sync.original("_thread", "start_new_thread")(run, ())
+
+
+def _error(lib: _LibPQ, cancel_conn: int) -> str:
+    message = lib.error(cancel_conn)
+    return message.decode(errors="replace").strip() if message else "unknown error"
+
+
+def cut(conn: Any) -> None:
+    """Shut ``conn``'s socket in both directions, without psycopg2's lock; never raises.
+
+    The party waiting on the connection (a query, a ping) wakes with an error
+    at once, the server ends the backend when it next reads, and closing the
+    connection later sends nothing that could wait on a silent network.
+    """
+    try:
+        sock = _socket.socket(fileno=os.dup(conn.fileno()))
+    except Exception:  # no socket left: nothing to shut
+        return
+    try:
+        sock.shutdown(_socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()

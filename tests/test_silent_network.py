@@ -1,0 +1,146 @@
+"""A silent network never freezes the process: bounded pings, non-blocking cancels and closes.
+
+The network goes silent the way a NAT or a load balancer that dropped an idle
+flow makes it, or a partition: the loopback proxy stops forwarding bytes, no
+RST, and still accepts new connections (whose bytes go nowhere either, so a
+cancel request's own connection is silenced too). Each scenario runs with 20+
+workers in a process of its own (tests/silent_network_child.py) beside a
+ticker, whose largest gap is how long that process stood still: a regression
+that freezes it fails here, after the parent's bound, instead of hanging the
+suite. The promises (README.rst, "Silent network"):
+
+- a checkout's ping ends within min(its deadline, 1.5 s); a connection that
+  does not answer is cut and replaced, or the checkout fails within
+  POOL_TIMEOUT;
+- cancelling a query (its greenlet timed out, or the connection returned
+  while the query runs) never blocks, whatever the network does;
+- discarding, returning and closing connections never block either;
+- with README's recipe a query on a network gone silent fails within its
+  bound, and the pool replaces its connection;
+- once the network is back, the pool serves within 1 s.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .proxy import Proxy
+from .support import MODE
+
+ROOT = Path(__file__).resolve().parent.parent
+# A noisy, shared 2-core machine: bounds are asserted with this slack.
+SLACK = 0.5
+# The longest the child may stand still: the ticker sleeps 10 ms; a 2-core
+# machine running 24 workers, a proxy and a server beside it adds some.
+MAX_GAP = 0.3 if MODE == "gevent" else 0.5
+SERVES_WITHIN = 1.0 + SLACK
+# The parent's bound on a child that does not finish: then the proxy resumes
+# (which unfreezes a frozen child, whose ticker gap then tells the story).
+CHILD_BOUND = 30.0
+
+
+def run_child(scenario: str, proxy: Proxy, direct: str, app_name: str) -> dict[str, Any]:
+    """Run one scenario in a child process, serving its STALL/RESUME requests."""
+    lines: queue.Queue[str | None] = queue.Queue()
+    with tempfile.TemporaryFile(mode="w+") as stderr:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.silent_network_child",
+                scenario,
+                proxy.dsn(),
+                direct,
+                app_name,
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            cwd=ROOT,
+            env={**os.environ, "DGP_TEST_MODE": MODE},
+        )
+        assert proc.stdin is not None and proc.stdout is not None
+        stdout, stdin = proc.stdout, proc.stdin
+
+        def read() -> None:
+            for line in stdout:
+                lines.put(line.strip())
+            lines.put(None)
+
+        threading.Thread(target=read, daemon=True).start()
+        result: dict[str, Any] | None = None
+        overran = False
+        deadline = time.monotonic() + CHILD_BOUND
+        try:
+            while True:
+                try:
+                    line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    if overran:
+                        break
+                    # Frozen, or waiting for ever: let the network speak again and
+                    # give it a little longer to report how long it stood still.
+                    overran = True
+                    proxy.resume()
+                    deadline = time.monotonic() + 10.0
+                    continue
+                if line is None:
+                    break
+                if line in ("STALL", "RESUME"):
+                    if line == "STALL":
+                        proxy.stall()
+                    else:
+                        proxy.resume()
+                    stdin.write("OK\n")
+                    stdin.flush()
+                elif line.startswith("RESULT "):
+                    result = json.loads(line[len("RESULT ") :])
+        finally:
+            proxy.resume()
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(10)
+            stderr.seek(0)
+            errors = stderr.read()
+    assert result is not None, f"the child reported nothing; its stderr:\n{errors[-4000:]}"
+    assert not overran, f"the child ran past {CHILD_BOUND} s (frozen?): {result}"
+    return result
+
+
+@pytest.fixture
+def proxy(dsn: str) -> Any:
+    with Proxy(dsn) as p:
+        yield p
+
+
+def test_a_ping_on_a_silent_network_is_bounded_and_the_hub_runs_on(
+    proxy: Proxy, dsn: str, app_name: str
+) -> None:
+    """The issue's pool: MAX_CONNS=2, PING_AFTER=0, POOL_TIMEOUT=2, one idle connection."""
+    result = run_child("ping", proxy, dsn, app_name)
+    assert result["left"] == 0 and result["finished"] == 24, result
+    if MODE == "gevent":
+        # Nothing answers: the ping is cut at 1.5 s, the connects end at the
+        # checkout's deadline; every checkout fails within POOL_TIMEOUT.
+        assert result["outcomes"] == ["PoolTimeout"], result
+        assert result["longest"] <= 2.0 + SLACK, result
+    else:
+        # A plain thread cannot be interrupted in a connect: libpq's
+        # connect_timeout (2 s here) bounds the one that follows the ping.
+        assert set(result["outcomes"]) <= {"PoolTimeout", "PoolUnavailable", "OperationalError"}
+        assert result["longest"] <= 1.5 + 2.0 + SLACK, result
+    assert result["gap"] < MAX_GAP, result
+    assert result["stats"]["pings"] >= 1 and result["stats"]["connections_lost"] >= 1, result
+    assert result["served"] <= SERVES_WITHIN, result
