@@ -1,4 +1,4 @@
-"""What Django's own test suite (``make test-django``) found in the backend, kept fixed.
+"""What Django's own test suite (``make test-django``) and reviews found in the backend, kept fixed.
 
 One test (or a few) per fix; each failed before it. They use wrappers of
 aliases of their own on the suite's test database, straight to the server:
@@ -106,6 +106,59 @@ def test_connect_leaves_the_attributes_the_stock_connect_leaves(make_wrapper: Ma
         assert pooled.timezone_name == "UTC"
     finally:
         for wrapper in wrappers.values():
+            wrapper.close()
+
+
+# ------------------------------------------- session state and credentials
+
+
+def test_a_time_zone_set_by_one_borrower_does_not_reach_the_next(
+    make_wrapper: MakeWrapper,
+) -> None:
+    """Django's ensure_timezone() on every checkout: free unless the zone changed."""
+    first = make_wrapper("tz", MAX_CONNS=1)
+    with first.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        backend = cur.fetchone()[0]
+        cur.execute("SET TIME ZONE 'Asia/Tokyo'")
+    first.close()  # back to the pool with the session's zone changed
+    second = make_wrapper("tz", MAX_CONNS=1)
+    try:
+        with second.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid(), current_setting('TimeZone')")
+            assert cur.fetchone() == (backend, "UTC"), "same session, zone set back"
+    finally:
+        second.close()
+
+
+def test_connection_parameters_are_taken_afresh_for_each_physical_connection(
+    make_wrapper: MakeWrapper, admin: Any
+) -> None:
+    """A subclass returning a new IAM token or rotated password per connect (RDS IAM auth)."""
+    import itertools
+
+    issued = itertools.count()
+    base_class = pooled_backend.DatabaseWrapper
+
+    class RotatingWrapper(base_class):  # type: ignore[misc, valid-type]
+        def get_connection_params(self) -> dict[str, Any]:
+            params: dict[str, Any] = super().get_connection_params()
+            # Observable on the server; a real subclass would set "password".
+            params["application_name"] = f"dgp-rotating-{next(issued)}"
+            return params
+
+    settings_dict = make_wrapper("rotating", MAX_CONNS=2).settings_dict
+    wrappers = [RotatingWrapper(settings_dict, alias="rotating") for _ in range(2)]
+    try:
+        names = []
+        for wrapper in wrappers:  # both held: two physical connections
+            with wrapper.cursor() as cur:
+                cur.execute("SELECT current_setting('application_name')")
+                names.append(cur.fetchone()[0])
+        assert len(set(names)) == 2, names
+        assert all(name.startswith("dgp-rotating-") for name in names)
+    finally:
+        for wrapper in wrappers:
             wrapper.close()
 
 

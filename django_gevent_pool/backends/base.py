@@ -54,10 +54,11 @@ checks.register()
 # settings skip validation and the pool lookup. Replaced whole, never mutated.
 _resolved: dict[str, tuple[tuple[Any, ...], ConnectionPool, Any]] = {}
 
-# Returned by get_connection_params() inside connect() when the alias's pool is
-# known and open: get_new_connection() does not need parameters then. Compared
-# by identity; never handed to psycopg2.
-_SKIPPED_PARAMS: dict[str, Any] = {}
+# The key of what get_connection_params() returns inside connect() when the
+# alias's pool is known and open: get_new_connection() does not need parameters
+# then. A fresh dict each time (a subclass may add to it, say a token), told
+# apart by this key, never handed to psycopg2.
+_SKIPPED = "__django_gevent_pool_params_skipped__"
 
 
 def get_pool(alias: str = DEFAULT_DB_ALIAS) -> ConnectionPool | None:
@@ -181,7 +182,7 @@ class PooledDatabaseWrapperMixin:
             # checkout's cost.
             resolved = _resolved.get(self.alias)
             if resolved is not None and resolved[0] == key and not resolved[1].closed:
-                return _SKIPPED_PARAMS
+                return {_SKIPPED: True}
         params: dict[str, Any] = super().get_connection_params()  # type: ignore[misc]
         for name in PoolOptions.names():
             params.pop(name, None)
@@ -200,7 +201,7 @@ class PooledDatabaseWrapperMixin:
             # The fast path: same settings as last time, pool still open.
             pool, isolation_level = resolved[1], resolved[2]
         else:
-            if conn_params is _SKIPPED_PARAMS:  # the pool was closed in between
+            if conn_params.get(_SKIPPED):  # the pool was closed in between
                 self._checked_key = None
                 conn_params = self.get_connection_params()
             isolation_level = _isolation_level(self.alias, self.settings_dict["OPTIONS"])
@@ -280,7 +281,17 @@ class PooledDatabaseWrapperMixin:
         BaseDatabaseWrapper.init_connection_state(self)  # type: ignore[arg-type]
         # What the stock setup leaves cached on the wrapper, as it leaves it
         # (code and tests read or reset it: `del connection.timezone_name`).
-        self.timezone_name  # type: ignore[attr-defined]  # noqa: B018 - caches it
+        timezone_name = self.timezone_name  # type: ignore[attr-defined]
+        # A borrower may have changed the session's time zone (SET TIME ZONE):
+        # the server reported it (ParameterStatus), so this look costs no round
+        # trip, and only a changed zone is set back, as Django's own
+        # ensure_timezone() does.
+        conn = self.connection
+        if timezone_name and conn.info.parameter_status("TimeZone") != timezone_name:
+            with conn.cursor() as cursor:
+                cursor.execute(self.ops.set_time_zone_sql(), [timezone_name])  # type: ignore[attr-defined]
+            if not self.get_autocommit():  # type: ignore[attr-defined]
+                conn.commit()
 
     def _pool_for(self, conn_params: dict[str, Any]) -> ConnectionPool:
         pool_options, _ = pool_options_for(self.alias, self.settings_dict["OPTIONS"])
@@ -296,18 +307,16 @@ class PooledDatabaseWrapperMixin:
         return registry.get(
             self.alias,
             fingerprint,
-            functools.partial(self._make_pool, conn_params, pool_options),
+            functools.partial(self._make_pool, pool_options),
             tags={"dbname": conn_params.get("dbname")},
         )
 
-    def _make_pool(self, conn_params: dict[str, Any], pool_options: PoolOptions) -> ConnectionPool:
+    def _make_pool(self, pool_options: PoolOptions) -> ConnectionPool:
         ensure_cooperative()
         # A snapshot: the test runner mutates settings_dict in place later, and
         # this pool must keep connecting where its fingerprint says.
         settings_dict = {**self.settings_dict, "OPTIONS": dict(self.settings_dict["OPTIONS"])}
-        connect = functools.partial(
-            _open_physical, type(self), settings_dict, self.alias, conn_params
-        )
+        connect = functools.partial(_open_physical, type(self), settings_dict, self.alias)
         return ConnectionPool(
             connect,
             name=self.alias,
@@ -446,17 +455,19 @@ def _isolation_level(alias: str, options: dict[str, Any]) -> Any:
         ) from exc
 
 
-def _open_physical(
-    cls: type, settings_dict: dict[str, Any], alias: str, conn_params: dict[str, Any]
-) -> Any:
+def _open_physical(cls: type, settings_dict: dict[str, Any], alias: str) -> Any:
     """Open one physical connection through Django's own stock setup.
 
-    A scratch wrapper of the same class runs the stock ``get_new_connection``
-    (isolation level, JSON adapters), then ``set_autocommit`` and the stock
-    ``init_connection_state`` (time zone, ``assume_role``), exactly as Django's
-    ``connect()`` would. The connection is closed if any of it fails.
+    A scratch wrapper of the same class takes the connection parameters
+    afresh (``get_connection_params()``, so a subclass that returns a new IAM
+    token or a rotated password is asked for each physical connection), runs
+    the stock ``get_new_connection`` (isolation level, JSON adapters), then
+    ``set_autocommit`` and the stock ``init_connection_state`` (time zone,
+    ``assume_role``), exactly as Django's ``connect()`` would. The connection
+    is closed if any of it fails.
     """
     wrapper = cls(settings_dict, alias)
+    conn_params = wrapper.get_connection_params()
     conn = super(PooledDatabaseWrapperMixin, wrapper).get_new_connection(conn_params)
     try:
         _setup_session(cls, settings_dict, alias, conn, wrapper=wrapper)
