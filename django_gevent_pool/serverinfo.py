@@ -24,7 +24,6 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 from . import sync
-from .errors import PoolConfigError
 from .options import PoolOptions
 from .pgbouncer import detect_pool_mode
 
@@ -112,10 +111,11 @@ def alias_pool_options(alias: str, settings_dict: Mapping[str, Any]) -> PoolOpti
         raise ImproperlyConfigured(
             f"DATABASES[{alias!r}]: OPTIONS must be a dict, got {type(options).__name__}"
         )
-    try:
-        return PoolOptions.from_mapping(options, name=f"DATABASES[{alias!r}]")[0]
-    except PoolConfigError as exc:
-        raise ImproperlyConfigured(str(exc)) from exc
+    # The backend's own validation (pool options and Django's isolation_level),
+    # imported here: the backend module imports this one.
+    from .backends.base import pool_options_for
+
+    return pool_options_for(alias, dict(options))[0]
 
 
 def connection_params(

@@ -185,9 +185,14 @@ def test_e001_invalid_options_become_a_check_error() -> None:
             "zero": alias_settings(OPTIONS={"MAX_CONNS": 0}),
             "native": alias_settings(OPTIONS={"pool": True}),
             "foreign": alias_settings(OPTIONS={"max_size": 10}),
+            "isolation": alias_settings(OPTIONS={"isolation_level": -1}),
         }
     )
-    assert ids(issues) == ["django_gevent_pool.E001"] * 3
+    assert ids(issues) == ["django_gevent_pool.E001"] * 4
+    assert (
+        "DATABASES['isolation']['OPTIONS']['isolation_level']: Invalid transaction isolation "
+        "level -1 specified. Use one of the psycopg.IsolationLevel values."
+    ) in {m.msg for m in issues}
     messages = {m.msg for m in issues}
     assert "DATABASES['zero']: OPTIONS['MAX_CONNS'] must be an integer >= 1, got 0" in messages
     assert any(m.startswith("DATABASES['native']: OPTIONS['pool'] = True") for m in messages)
