@@ -18,8 +18,8 @@ up. So the pool never calls it. Instead:
   (ctypes releases the GIL around it); nobody waits for that thread.
 
 Either way the request is only *started* in the caller, which goes on at
-once: under a gevent hub the rest runs in a background greenlet; in a thread
-with no hub it runs in the caller, bounded by :data:`CANCEL_TIMEOUT`.
+once: the rest runs in a background greenlet under a gevent hub, else in a
+short-lived OS thread, and ends by itself within :data:`CANCEL_TIMEOUT`.
 
 :func:`cut` shuts a connection's socket in both directions without touching
 psycopg2's lock or libpq's state: whoever waits on it (a query, a ping) gets an
@@ -108,8 +108,8 @@ def request_cancel(conn: Any, timeout: float = CANCEL_TIMEOUT) -> None:
     """Ask the server to stop ``conn``'s running query; never block the hub, never raise.
 
     :func:`start_cancel` then :func:`finish_cancel`: the request is driven
-    in a background greenlet under a gevent hub, or in the calling thread,
-    for at most ``timeout`` seconds, otherwise.
+    in a background greenlet (or OS thread, with no gevent hub) for at most
+    ``timeout`` seconds.
     """
     finish_cancel(start_cancel(conn, timeout))
 
@@ -153,7 +153,12 @@ def start_cancel(conn: Any, timeout: float = CANCEL_TIMEOUT) -> Callable[[], Non
 
 
 def finish_cancel(send: Callable[[], None] | None) -> None:
-    """Run what :func:`start_cancel` returned: in a new greenlet under a hub, else here."""
+    """Run what :func:`start_cancel` returned, without waiting for it.
+
+    In a new greenlet under a gevent hub, else in a new OS thread (a thread
+    returning many running connections in a row must not wait for each
+    cancel in turn); either way it ends by itself within its bound.
+    """
     if send is None:
         return
     if sync.hub_in_this_thread():
@@ -161,7 +166,7 @@ def finish_cancel(send: Callable[[], None] | None) -> None:
 
         gevent.spawn_raw(send)
     else:
-        send()
+        sync.original("_thread", "start_new_thread")(send, ())
 
 
 def _drive(lib: _LibPQ, cancel_conn: int, deadline: float) -> None:

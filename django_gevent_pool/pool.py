@@ -1349,9 +1349,9 @@ def _sever(conn: Any) -> None:
     The running query's cancel request is set up (its own connection: the
     server stops working for it), then the socket is shut in both
     directions, so the party waiting on the query gets an error at once
-    instead of a result, and the server ends the backend. Never blocks the
-    hub: under a gevent hub the cancel is sent by a background greenlet;
-    in a plain thread it is sent here, within ``cancel.CANCEL_TIMEOUT`` s.
+    instead of a result, and the server ends the backend. Never waits on
+    the network: the cancel is sent by a background greenlet (or OS thread,
+    with no gevent hub), within ``cancel.CANCEL_TIMEOUT`` s.
     """
     send = cancel.start_cancel(conn)
     cancel.cut(conn)

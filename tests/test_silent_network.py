@@ -144,3 +144,53 @@ def test_a_ping_on_a_silent_network_is_bounded_and_the_hub_runs_on(
     assert result["gap"] < MAX_GAP, result
     assert result["stats"]["pings"] >= 1 and result["stats"]["connections_lost"] >= 1, result
     assert result["served"] <= SERVES_WITHIN, result
+
+
+def test_cancelling_queries_on_a_silent_network_never_blocks(
+    proxy: Proxy, dsn: str, app_name: str
+) -> None:
+    """24 queries run; the network goes silent; their callers give up on them.
+
+    In gevent mode 20 of them end by their own ``gevent.Timeout(3)`` (the
+    wait callback cancels them) and 4 are returned to the pool while they
+    run (putconn on an ACTIVE connection: cancelled and cut); in threads mode
+    all 24 are returned while they run. Every cancel request's own
+    connection is silenced too.
+    """
+    result = run_child("cancel", proxy, dsn, app_name)
+    assert result["left"] == 0 and result["finished"] == 24, result
+    assert "ok" not in result["outcomes"], result
+    assert result["gap"] < MAX_GAP, result
+    # Cut at once: a return waits for no network round trip (the cancel is
+    # sent in the background, within CANCEL_TIMEOUT), and the query's party
+    # gets its error at once.
+    assert result["severed"] == (4 if MODE == "gevent" else 24), result
+    assert result["longest_return"] <= 0.1, result
+    # The gevent.Timeout(3) ones end by their own timeout, the others at once.
+    assert result["latest_end"] <= (3.0 if MODE == "gevent" else 0.0) + SLACK, result
+    assert result["stats"]["returns_bad"] >= result["severed"], result
+    assert result["served"] <= SERVES_WITHIN, result
+
+
+def test_discarding_returning_and_closing_on_a_silent_network_never_block(
+    proxy: Proxy, dsn: str, app_name: str
+) -> None:
+    result = run_child("close", proxy, dsn, app_name)
+    assert result["took"] < 1.0, result
+    assert result["gap"] < MAX_GAP, result
+    assert result["stats"]["connections_closed"] == 24, result
+
+
+@pytest.mark.gevent_only
+def test_the_readme_recipe_bounds_a_query_on_a_network_gone_silent(
+    proxy: Proxy, dsn: str, app_name: str
+) -> None:
+    """``gevent.Timeout`` around the query: it fails within its bound, the pool replaces it."""
+    result = run_child("recipe", proxy, dsn, app_name)
+    assert result["left"] == 0 and result["outcome"] == "Timeout", result
+    assert result["took"] <= 2.0 + SLACK, result
+    assert result["gap"] < MAX_GAP, result
+    # The broken connection was discarded when it came back; a new one serves.
+    assert result["before"]["returns_bad"] == 1 and result["before"]["pool_size"] == 0, result
+    assert result["after"]["connections_num"] == 2, result
+    assert result["served"] <= SERVES_WITHIN, result
