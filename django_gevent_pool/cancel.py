@@ -45,6 +45,12 @@ logger = logging.getLogger("django_gevent_pool")
 #: Seconds a cancel request may take (connect, send, the server's close)
 #: before it is abandoned; the query's connection is cut anyway.
 CANCEL_TIMEOUT = 2.0
+#: Seconds a query's interrupted caller (the wait callback) waits for its
+#: cancel to be delivered before its exception goes on and psycopg2 closes
+#: the connection. On a live network the cancel takes a millisecond and so
+#: arrives first, which PgBouncer needs (it forwards a cancel only for a
+#: client it still has); on a silent network the exception is this late.
+CANCEL_HEAD_START = 0.2
 
 # PostgresPollingStatusType
 _POLLING_FAILED, _POLLING_READING, _POLLING_WRITING, _POLLING_OK = 0, 1, 2, 3
@@ -104,14 +110,16 @@ def libpq() -> _LibPQ | None:
     return _libpq
 
 
-def request_cancel(conn: Any, timeout: float = CANCEL_TIMEOUT) -> None:
-    """Ask the server to stop ``conn``'s running query; never block the hub, never raise.
+def request_cancel(conn: Any, head_start: float = CANCEL_HEAD_START) -> None:
+    """Ask the server to stop ``conn``'s running query; never block the hub.
 
     :func:`start_cancel` then :func:`finish_cancel`: the request is driven
     in a background greenlet (or OS thread, with no gevent hub) for at most
-    ``timeout`` seconds.
+    :data:`CANCEL_TIMEOUT` seconds, and the caller waits up to
+    ``head_start`` seconds for it to be delivered. Raises only what
+    interrupts that wait (GreenletExit, an outer ``gevent.Timeout``).
     """
-    finish_cancel(start_cancel(conn, timeout))
+    finish_cancel(start_cancel(conn), wait=head_start)
 
 
 def start_cancel(conn: Any, timeout: float = CANCEL_TIMEOUT) -> Callable[[], None] | None:
@@ -152,21 +160,20 @@ def start_cancel(conn: Any, timeout: float = CANCEL_TIMEOUT) -> Callable[[], Non
     return lambda: _drive(lib, cancel_conn, deadline)
 
 
-def finish_cancel(send: Callable[[], None] | None) -> None:
-    """Run what :func:`start_cancel` returned, without waiting for it.
+def finish_cancel(send: Callable[[], None] | None, *, wait: float = 0.0) -> None:
+    """Run what :func:`start_cancel` returned; wait up to ``wait`` s for it to end.
 
-    In a new greenlet under a gevent hub, else in a new OS thread (a thread
-    returning many running connections in a row must not wait for each
-    cancel in turn); either way it ends by itself within its bound.
+    In a new greenlet under a gevent hub (the wait yields to it), else in a
+    new OS thread (a thread returning many running connections in a row
+    must not wait for each cancel in turn); either way it ends by itself
+    within its bound. GreenletExit or an outer ``gevent.Timeout`` raise
+    through the wait; the cancel goes on regardless.
     """
     if send is None:
         return
-    if sync.hub_in_this_thread():
-        import gevent
-
-        gevent.spawn_raw(send)
-    else:
-        sync.original("_thread", "start_new_thread")(send, ())
+    done = sync.in_background(send)
+    if wait > 0:
+        done.wait(wait)
 
 
 def _drive(lib: _LibPQ, cancel_conn: int, deadline: float) -> None:

@@ -30,10 +30,10 @@ def gevent_wait_callback(conn: Any, timeout: float | None = None) -> None:
 
     Raises whatever the wait raises: ``gevent.Timeout`` or ``GreenletExit`` in
     a killed greenlet, after which psycopg2 abandons the query and closes the
-    connection. The running query is cancelled on the server first, without
-    waiting for the cancel (at most ``cancel.CANCEL_TIMEOUT`` s, in the
-    background), so the caller's timeout is honoured at once whatever the
-    network does.
+    connection. The running query is cancelled on the server first, in the
+    background (bounded by ``cancel.CANCEL_TIMEOUT``); the exception goes on
+    once the cancel is delivered, or ``cancel.CANCEL_HEAD_START`` (0.2 s)
+    later at most, whatever the network does.
     """
     global _gevent_waits
     if _gevent_waits is None:  # imported once, on first use: this runs for every query
@@ -58,11 +58,11 @@ def gevent_wait_callback(conn: Any, timeout: float | None = None) -> None:
     except BaseException:
         # Killed (GreenletExit) or timed out (gevent.Timeout) in the middle of a
         # query: psycopg2 closes the connection when we raise, but the server
-        # would go on running the query for nobody. Cancel it, without waiting:
-        # psycopg2's own cancel() would block the whole process, with the GIL,
+        # would go on running the query for nobody. Cancel it, never blocking:
+        # psycopg2's own cancel() would stop the whole process, with the GIL,
         # for as long as a silent network stays silent. The request runs in a
         # background greenlet, bounded (see cancel.py); the caller's exception
-        # goes on at once.
+        # goes on once it is delivered, or after CANCEL_HEAD_START at most.
         request_cancel(conn)
         raise
 

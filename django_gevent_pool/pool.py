@@ -77,6 +77,11 @@ _OUTAGE_WAIT = 2.0
 # and a new connection is the better bet. A ping never gets less than _PING_MIN.
 _PING_TIMEOUT = 1.5
 _PING_MIN = 0.05
+# The round trips of a return (the rollback of a connection returned in a
+# transaction, RESET_QUERY and the session setup after it) end within this
+# many seconds, or the connection is cut and discarded: both take milliseconds
+# on a live path, and the caller (a request's teardown) must not hang.
+_RETURN_TIMEOUT = 2.0
 # With MIN_CONNS, housekeeping looks at idle connections at least this often.
 _MIN_CONNS_LOOK_EVERY = 0.5
 _EXPIRED = "it reached MAX_LIFETIME"  # a retirement, not a fault: no warning, not "bad"
@@ -1036,37 +1041,33 @@ class ConnectionPool:
             self._counters["pings"] += 1
         bound = max(_PING_MIN, min(_PING_TIMEOUT, deadline - now))
         autocommit = conn.autocommit
-        watchdog = sync.Watchdog(bound, lambda: cancel.cut(conn))
-        try:
+
+        def ping() -> None:
             if not autocommit:
                 conn.autocommit = True  # local: no BEGIN for the ping
             with conn.cursor() as cur:
                 cur.execute(";")
+
+        try:
+            if not _within(bound, conn, ping):
+                return self._silent(now, f"a ping within {bound:.2f} s")
         except psycopg2.ProgrammingError:
             # "can't execute an empty query" comes after the server's EmptyQueryResponse:
             # the round trip happened and the server is there.
             pass
         except psycopg2.Error as exc:
-            if watchdog.disarm():
-                return self._ping_timed_out(now, bound)
             self._lost(now)
             return f"ping failed: {str(exc).strip()}"
         finally:
-            # Also when killed mid-ping (GreenletExit, an outer gevent.Timeout:
-            # BaseExceptions): the watchdog must never cut a socket later.
-            cut = watchdog.disarm()
-            if not cut and not conn.closed and not autocommit:
+            if not conn.closed and not autocommit:
                 conn.autocommit = False
-        if cut:
-            # Answered just as the watchdog fired: the socket is shut all the same.
-            return self._ping_timed_out(now, bound)
         entry.last_used = entry.verified_at = now
         return None
 
-    def _ping_timed_out(self, now: float, bound: float) -> str:
-        """A ping got no answer in time: the network or the server is silent."""
+    def _silent(self, now: float, what: str) -> str:
+        """A round trip got no answer in time: the network or the server is silent."""
         self._lost(now)
-        return f"no answer to a ping within {bound:.2f} s (connection cut)"
+        return f"no answer to {what} (connection cut)"
 
     def _lost(self, now: float) -> None:
         """A connection died under us: connections opened before now get pinged before reuse."""
@@ -1096,7 +1097,12 @@ class ConnectionPool:
     # ----------------------------------------------------------- return path
 
     def _clean_for_reuse(self, entry: _Entry) -> str | None:
-        """Bring a returned connection back to IDLE; return why not, or None."""
+        """Bring a returned connection back to IDLE; return why not, or None.
+
+        The rollback and ``RESET_QUERY`` each get ``_RETURN_TIMEOUT`` seconds:
+        past that the connection's socket is cut (a silent network) and it is
+        discarded, so a return never waits for ever.
+        """
         conn = entry.conn
         if conn.closed:
             return "it is closed"
@@ -1113,7 +1119,8 @@ class ConnectionPool:
             with self._lock:  # critical section: count
                 self._counters["returns_rolled_back"] += 1
             try:
-                conn.rollback()
+                if not _within(_RETURN_TIMEOUT, conn, conn.rollback):
+                    return self._silent(self._clock(), f"the rollback within {_RETURN_TIMEOUT} s")
             except psycopg2.Error as exc:
                 return f"the rollback of a connection returned {name} failed: {str(exc).strip()}"
         elif status == ext.TRANSACTION_STATUS_ACTIVE:
@@ -1126,7 +1133,8 @@ class ConnectionPool:
             return f"it was returned with transaction status {_STATUS_NAMES.get(status, status)}"
         reset = self.options.RESET_QUERY
         if reset is not None:
-            try:
+
+            def reset_session() -> None:
                 autocommit = conn.autocommit
                 conn.autocommit = True
                 with conn.cursor() as cur:
@@ -1134,6 +1142,10 @@ class ConnectionPool:
                 conn.autocommit = autocommit
                 if self._after_reset is not None:
                     self._after_reset(conn)
+
+            try:
+                if not _within(_RETURN_TIMEOUT, conn, reset_session):
+                    return self._silent(self._clock(), f"RESET_QUERY within {_RETURN_TIMEOUT} s")
             except Exception as exc:
                 return f"RESET_QUERY or the session setup after it failed: {str(exc).strip()}"
         now = self._clock()
@@ -1356,6 +1368,31 @@ def _sever(conn: Any) -> None:
     send = cancel.start_cancel(conn)
     cancel.cut(conn)
     cancel.finish_cancel(send)
+
+
+def _within(seconds: float, conn: Any, call: Callable[[], None]) -> bool:
+    """Run ``call``, round trips on ``conn``; False if it took ``seconds`` and ``conn`` was cut.
+
+    A watchdog shuts ``conn``'s socket after ``seconds`` (``sync.Watchdog``:
+    a hub timer under gevent, an OS thread otherwise), so ``call``'s wait
+    ends with an error in a greenlet and in a plain thread alike; that error
+    is swallowed and False returned. Any other exception from ``call``
+    propagates. Whatever happens, the watchdog is disarmed before this
+    returns or raises, and never cuts the socket later.
+    """
+    watchdog = sync.Watchdog(seconds, lambda: cancel.cut(conn))
+    try:
+        call()
+    except Exception:
+        if watchdog.disarm():
+            return False
+        raise
+    finally:
+        # Also when killed mid-call (GreenletExit, an outer gevent.Timeout:
+        # BaseExceptions): the socket must never be cut once we are gone.
+        cut = watchdog.disarm()
+    # Answered just as the watchdog fired: the socket is shut all the same.
+    return not cut
 
 
 def _close_quietly(conn: Any) -> None:

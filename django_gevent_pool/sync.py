@@ -426,3 +426,27 @@ class Watchdog:
         if pending:
             self._stop()
         return self._fired
+
+
+def in_background(func: Callable[[], None]) -> Signal:
+    """Run ``func`` in a new greenlet (this thread runs a hub) or a new OS thread.
+
+    Returns a signal set when ``func`` ends, however it ends; waiting on it
+    is optional. ``func`` should not raise: what it raises is reported by
+    gevent (a greenlet) or printed by the thread machinery.
+    """
+    done = new_signal()
+
+    def run() -> None:
+        try:
+            func()
+        finally:
+            done.set()
+
+    if hub_in_this_thread():
+        import gevent
+
+        gevent.spawn_raw(run)
+    else:
+        original("_thread", "start_new_thread")(run, ())
+    return done

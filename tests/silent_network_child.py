@@ -247,17 +247,27 @@ def scenario_close() -> dict[str, Any]:
         conn.commit()
     for conn in conns[: WORKERS // 2]:
         pool.putconn(conn)  # idle in the pool
+    in_transaction = conns[WORKERS // 2]
+    with in_transaction.cursor() as cur:
+        cur.execute("SELECT 1")  # left open: its return rolls back
     control("STALL")
     stalled = time.monotonic()
-    for conn in conns[WORKERS // 2 : -4]:
+    pool.putconn(in_transaction)  # the rollback gets no answer
+    rolled_back = time.monotonic()
+    for conn in conns[WORKERS // 2 + 1 : -4]:
         pool.putconn(conn, discard=True)
     pool.close()  # closes the idle ones
     for conn in conns[-4:]:
         pool.putconn(conn)  # returned after close: closed
-    took = time.monotonic() - stalled
+    done = time.monotonic()
     gap = max_gap(stalled)
     control("RESUME")
-    return {"took": took, "gap": gap, "stats": pool.get_stats()}
+    return {
+        "rollback": rolled_back - stalled,
+        "took": done - rolled_back,
+        "gap": gap,
+        "stats": pool.get_stats(),
+    }
 
 
 def scenario_recipe() -> dict[str, Any]:
