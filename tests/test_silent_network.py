@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import socket
 import subprocess
 import sys
 import tempfile
@@ -34,10 +35,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psycopg2
+import psycopg2.errors
 import pytest
 
+from django_gevent_pool import cancel, sync
+from django_gevent_pool.green import ensure_cooperative
+
 from .proxy import Proxy
-from .support import MODE
+from .support import MODE, Workers, sleep, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 # A noisy, shared 2-core machine: bounds are asserted with this slack.
@@ -198,3 +204,72 @@ def test_the_readme_recipe_bounds_a_query_on_a_network_gone_silent(
     assert result["before"]["returns_bad"] == 1 and result["before"]["pool_size"] == 0, result
     assert result["after"]["connections_num"] == 2, result
     assert result["served"] <= SERVES_WITHIN, result
+
+
+# ----------------------------------------------- the pieces, on a live network
+
+
+@pytest.mark.parametrize("nonblocking", [True, False], ids=["libpq17-cancel", "PQcancel-thread"])
+def test_a_cancel_request_stops_the_running_query(
+    dsn: str, admin: Any, app_name: str, workers: Workers, nonblocking: bool
+) -> None:
+    """Both ways of cancelling reach the server: libpq 17's, and PQcancel in a thread."""
+    lib = cancel.libpq()
+    assert lib is not None and lib.nonblocking, "psycopg2-binary ships libpq 17"
+    ensure_cooperative()  # as a pool does: the query must not block the gevent hub
+    conn = psycopg2.connect(dsn, application_name=app_name)
+
+    def sleep_long() -> None:
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_sleep(30)")
+
+    try:
+        workers.spawn(sleep_long)
+        wait_until(lambda: active(admin, app_name), what="the query to run")
+        lib.nonblocking = nonblocking
+        started = time.monotonic()
+        cancel.request_cancel(conn)
+        workers.join(10)
+        assert time.monotonic() - started < 3.0
+        assert [type(e) for e in workers.errors] == [psycopg2.errors.QueryCanceled]
+    finally:
+        lib.nonblocking = True
+        conn.close()
+
+
+def active(admin: Any, app_name: str) -> bool:
+    with admin.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+            "AND state = 'active'",
+            [app_name],
+        )
+        return bool(cur.fetchone()[0])
+
+
+def test_a_watchdog_fires_once_after_its_time_and_never_after_disarm() -> None:
+    fired: list[float] = []
+    started = time.monotonic()
+    late = sync.Watchdog(0.05, lambda: fired.append(time.monotonic() - started))
+    wait_until(lambda: bool(fired), what="the watchdog to fire", timeout=5)
+    sleep(0.1)
+    assert len(fired) == 1 and fired[0] >= 0.05
+    assert late.disarm() is True and late.disarm() is True
+    early = sync.Watchdog(0.05, lambda: fired.append(-1.0))
+    assert early.disarm() is False
+    sleep(0.2)
+    assert len(fired) == 1, "a disarmed watchdog never fires"
+
+
+def test_wait_fd_waits_for_readiness_and_gives_up_at_its_timeout() -> None:
+    left, right = socket.socketpair()
+    try:
+        started = time.monotonic()
+        assert sync.wait_fd(left.fileno(), write=False, timeout=0.1) is False
+        assert 0.09 <= time.monotonic() - started < 1.0
+        assert sync.wait_fd(left.fileno(), write=True, timeout=1.0) is True
+        right.send(b"x")
+        assert sync.wait_fd(left.fileno(), write=False, timeout=1.0) is True
+    finally:
+        left.close()
+        right.close()
