@@ -55,6 +55,11 @@ def gevent_wait_callback(conn: Any, timeout: float | None = None) -> None:
                 wait_write(fileno(), timeout=timeout)
             else:
                 raise psycopg2.OperationalError(f"bad result from poll: {state!r}")
+    except psycopg2.Error:
+        # The connection itself failed (the server went away, its socket was
+        # cut by the pool's watchdog or by a return while running): psycopg2
+        # reports it; the pool has sent any cancel that was due.
+        raise
     except BaseException:
         # Killed (GreenletExit) or timed out (gevent.Timeout) in the middle of a
         # query: psycopg2 closes the connection when we raise, but the server

@@ -24,6 +24,11 @@ The state machine, guarded by one OS lock whose critical sections never do I/O::
   (single flight), spaced by a short backoff; checkouts that need a new
   connection wait for their turn at most 2 s, so a server that is back is
   served within a second and a server that is down is not stampeded.
+- On a silent network (packets dropped, no error) nothing waits without a
+  bound: a ping gets ``min(1.5 s, the checkout's deadline)``, a return's
+  rollback or ``RESET_QUERY`` 2 s, after which a watchdog cuts the socket; a
+  query returned while running is cut and its cancel sent in the background
+  (:mod:`django_gevent_pool.cancel`); the gevent hub never waits at all.
 """
 
 from __future__ import annotations
