@@ -434,7 +434,8 @@ class ConnectionPool:
         daemon thread outside gevent, runs it from the first checkout on, so
         idle connections close even when no request ever comes again; it runs
         again at once after a connect or a lost connection while below
-        ``MIN_CONNS``. A failed connect is logged and retried on a later round.
+        ``MIN_CONNS``. A failed connect, or one that did not finish within
+        ``POOL_TIMEOUT`` (under gevent), is logged and retried on a later round.
         """
         now = self._clock()
         self._warn_leaks(now)
@@ -480,7 +481,16 @@ class ConnectionPool:
             return False
         started = self._clock()
         try:
-            conn = self._connect()
+            try:
+                # Bounded under gevent like a checkout's (a connect on a silent
+                # network would stall the housekeeping for good); in a plain
+                # thread by libpq's connect_timeout.
+                conn = self._connect_before(started + self.timeout)
+            except _ConnectDeadline:
+                raise PoolUnavailable(
+                    f"pool {self.name!r}: a connect for MIN_CONNS did not finish within "
+                    f"{self.timeout:.2f} s (POOL_TIMEOUT)"
+                ) from None
         except BaseException as exc:
             # BaseException on purpose: the housekeeping greenlet killed in the
             # middle of a connect must give its slot and its turn back too.

@@ -39,7 +39,7 @@ import psycopg2
 import psycopg2.errors
 import pytest
 
-from django_gevent_pool import cancel, sync
+from django_gevent_pool import ConnectionPool, cancel, sync
 from django_gevent_pool.green import ensure_cooperative
 
 from .proxy import Proxy
@@ -273,3 +273,33 @@ def test_wait_fd_waits_for_readiness_and_gives_up_at_its_timeout() -> None:
     finally:
         left.close()
         right.close()
+
+
+@pytest.mark.gevent_only
+def test_the_housekeeping_connect_for_min_conns_is_bounded_on_a_silent_network(
+    proxy: Proxy, app_name: str
+) -> None:
+    """A MIN_CONNS connect that gets no answer ends at POOL_TIMEOUT; the next round connects."""
+    import gevent
+
+    pool = ConnectionPool(
+        lambda: psycopg2.connect(proxy.dsn(application_name=app_name)),
+        name=app_name,
+        options={"MIN_CONNS": 1, "POOL_TIMEOUT": 0.5},
+        background=False,
+    )
+    try:
+        proxy.stall()
+        job = gevent.spawn(pool.maintain)
+        job.join(3)
+        assert job.dead, "the housekeeping connect never ended"
+        assert job.value is False
+        stats = pool.get_stats()
+        assert stats["connections_errors"] == 1 and stats["pool_size"] == 0, stats
+        proxy.resume()
+        wait_until(lambda: pool.maintain(), what="the next round to connect", timeout=5)
+        assert pool.get_stats()["pool_size"] == 1
+        pool.check_invariants()
+    finally:
+        proxy.resume()
+        pool.close()
