@@ -10,16 +10,18 @@ up. So the pool never calls it. Instead:
 - with libpq 17 or later (psycopg2-binary ships it), the cancel request goes
   through libpq's non-blocking cancel API (``PQcancelCreate``,
   ``PQcancelStart``, ``PQcancelPoll``), called through ctypes on the very
-  libpq psycopg2 is linked with, so TLS, GSS and the address of the original
-  connection are honoured. Its socket is waited on cooperatively (a gevent
-  hub) or with ``poll`` (a plain thread), at most :data:`CANCEL_TIMEOUT`
-  seconds, then abandoned;
+  libpq psycopg2 is linked with (psycopg 3 wraps the same API itself), so
+  TLS, GSS and the address of the original connection are honoured. Its
+  socket is waited on cooperatively (a gevent hub) or with ``poll`` (a plain
+  thread), at most :data:`CANCEL_TIMEOUT` seconds, then abandoned;
 - with an older libpq, ``PQcancel`` runs in a real OS thread of its own
   (ctypes releases the GIL around it); nobody waits for that thread.
 
 Either way the request is only *started* in the caller, which goes on at
-once: the rest runs in a background greenlet under a gevent hub, else in a
-short-lived OS thread, and ends by itself within :data:`CANCEL_TIMEOUT`.
+once (or after a head start of :data:`CANCEL_HEAD_START` at most, asked by
+the wait callback): the rest runs in a background greenlet under a gevent
+hub, else in a short-lived OS thread, and ends by itself within
+:data:`CANCEL_TIMEOUT`.
 
 :func:`cut` shuts a connection's socket in both directions without touching
 psycopg2's lock or libpq's state: whoever waits on it (a query, a ping) gets an
@@ -131,33 +133,72 @@ def start_cancel(conn: Any, timeout: float = CANCEL_TIMEOUT) -> Callable[[], Non
     its own connection. The returned callable drives it to its end, at most
     ``timeout`` seconds from now: past that, or on any error, it is
     abandoned with a debug log (a silent network swallows it). Never raises.
-    A connection that is not psycopg2's (a test double) gets its own
-    ``cancel()`` called here.
+
+    ``conn`` is a psycopg2 connection, or a psycopg 3 one (its own
+    ``PGcancelConn``, libpq 17+; with an older libpq its cancel could hold
+    the GIL, so none is sent and the caller's cut has to do). Anything else
+    (a test double) gets its own ``cancel()`` called here.
     """
     try:
         if conn.closed or conn.info.transaction_status != ext.TRANSACTION_STATUS_ACTIVE:
             return None
         ptr = getattr(conn, "pgconn_ptr", None)
-        if ptr is None:
-            conn.cancel()  # not psycopg2: whatever cancel its driver has
-            return None
-        lib = libpq()
-        if lib is None:
-            return None
-        if not lib.nonblocking:
-            return _blocking_cancel(lib, ptr)
-        cancel_conn = lib.create(ptr)
-        if not cancel_conn:
-            return None
-        if not lib.start(cancel_conn):
-            logger.debug("cancel request not started: %s", _error(lib, cancel_conn))
-            lib.finish(cancel_conn)
-            return None
+        if ptr is not None:
+            return _psycopg2_cancel(ptr, timeout)
+        pgconn = getattr(conn, "pgconn", None)
+        if pgconn is not None:
+            return _psycopg3_cancel(pgconn, timeout)
+        conn.cancel()  # neither: whatever cancel its driver has
     except Exception:  # best effort: the connection is abandoned anyway
         logger.debug("could not start a cancel request", exc_info=True)
+    return None
+
+
+def _psycopg2_cancel(ptr: int, timeout: float) -> Callable[[], None] | None:
+    """libpq's non-blocking cancel through ctypes, on psycopg2's own libpq."""
+    lib = libpq()
+    if lib is None:
+        return None
+    if not lib.nonblocking:
+        return _blocking_cancel(lib, ptr)
+    cancel_conn = lib.create(ptr)
+    if not cancel_conn:
+        return None
+    if not lib.start(cancel_conn):
+        logger.debug("cancel request not started: %s", _error(lib, cancel_conn))
+        lib.finish(cancel_conn)
         return None
     deadline = time.monotonic() + timeout
-    return lambda: _drive(lib, cancel_conn, deadline)
+    return lambda: _drive(
+        lambda: int(lib.poll(cancel_conn)),
+        lambda: int(lib.socket(cancel_conn)),
+        lambda: _error(lib, cancel_conn),
+        lambda: lib.finish(cancel_conn),
+        deadline,
+    )
+
+
+def _psycopg3_cancel(pgconn: Any, timeout: float) -> Callable[[], None] | None:
+    """psycopg 3's own non-blocking cancel connection (libpq 17+), or nothing."""
+    from psycopg import pq
+
+    if pq.version() < 170000:
+        logger.debug("libpq %s has no non-blocking cancel: the query is cut only", pq.version())
+        return None
+    cancel_conn = pgconn.cancel_conn()
+    try:
+        cancel_conn.start()
+    except Exception:
+        cancel_conn.finish()
+        raise
+    deadline = time.monotonic() + timeout
+    return lambda: _drive(
+        lambda: int(cancel_conn.poll()),
+        lambda: int(cancel_conn.socket),
+        lambda: str(cancel_conn.get_error_message()),
+        cancel_conn.finish,
+        deadline,
+    )
 
 
 def finish_cancel(send: Callable[[], None] | None, *, wait: float = 0.0) -> None:
@@ -176,18 +217,24 @@ def finish_cancel(send: Callable[[], None] | None, *, wait: float = 0.0) -> None
         done.wait(wait)
 
 
-def _drive(lib: _LibPQ, cancel_conn: int, deadline: float) -> None:
+def _drive(
+    poll: Callable[[], int],
+    socket: Callable[[], int],
+    error: Callable[[], str],
+    finish: Callable[[], None],
+    deadline: float,
+) -> None:
     """Poll a started cancel connection to its end or ``deadline``, then free it."""
     try:
         for _ in range(_MAX_POLLS):
-            state = lib.poll(cancel_conn)
+            state = poll()
             if state == _POLLING_OK:
                 return
             if state not in (_POLLING_READING, _POLLING_WRITING):
-                logger.debug("cancel request failed: %s", _error(lib, cancel_conn))
+                logger.debug("cancel request failed: %s", error())
                 return
             remaining = deadline - time.monotonic()
-            fd = lib.socket(cancel_conn)
+            fd = socket()
             if (
                 remaining <= 0
                 or fd < 0
@@ -195,11 +242,13 @@ def _drive(lib: _LibPQ, cancel_conn: int, deadline: float) -> None:
             ):
                 logger.debug("cancel request abandoned: no answer within its %s s", CANCEL_TIMEOUT)
                 return
+    except Exception:  # best effort, in the background: nobody to tell
+        logger.debug("cancel request failed", exc_info=True)
     finally:
         # Whatever ends the loop, a GreenletExit too (the hub shutting down):
-        # the cancel connection is freed. PQcancelFinish closes its socket and
+        # the cancel connection is freed. Finishing closes its socket and
         # sends nothing: it never blocks.
-        lib.finish(cancel_conn)
+        finish()
 
 
 def _blocking_cancel(lib: _LibPQ, ptr: int) -> Callable[[], None] | None:

@@ -209,15 +209,25 @@ def test_the_readme_recipe_bounds_a_query_on_a_network_gone_silent(
 # ----------------------------------------------- the pieces, on a live network
 
 
-@pytest.mark.parametrize("nonblocking", [True, False], ids=["libpq17-cancel", "PQcancel-thread"])
+@pytest.mark.parametrize(
+    "how", ["libpq17-cancel", "PQcancel-thread", "psycopg3"], ids=lambda how: how
+)
 def test_a_cancel_request_stops_the_running_query(
-    dsn: str, admin: Any, app_name: str, workers: Workers, nonblocking: bool
+    dsn: str, admin: Any, app_name: str, workers: Workers, how: str
 ) -> None:
-    """Both ways of cancelling reach the server: libpq 17's, and PQcancel in a thread."""
+    """Every way of cancelling reaches the server: psycopg2 with libpq 17's
+    non-blocking cancel and with PQcancel in a thread, and psycopg 3's own."""
     lib = cancel.libpq()
     assert lib is not None and lib.nonblocking, "psycopg2-binary ships libpq 17"
     ensure_cooperative()  # as a pool does: the query must not block the gevent hub
-    conn = psycopg2.connect(dsn, application_name=app_name)
+    if how == "psycopg3":
+        psycopg = pytest.importorskip("psycopg")
+        conn = psycopg.connect(dsn, application_name=app_name)
+        canceled: type[BaseException] = psycopg.errors.QueryCanceled
+    else:
+        conn = psycopg2.connect(dsn, application_name=app_name)
+        canceled = psycopg2.errors.QueryCanceled
+    nonblocking = how != "PQcancel-thread"
 
     def sleep_long() -> None:
         with conn.cursor() as cur:
@@ -231,7 +241,7 @@ def test_a_cancel_request_stops_the_running_query(
         cancel.request_cancel(conn)
         workers.join(10)
         assert time.monotonic() - started < 3.0
-        assert [type(e) for e in workers.errors] == [psycopg2.errors.QueryCanceled]
+        assert [type(e) for e in workers.errors] == [canceled]
     finally:
         lib.nonblocking = True
         conn.close()
