@@ -684,3 +684,37 @@ def test_behind_pgbouncer_whose_console_refuses_the_user_only_w005_is_possible()
     assert ids(issues) == ["django_gevent_pool.W005"], [m.msg for m in issues]
     assert f"the server itself listens on port {bouncer.upstream_port}" in issues[0].msg
     assert "stats_users" in (issues[0].hint or "")
+
+
+@pytest.mark.parametrize("isolation_level", [None, -1])
+def test_check_in_a_process_that_has_not_loaded_the_backend_keeps_it_on_psycopg2(
+    tmp_path: Path, isolation_level: int | None
+) -> None:
+    """Only the app installed: the checks validate OPTIONS before the backend is imported.
+
+    With psycopg 3 installed too (the test extra installs it), validating
+    isolation_level through a plain import of Django's psycopg_any bound
+    Django's PostgreSQL backend to psycopg 3, and the backend then refused to load.
+    """
+    options = {"MAX_CONNS": 2}
+    if isolation_level is not None:
+        options["isolation_level"] = isolation_level
+    out = manage_py_check(
+        tmp_path,
+        f"""
+        from tests.settings import DATABASES as _TEST_DATABASES
+
+        SECRET_KEY = "check"
+        INSTALLED_APPS = ["django_gevent_pool"]
+        DATABASES = {{"default": {{**_TEST_DATABASES["default"], "OPTIONS": {options!r}}}}}
+        """,
+        "--database",
+        "default",
+    )
+    assert "Traceback" not in out.stderr, out.stderr
+    assert "already loaded with psycopg 3" not in out.stdout + out.stderr
+    if isolation_level is None:
+        assert out.returncode == 0, out.stdout + out.stderr
+    else:
+        assert out.returncode == 1, out.stdout + out.stderr
+        assert "Invalid transaction isolation level -1" in out.stderr

@@ -435,13 +435,21 @@ def _forget_connections_after_fork() -> None:
 os.register_at_fork(after_in_child=_forget_connections_after_fork)
 
 
+_PSYCOPG_ANY = "django.db.backends.postgresql.psycopg_any"
+
+
 def _isolation_level(alias: str, options: dict[str, Any]) -> Any:
     """The wrapper's ``isolation_level`` attribute, as Django's get_new_connection sets it.
 
     Raises ``ImproperlyConfigured`` for a value that is not one of
     ``IsolationLevel``'s, with Django's own message after the alias's name.
     """
-    from django.db.backends.postgresql.psycopg_any import IsolationLevel
+    # Through import_with_psycopg2: this may run before the backend module
+    # (manage.py check validates OPTIONS first), and a plain import would bind
+    # Django's PostgreSQL backend to psycopg 3 for the whole process.
+    from .stock import import_with_psycopg2
+
+    IsolationLevel = import_with_psycopg2(_PSYCOPG_ANY).IsolationLevel
 
     value = options.get("isolation_level")
     if value is None:
