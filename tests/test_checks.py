@@ -715,6 +715,19 @@ def test_check_in_a_process_that_has_not_loaded_the_backend_keeps_it_on_psycopg2
     assert "already loaded with psycopg 3" not in out.stdout + out.stderr
     if isolation_level is None:
         assert out.returncode == 0, out.stdout + out.stderr
+        # migrate too: its checks run first, then it connects through the backend.
+        migrated = subprocess.run(
+            [sys.executable, "-m", "django", "migrate", "--database", "default"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={
+                **os.environ,
+                "DJANGO_SETTINGS_MODULE": "check_settings",
+                "PYTHONPATH": os.pathsep.join([os.getcwd(), str(tmp_path)]),
+            },
+        )
+        assert migrated.returncode == 0, migrated.stdout + migrated.stderr
     else:
         assert out.returncode == 1, out.stdout + out.stderr
         assert "Invalid transaction isolation level -1" in out.stderr

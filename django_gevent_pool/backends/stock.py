@@ -36,7 +36,10 @@ def import_with_psycopg2(module: str) -> ModuleType:
                 "driver per process: use django_gevent_pool's ENGINE for every PostgreSQL "
                 "alias, or uninstall psycopg 3."
             )
-        return importlib.import_module(module)
+    if module in sys.modules:
+        return sys.modules[module]
+    # Hidden even when psycopg_any is loaded already (bound to psycopg2): the
+    # backend's base module also tries `import psycopg` itself.
     saved = {name: sys.modules[name] for name in ("psycopg",) if name in sys.modules}
     sys.modules["psycopg"] = None  # type: ignore[assignment]  # makes `import psycopg` fail
     try:
