@@ -270,7 +270,9 @@ class ConnectionPool:
                 entry = self._open(start, deadline)
                 break
             assert isinstance(item, _Entry)
-            if self._usable(item, deadline):
+            # With timeout=0 ("don't wait for a busy pool") a ping still gets
+            # its own bound, as a connect gets libpq's connect_timeout.
+            if self._usable(item, deadline if timeout > 0 else float("inf")):
                 entry = item
                 break
             waited = timeout > 0

@@ -37,6 +37,7 @@ from typing import Any
 
 import psycopg2
 import psycopg2.errors
+import psycopg2.extensions
 import pytest
 
 from django_gevent_pool import ConnectionPool, cancel, sync
@@ -312,4 +313,50 @@ def test_the_housekeeping_connect_for_min_conns_is_bounded_on_a_silent_network(
         pool.check_invariants()
     finally:
         proxy.resume()
+        pool.close()
+
+
+class _SlowPingConn:
+    """Just enough of a connection for a ping that takes 0.2 s (a far server)."""
+
+    closed = 0
+    autocommit = True
+
+    def __init__(self) -> None:
+        self.sock, self.peer = socket.socketpair()
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def get_transaction_status(self) -> int:
+        return psycopg2.extensions.TRANSACTION_STATUS_IDLE
+
+    def cursor(self) -> _SlowPingConn:
+        return self
+
+    def __enter__(self) -> _SlowPingConn:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def execute(self, sql: str) -> None:
+        sleep(0.2)
+        raise psycopg2.ProgrammingError("can't execute an empty query")  # the server answered
+
+    def close(self) -> None:
+        self.sock.close()
+        self.peer.close()
+
+
+def test_a_checkout_with_no_time_to_wait_still_gives_its_ping_the_full_bound() -> None:
+    """timeout=0 means "don't queue", not "ping in no time": a 0.2 s ping is not cut."""
+    pool = ConnectionPool(_SlowPingConn, options={"MAX_CONNS": 1, "PING_AFTER": 0})
+    try:
+        first = pool.getconn()
+        pool.putconn(first)
+        assert pool.getconn(timeout=0) is first
+        stats = pool.get_stats()
+        assert stats["pings"] == 1 and stats["connections_num"] == 1, stats
+    finally:
         pool.close()
