@@ -13,6 +13,11 @@ has to wait (its wake-up signal), from what is true at that moment.
   thread that runs a gevent hub it is a ``gevent.hub.Waiter`` with one timer:
   the waiting greenlet switches to the hub, and ``set`` (from this thread or
   any other) schedules the switch back. Elsewhere it is an OS lock.
+- Work that must not hold up its caller (a cancel request) runs in a new
+  greenlet under a hub, else in a new OS thread (:func:`in_background`); a
+  bound on a blocking call is a hub timer, else an OS thread
+  (:class:`Watchdog`); waiting on a descriptor yields to the hub, else
+  polls (:func:`wait_fd`). Each is decided when it is called.
 """
 
 from __future__ import annotations
