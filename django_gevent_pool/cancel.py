@@ -128,11 +128,13 @@ def start_cancel(conn: Any, timeout: float = CANCEL_TIMEOUT) -> Callable[[], Non
     """Set up a cancel request for ``conn``'s running query; return what sends it.
 
     Does nothing (returns None) unless a query runs on ``conn`` (transaction
-    status ACTIVE). No I/O happens here and the GIL is held throughout, so
-    ``conn`` may be cut or closed as soon as this returns: the request has
-    its own connection. The returned callable drives it to its end, at most
-    ``timeout`` seconds from now: past that, or on any error, it is
-    abandoned with a debug log (a silent network swallows it). Never raises.
+    status ACTIVE). Nothing here waits: libpq copies the address the
+    connection uses (no name lookup) and only starts a non-blocking connect
+    to it; the GIL is held throughout, so ``conn`` may be cut or closed as
+    soon as this returns: the request has its own connection. The returned
+    callable drives it to its end, at most ``timeout`` seconds from now:
+    past that, or on any error, it is abandoned with a debug log (a silent
+    network swallows it). Never raises.
 
     ``conn`` is a psycopg2 connection, or a psycopg 3 one (its own
     ``PGcancelConn``, libpq 17+; with an older libpq its cancel could hold
