@@ -212,6 +212,7 @@ class ConnectionPool:
         self._last_failed_at = float("-inf")
         self._failing_since = float("-inf")
         self._probing = False
+        self._in_flight = 0  # connect attempts running, failing or not
         self._turn_waiters: list[sync.Signal] = []
         # Cuts the housekeeping loop's sleep short (MIN_CONNS to refill).
         self._wakeup = sync.Wakeup()
@@ -417,6 +418,7 @@ class ConnectionPool:
         self._last_failed_at = float("-inf")
         self._failing_since = float("-inf")
         self._probing = False
+        self._in_flight = 0
         self._turn_waiters = []
         self._wakeup = sync.Wakeup()
         # The parent's greenlet or thread did not come along: start one on first use.
@@ -464,11 +466,12 @@ class ConnectionPool:
                 and self._opening == 0
                 and not self._waiting
                 and not self._probing
-                and (not failing or now >= self._retry_at)
+                and (not failing or (now >= self._retry_at and self._in_flight == 0))
             )
             if grow:
                 self._nconns += 1
                 self._opening += 1
+                self._in_flight += 1
                 # While failing, this is the pool's one attempt in flight.
                 self._probing = failing
         if lost:
@@ -498,8 +501,8 @@ class ConnectionPool:
             # middle of a connect must give its slot and its turn back too.
             if isinstance(exc, Exception):
                 self._connect_failed(exc, started, probing=failing)
-            elif failing:
-                self._end_turn()
+            else:
+                self._end_turn(probing=failing)
             self._give_back_slot(opening=True)
             if not isinstance(exc, Exception):
                 raise
@@ -819,8 +822,8 @@ class ConnectionPool:
                 raise err from last
             if isinstance(exc, Exception) and not isinstance(exc, _ConnectDeadline):
                 self._connect_failed(exc, now, probing=probing)
-            elif probing:
-                self._end_turn()
+            else:
+                self._end_turn(probing=probing)
             self._give_back_slot(opening=True)
             if isinstance(exc, _ConnectDeadline):
                 # Not the server's fault (no backoff): this checkout ran out of time.
@@ -864,24 +867,29 @@ class ConnectionPool:
         give_up_at = min(deadline, start + _OUTAGE_WAIT)
         signal: sync.Signal | None = None
         while True:
-            if self._connect_failures == 0 and not self._probing:
-                return False, deadline  # healthy: no lock taken on the common path
             now = self._clock()
-            if signal is None:
-                signal = sync.new_signal()
+            if signal is None and (self._connect_failures or self._probing):
+                signal = sync.new_signal()  # made outside the lock: a hub call
             with self._lock:  # critical section: connect, take the turn, or queue for it
                 if self._closed:
                     raise PoolClosed(f"pool {self.name!r} is closed")
                 if self._connect_failures == 0 and not self._probing:
+                    self._in_flight += 1
                     return False, deadline
-                if not self._probing and now >= self._retry_at:
+                # Failing: the one attempt, once the backoff passed and every
+                # attempt of the round that found the failure has ended.
+                if not self._probing and self._in_flight == 0 and now >= self._retry_at:
                     self._probing = True
+                    self._in_flight += 1
                     return True, give_up_at
                 if now >= give_up_at:
                     self._counters["requests_errors"] += 1
                     raise self._unavailable(start, now) from self._last_connect_error
+                if signal is None:
+                    continue  # turned failing since the look above: make a signal first
                 self._turn_waiters.append(signal)
-                wake_at = give_up_at if self._probing else min(self._retry_at, give_up_at)
+                busy = self._probing or self._in_flight
+                wake_at = give_up_at if busy else min(self._retry_at, give_up_at)
             try:
                 woke = signal.wait(wake_at - now)
             except BaseException:
@@ -926,10 +934,12 @@ class ConnectionPool:
         woken, self._turn_waiters = self._turn_waiters, []
         return woken
 
-    def _end_turn(self) -> None:
-        """The attempt in flight ended without a verdict (killed): let the next one try."""
+    def _end_turn(self, *, probing: bool) -> None:
+        """An attempt ended without a verdict (killed, out of time): let the next one try."""
         with self._lock:  # critical section: free the turn
-            self._probing = False
+            self._in_flight -= 1
+            if probing:
+                self._probing = False
             woken = self._take_turn_waiters()
         for signal in woken:
             signal.set()
@@ -945,6 +955,7 @@ class ConnectionPool:
         self._connect_failures = 0
         self._retry_at = float("-inf")
         self._probing = False
+        self._in_flight -= 1
         self._opening -= 1
         self._counters["connections_num"] += 1
         self._counters["connections_ms"] += (now - started) * 1000.0
@@ -973,6 +984,7 @@ class ConnectionPool:
                 self._retry_at = now + delay * random.uniform(0.5, 1.0)
             self._last_failed_at = now
             self._last_connect_error = exc
+            self._in_flight -= 1
             if probing:
                 self._probing = False
             woken = self._take_turn_waiters()
@@ -1292,6 +1304,8 @@ class ConnectionPool:
                 problems.append("a connection idle twice")
             if self._opening < 0:
                 problems.append("opening < 0")
+            if not 0 <= self._in_flight <= self._opening:
+                problems.append("connect attempts in flight not within 0..opening")
             if self._waiting and (self._idle or self._nconns < self.max_conns):
                 problems.append("a waiter waits while a connection or slot is free")
             if problems:
