@@ -325,7 +325,17 @@ class ConnectionPool:
                 entry.borrower,
             )
         try:
-            reason = _BY_CALLER if discard else self._clean_for_reuse(entry)
+            if discard:
+                reason = _BY_CALLER
+                active = ext.TRANSACTION_STATUS_ACTIVE
+                if not conn.closed and conn.info.transaction_status == active:
+                    # Another greenlet or thread is mid-query on it and holds
+                    # psycopg2's connection lock: close() would wait for it (for
+                    # ever, if it is a greenlet of this thread). Cut it instead.
+                    _sever(conn)
+                    reason = _SEVERED
+            else:
+                reason = self._clean_for_reuse(entry)
         except BaseException:
             # Killed (GreenletExit, gevent.Timeout) in the middle of a rollback: the
             # connection's state is unknown; drop it and free the slot, then re-raise.

@@ -986,3 +986,32 @@ def test_a_waiting_checkout_with_a_huge_timeout_waits_and_is_served(
     assert not workers.errors and len(workers.results) == 1
     pool.putconn(workers.results[0])
     pool.check_invariants()
+
+
+def test_discarding_a_connection_another_worker_is_querying_on_never_waits_for_it(
+    make_pool: PoolFactory, workers: Workers
+) -> None:
+    """putconn(discard=True) mid-query took the close() path: it waited on psycopg2's
+    connection lock, held by the querying greenlet (the whole hub frozen)."""
+    pool = make_pool(MAX_CONNS=2)
+    conn = pool.getconn()
+    conn.autocommit = True
+
+    def long_query() -> None:
+        query(conn, "SELECT pg_sleep(20)")
+
+    workers.spawn(long_query)
+    wait_until(
+        lambda: conn.info.transaction_status == ext.TRANSACTION_STATUS_ACTIVE,
+        what="the query to run",
+    )
+    started = time.monotonic()
+    pool.putconn(conn, discard=True)
+    assert time.monotonic() - started < 1.0, "the discard waited for the query"
+    workers.join(5)
+    assert len(workers.errors) == 1 and isinstance(workers.errors[0], psycopg2.Error)
+    stats = pool.get_stats()
+    assert stats["pool_size"] == 0 and stats["returns_bad"] == 1
+    with pool.connection() as fresh:
+        assert query(fresh) == 1
+    pool.check_invariants()
