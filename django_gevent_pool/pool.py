@@ -219,8 +219,10 @@ class ConnectionPool:
         # Connections inherited through os.fork(): never used or closed by the child.
         self._inherited: set[int] = set()
         self._forked_leftovers: list[Any] = []
-        # True once the background housekeeping started (or when there is none).
+        # True once the background housekeeping started (or when there is none),
+        # and its greenlet (None for an OS thread).
         self._maintaining = not background
+        self._maintainer: Any = None
         self._background = background
         _ALL_POOLS.add(self)
 
@@ -622,8 +624,19 @@ class ConnectionPool:
                 return 0.0  # MIN_CONNS: the next one back to back
             return pool._next_round_in(interval)
 
-        sync.run_periodically(
-            tick, name=f"django_gevent_pool maintenance {self.name!r}", wakeup=self._wakeup
+        def died() -> None:
+            # Killed (GreenletExit) or broken: the next checkout starts another,
+            # or idle timeouts, retirements and MIN_CONNS would stop for good.
+            pool = ref()
+            if pool is not None and os.getpid() == pid:
+                with pool._lock:  # critical section: let the next checkout start one
+                    pool._maintaining = False
+
+        self._maintainer = sync.run_periodically(
+            tick,
+            name=f"django_gevent_pool maintenance {self.name!r}",
+            wakeup=self._wakeup,
+            on_death=died,
         )
 
     def _next_round_in(self, interval: float) -> float:

@@ -257,40 +257,52 @@ def run_periodically(
     *,
     name: str,
     wakeup: Wakeup | None = None,
-) -> None:
+    on_death: Callable[[], None] | None = None,
+) -> Any:
     """Call ``tick`` in the background until it returns None; it returns the next delay.
 
     A greenlet when the calling thread runs a gevent hub, else an OS thread
-    (which never keeps the process alive). ``tick`` must not raise; whatever it
-    raises is logged and stops it. With ``wakeup``, its ``wake()`` ends a
-    delay early (the next ``tick`` runs at once).
+    (which never keeps the process alive); returns the greenlet, or None for a
+    thread. ``tick`` must not raise; whatever it raises is logged and stops
+    it. With ``wakeup``, its ``wake()`` ends a delay early (the next ``tick``
+    runs at once). ``on_death`` is called when the loop stops other than by
+    ``tick`` returning None: ``tick`` raised, or the greenlet was killed
+    (``GreenletExit``, a stray ``gevent.Timeout``), so its owner can start
+    another.
     """
     import logging
 
     log = logging.getLogger("django_gevent_pool")
 
     def loop(sleep: Callable[[float], None]) -> None:
-        while True:
-            try:
-                delay = tick()
-            except Exception:
-                log.exception("%s stopped", name)
-                return
-            if delay is None:
-                return
-            sleep(delay)
+        finished = False
+        try:
+            while True:
+                try:
+                    delay = tick()
+                except Exception:
+                    log.exception("%s stopped", name)
+                    return
+                if delay is None:
+                    finished = True
+                    return
+                sleep(delay)
+        finally:
+            # Also on GreenletExit and gevent.Timeout (BaseExceptions both).
+            if not finished and on_death is not None:
+                on_death()
 
     if hub_in_this_thread():
         import gevent
 
-        gevent.spawn(loop, gevent.sleep if wakeup is None else wakeup.sleep)
-        return
+        return gevent.spawn(loop, gevent.sleep if wakeup is None else wakeup.sleep)
     # A real OS thread even when gevent patched threading: its Thread class
     # would start a greenlet of this thread, which the blocking sleep below
     # (and a thread with no hub yet) would never let run again. The Wakeup's
     # signal is made in that thread: an OS lock there.
     start_new_thread = original("_thread", "start_new_thread")
     start_new_thread(loop, (original("time", "sleep") if wakeup is None else wakeup.sleep,))
+    return None
 
 
 def cooperative_sleep() -> Callable[[float], None]:

@@ -553,3 +553,33 @@ def test_housekeeping_killed_while_opening_min_conns_gives_the_slot_back(
             pool.check_invariants()
         finally:
             pool.close()
+
+
+@pytest.mark.gevent_only
+def test_a_killed_housekeeping_greenlet_is_started_again_by_the_next_checkout(
+    dsn: str, admin: Any, app_name: str
+) -> None:
+    """Killed, the housekeeping never ran again: no MIN_CONNS refill, no idle timeout."""
+
+    pool = ConnectionPool(
+        lambda: psycopg2.connect(dsn, application_name=app_name),
+        name=app_name,
+        options={"MAX_CONNS": 4, "MIN_CONNS": 2},
+    )
+    try:
+        with pool.connection():
+            pass
+        wait_until(lambda: backends(admin, app_name) == 2, what="MIN_CONNS open")
+        first = pool._maintainer
+        assert first is not None and not first.dead
+        first.kill()  # GreenletExit, as gevent.killall() at shutdown or a stray kill does
+        assert first.dead
+        with pool.connection():
+            pass  # the next checkout starts another
+        second = pool._maintainer
+        assert second is not first and not second.dead
+        terminate(admin, app_name)
+        wait_until(lambda: backends(admin, app_name) == 2, what="MIN_CONNS refilled", timeout=5)
+        pool.check_invariants()
+    finally:
+        pool.close()
