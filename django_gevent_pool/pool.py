@@ -858,7 +858,9 @@ class ConnectionPool:
                     counts = self._counts()
                 raise PoolTimeout(
                     f"pool {self.name!r}: connecting took longer than the checkout timeout "
-                    f"(MAX_CONNS={self.max_conns}) {counts}"
+                    f"allowed: {now - start:.2f} s went to waiting for a free slot (a full "
+                    f"pool) and checking idle connections, {spent_ms / 1000.0:.2f} s to the "
+                    f"connect (MAX_CONNS={self.max_conns}) {counts}"
                 ) from None
             if probing and isinstance(exc, Exception):
                 # The pool was failing already: say so, the attempt's error chained.

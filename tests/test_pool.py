@@ -698,6 +698,30 @@ def test_a_connect_past_the_deadline_raises_pool_timeout_and_frees_the_slot(
 
 
 @pytest.mark.gevent_only
+def test_a_checkout_handed_a_slot_late_says_it_waited_for_the_full_pool(
+    make_pool: PoolFactory, proxy: Proxy, workers: Workers
+) -> None:
+    """Queued most of its timeout, then handed a freed slot: the message must not
+    blame the database alone."""
+    pool = make_pool(proxy.dsn(), MAX_CONNS=1, POOL_TIMEOUT=1.0)
+    held = pool.getconn()
+    proxy.connect_delay = 1.0  # the late connect cannot finish in what is left
+    workers.spawn(pool.getconn)
+    wait_until(lambda: waiting(pool) == 1, what="a queued checkout")
+    sleep(0.8)
+    pool.putconn(held, discard=True)  # its slot goes to the waiter
+    workers.join(5)
+    [error] = workers.errors
+    assert isinstance(error, PoolTimeout)
+    message = str(error)
+    assert "connecting took longer than the checkout timeout allowed" in message
+    waited = float(message.split("allowed: ")[1].split(" s went to waiting")[0])
+    assert 0.7 <= waited <= 1.0, message
+    assert "waiting for a free slot (a full pool)" in message
+    pool.check_invariants()
+
+
+@pytest.mark.gevent_only
 def test_a_connect_killed_midway_gives_its_slot_back(make_pool: PoolFactory, proxy: Proxy) -> None:
     import gevent
 
