@@ -249,7 +249,13 @@ class ConnectionPool:
             waited = (self._clock() if entry is None else entry.borrowed_at) - start
             self._wait_samples.append(waited)
             timing.record(waited)
-        logger.debug("pool %r: checkout %s", self.name, self)
+        try:
+            logger.debug("pool %r: checkout %s", self.name, self)
+        except BaseException:
+            # A log handler that yields, and a kill or timeout there: the caller
+            # never gets the connection, so it goes back now.
+            self.putconn(entry.conn)
+            raise
         return entry.conn
 
     def _checkout(self, start: float, timeout: float) -> _Entry:
@@ -319,14 +325,17 @@ class ConnectionPool:
             # /dev/null already, so closing it cannot end the parent's session.
             _close_quietly(conn)
             return
-        if entry.leak_warned:
-            logger.warning(
-                "pool %r: the connection held too long came back after %.1f s; borrowed by %s",
-                self.name,
-                now - entry.borrowed_at,
-                entry.borrower,
-            )
         try:
+            # Inside the guard: a log handler may yield, and a kill or timeout
+            # land there, with the entry flagged as returning.
+            if entry.leak_warned:
+                logger.warning(
+                    "pool %r: the connection held too long came back after %.1f s; "
+                    "borrowed by %s",
+                    self.name,
+                    now - entry.borrowed_at,
+                    entry.borrower,
+                )
             if discard:
                 reason = _BY_CALLER
                 active = ext.TRANSACTION_STATUS_ACTIVE
@@ -339,8 +348,9 @@ class ConnectionPool:
             else:
                 reason = self._clean_for_reuse(entry)
         except BaseException:
-            # Killed (GreenletExit, gevent.Timeout) in the middle of a rollback: the
-            # connection's state is unknown; drop it and free the slot, then re-raise.
+            # Killed (GreenletExit, gevent.Timeout) in the middle of a rollback or
+            # a log call: the connection's state is unknown; drop it and free the
+            # slot, then re-raise.
             self._drop(entry, "interrupted while being returned")
             raise
         if reason is not None:
@@ -486,14 +496,22 @@ class ConnectionPool:
                 self._in_flight += 1
                 # While failing, this is the pool's one attempt in flight.
                 self._probing = failing
-        if lost:
-            logger.warning(
-                "pool %r: %d idle connection(s) closed by the server; discarded",
-                self.name,
-                len(lost),
-            )
-        for conn in to_close:
-            _close_quietly(conn)
+        try:
+            if lost:
+                logger.warning(
+                    "pool %r: %d idle connection(s) closed by the server; discarded",
+                    self.name,
+                    len(lost),
+                )
+            for conn in to_close:
+                _close_quietly(conn)
+        except BaseException:
+            # Killed in a log handler that yields, or while closing: the slot
+            # reserved to grow is given back, and the turn with it.
+            if grow:
+                self._end_turn(probing=failing)
+                self._give_back_slot(opening=True)
+            raise
         if not grow:
             return False
         started = self._clock()
@@ -518,6 +536,7 @@ class ConnectionPool:
             self._give_back_slot(opening=True)
             if not isinstance(exc, Exception):
                 raise
+            self._log_connect_failure(exc)
             return False
         waiter = None
         with self._lock:  # critical section: the new connection goes idle or to a waiter
@@ -557,10 +576,10 @@ class ConnectionPool:
                 if entry.conn.closed:
                     readable = True
                 else:
-                    probe = entry.probe
-                    if probe is None:
-                        probe = entry.probe = sync.socket_probe(entry.conn.fileno())
-                    readable = probe()
+                    # A probe of its own, not the entry's: a checkout in another
+                    # thread may take the entry and poll with that one meanwhile,
+                    # and one poll object refuses concurrent use.
+                    readable = sync.socket_probe(entry.conn.fileno())()
             except (OSError, ValueError, psycopg2.Error):
                 readable = True
             if readable:
@@ -842,12 +861,16 @@ class ConnectionPool:
                 )
                 self._connect_failed(err, now, probing=True)
                 self._give_back_slot(opening=True)
+                self._log_connect_failure(err)
                 raise err from last
-            if isinstance(exc, Exception) and not isinstance(exc, _ConnectDeadline):
+            failed = isinstance(exc, Exception) and not isinstance(exc, _ConnectDeadline)
+            if failed:
                 self._connect_failed(exc, now, probing=probing)
             else:
                 self._end_turn(probing=probing)
             self._give_back_slot(opening=True)
+            if failed:
+                self._log_connect_failure(exc)  # the slot is settled: a yield is harmless
             if isinstance(exc, _ConnectDeadline):
                 # Not the server's fault (no backoff): this checkout ran out of time.
                 spent_ms = (self._clock() - now) * 1000.0
@@ -877,7 +900,6 @@ class ConnectionPool:
             _close_quietly(conn)
             raise PoolClosed(f"pool {self.name!r} was closed while connecting")
         self._poke()
-        logger.debug("pool %r: opened a connection %s", self.name, self)
         return entry
 
     def _take_turn(self, start: float, deadline: float) -> tuple[bool, float]:
@@ -1015,6 +1037,9 @@ class ConnectionPool:
             woken = self._take_turn_waiters()
         for signal in woken:
             signal.set()
+
+    def _log_connect_failure(self, exc: BaseException) -> None:
+        """Logged once the attempt's slot is settled (a log handler may yield)."""
         logger.warning("pool %r: connecting failed: %s", self.name, str(exc).strip())
 
     def _connect_before(self, deadline: float) -> Any:
@@ -1040,14 +1065,17 @@ class ConnectionPool:
         """
         try:
             reason = self._checkout_problem(entry, deadline)
+            if reason is None:
+                return True
+            if reason is not _EXPIRED:
+                logger.warning(
+                    "pool %r: discarding a connection on checkout: %s", self.name, reason
+                )
         except BaseException:
-            # Killed during a ping: the connection's state is unknown.
+            # Killed during a ping, or in a log handler that yields: the entry
+            # is lent to nobody, and its state is unknown; free its slot.
             self._drop(entry, "interrupted during its checkout check")
             raise
-        if reason is None:
-            return True
-        if reason is not _EXPIRED:
-            logger.warning("pool %r: discarding a connection on checkout: %s", self.name, reason)
         return False
 
     def _checkout_problem(self, entry: _Entry, deadline: float) -> str | None:
@@ -1145,7 +1173,17 @@ class ConnectionPool:
             else:
                 self._opening += 1
                 item = _SLOT
-        _close_quietly(entry.conn)
+        try:
+            _close_quietly(entry.conn)
+        except BaseException:
+            # Killed while closing (a log handler that yields): what this
+            # checkout was to get next goes back, slot or connection.
+            if item is _SLOT:
+                self._give_back_slot(opening=True)
+            else:
+                assert isinstance(item, _Entry)
+                self._release(item)
+            raise
         return item
 
     # ----------------------------------------------------------- return path
@@ -1261,16 +1299,20 @@ class ConnectionPool:
         here: its socket is already shut, and the greenlet or thread running the
         query gets the error and lets go of it.
         """
-        if reason is not _EXPIRED and reason is not _BY_CALLER:
-            logger.warning("pool %r: discarding a returned connection: %s", self.name, reason)
         with self._lock:  # critical section: forget the entry
             self._in_use.pop(id(entry.conn), None)
             self._counters["connections_closed"] += 1
             if reason is not _EXPIRED:
                 self._counters["returns_bad"] += 1
-        if reason is not _SEVERED:
-            _close_quietly(entry.conn)
-        self._give_back_slot(opening=False)
+        try:
+            if reason is not _SEVERED:
+                _close_quietly(entry.conn)
+        finally:
+            # Also if the close is interrupted: the slot is settled whatever happens.
+            self._give_back_slot(opening=False)
+        # Logged last: a handler that yields cannot leave the slot unsettled.
+        if reason is not _EXPIRED and reason is not _BY_CALLER:
+            logger.warning("pool %r: discarding a returned connection: %s", self.name, reason)
 
     def _give_back_slot(self, *, opening: bool) -> None:
         """Free one slot; if someone waits, reserve it for them and wake them."""

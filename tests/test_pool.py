@@ -7,6 +7,7 @@ proxy, which counts every connection attempt.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -1038,4 +1039,51 @@ def test_discarding_a_connection_another_worker_is_querying_on_never_waits_for_i
     assert stats["pool_size"] == 0 and stats["returns_bad"] == 1
     with pool.connection() as fresh:
         assert query(fresh) == 1
+    pool.check_invariants()
+
+
+class _YieldingHandler(logging.Handler):
+    """A log handler that switches greenlets, as one shipping logs over a patched socket."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        import gevent
+
+        gevent.sleep(0.2)
+
+
+@pytest.mark.gevent_only
+@pytest.mark.parametrize("where", ["checkout check", "leak return", "connect failure"])
+def test_a_timeout_inside_a_yielding_log_handler_leaks_no_slot(
+    make_pool: PoolFactory, admin: Any, app_name: str, proxy: Proxy, where: str
+) -> None:
+    import gevent
+
+    handler = _YieldingHandler(level=logging.WARNING)
+    log = logging.getLogger("django_gevent_pool")
+    if where == "connect failure":
+        pool = make_pool(proxy.dsn(), MAX_CONNS=2)
+        proxy.refuse()
+        action: Callable[[], Any] = pool.getconn
+    elif where == "checkout check":
+        pool = make_pool(MAX_CONNS=2, PING_AFTER=None)
+        pool.putconn(pool.getconn())
+        terminate(admin, app_name)  # the idle one is found dead: a warning, then a new one
+        action = pool.getconn
+    else:
+        pool = make_pool(MAX_CONNS=2, LEAK_TIMEOUT=0.01)
+        conn = pool.getconn()
+        sleep(0.05)
+        pool._warn_leaks(time.monotonic())  # held past LEAK_TIMEOUT: flagged (and logged)
+
+        def action() -> None:
+            pool.putconn(conn)
+
+    log.addHandler(handler)
+    try:
+        with pytest.raises(gevent.Timeout), gevent.Timeout(0.1):
+            action()
+    finally:
+        log.removeHandler(handler)
+    stats = pool.get_stats()
+    assert stats["pool_in_use"] == 0 and stats["pool_opening"] == 0, stats
     pool.check_invariants()
