@@ -162,6 +162,41 @@ def test_connection_parameters_are_taken_afresh_for_each_physical_connection(
             wrapper.close()
 
 
+# ------------------------------------------------------- one borrower at a time
+
+
+def test_a_cursor_kept_past_close_fails_instead_of_joining_the_next_borrower(
+    make_wrapper: MakeWrapper,
+) -> None:
+    """A stale cursor used to run inside the next borrower's transaction."""
+    from django.db import InterfaceError
+
+    first = make_wrapper("stale", MAX_CONNS=1)
+    with first.cursor() as cur:
+        cur.execute("CREATE TEMP TABLE IF NOT EXISTS dgp_stale (v int)")  # warm up
+    stale = first.cursor()
+    stale.execute("SELECT pg_backend_pid()")
+    backend = stale.fetchone()[0]
+    first.close()  # back to the pool; the cursor is kept
+    second = make_wrapper("stale", MAX_CONNS=1)
+    try:
+        second.set_autocommit(False)  # what atomic() does: the next borrower's transaction
+        with second.cursor() as cur:
+            cur.execute("SELECT pg_backend_pid()")
+            assert cur.fetchone()[0] == backend, "the same physical connection"
+            cur.execute("CREATE TEMP TABLE dgp_stale2 (v int)")
+            cur.execute("INSERT INTO dgp_stale2 VALUES (1)")
+        with pytest.raises(InterfaceError, match="cursor already closed"):
+            stale.execute("INSERT INTO dgp_stale2 VALUES (2)")
+        with second.cursor() as cur:
+            cur.execute("SELECT count(*) FROM dgp_stale2")
+            assert cur.fetchone()[0] == 1, "nothing of the stale cursor's reached this session"
+        second.rollback()
+        second.set_autocommit(True)
+    finally:
+        second.close()
+
+
 # ------------------------------------------------------- thread sharing
 
 

@@ -60,6 +60,9 @@ _resolved: dict[str, tuple[tuple[Any, ...], ConnectionPool, Any]] = {}
 # apart by this key, never handed to psycopg2.
 _SKIPPED = "__django_gevent_pool_params_skipped__"
 
+# Cursors a checkout may have made before the closed ones are forgotten.
+_CURSORS_KEPT = 64
+
 
 def get_pool(alias: str = DEFAULT_DB_ALIAS) -> ConnectionPool | None:
     """The pool currently serving ``alias`` in this process, or None if none was made yet."""
@@ -125,6 +128,10 @@ class PooledDatabaseWrapperMixin:
         # Identifies the current greenlet-end return: one that fires after it
         # was cancelled (its callback already scheduled) finds another token.
         self._pool_watch: object | None = None
+        # The driver cursors made during the current checkout: closed when the
+        # connection goes back, so a cursor kept past the return fails loudly
+        # instead of running in the next borrower's session.
+        self._pool_cursors: list[Any] = []
         self._checked_key: tuple[Any, ...] | None = None  # settings key from check_settings
         # OPTIONS are not validated here but in check_settings(), at connect
         # time, as Django does with its own settings: model classes build the
@@ -349,8 +356,39 @@ class PooledDatabaseWrapperMixin:
         # The connection is the pool's again: this wrapper must not touch it,
         # even when close() was called inside an atomic block.
         self.connection = None
+        self._close_lease_cursors()
         with self.wrap_database_errors:  # type: ignore[attr-defined]
             pool.putconn(conn, discard=discard)
+
+    def create_cursor(self, name: str | None = None) -> Any:
+        """Django's cursor, remembered until the connection goes back to the pool."""
+        cursor = super().create_cursor(name)  # type: ignore[misc]
+        if self._pool is not None and name is None:
+            cursors = self._pool_cursors
+            cursors.append(cursor)
+            if len(cursors) >= _CURSORS_KEPT:
+                # A long checkout (a script, a command) makes cursors without
+                # end: forget the ones closed already.
+                cursors[:] = [c for c in cursors if not c.closed]
+        return cursor
+
+    def _close_lease_cursors(self) -> None:
+        """Close this checkout's client-side cursors: no round trip, no driver lock.
+
+        A cursor kept past ``close()`` then raises ``InterfaceError: cursor
+        already closed``, as with Django's own backend, instead of running in
+        the session of whoever borrows the connection next. Named (server-side)
+        cursors are Django's to close: closing one is a round trip.
+        """
+        cursors = self._pool_cursors
+        if not cursors:
+            return
+        self._pool_cursors = []
+        for cursor in cursors:
+            try:
+                cursor.close()
+            except Exception:  # best effort: a cursor already broken is dead anyway
+                logger.debug("closing a cursor at return failed", exc_info=True)
 
     def _stop_watching(self) -> None:
         unwatch, self._pool_unwatch = self._pool_unwatch, None
@@ -405,6 +443,7 @@ def _return_orphan(
         wrapper._pool = None
         wrapper._pool_unwatch = None
         wrapper._pool_watch = None
+        wrapper._close_lease_cursors()
         discard = wrapper._pool_discard
     else:
         discard = False
