@@ -33,6 +33,7 @@ The state machine, guarded by one OS lock whose critical sections never do I/O::
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import random
@@ -115,6 +116,7 @@ class _Entry:
         "holder",
         "last_used",
         "leak_warned",
+        "lease",
         "probe",
         "returning",
         "verified_at",
@@ -132,6 +134,7 @@ class _Entry:
         self.borrower: str | None = None  # who borrowed it and where (LEAK_TIMEOUT only)
         self.holder: tuple[Any, int] | None = None  # sync.current_holder() of the borrower
         self.leak_warned = False
+        self.lease = 0  # which checkout holds it: a return must name the current one
         self.probe: Callable[[], bool] | None = None  # is its socket readable? (made on first use)
 
 
@@ -216,6 +219,7 @@ class ConnectionPool:
         self._turn_waiters: list[sync.Signal] = []
         # Cuts the housekeeping loop's sleep short (MIN_CONNS to refill).
         self._wakeup = sync.Wakeup()
+        self._leases = itertools.count(1)
         # Connections inherited through os.fork(): never used or closed by the child.
         self._inherited: set[int] = set()
         self._forked_leftovers: list[Any] = []
@@ -236,6 +240,16 @@ class ConnectionPool:
         at once when ``MAX_WAITING`` checkouts already wait, :class:`PoolClosed`
         after :meth:`close`, or the connect error when opening a connection fails.
         """
+        return self.checkout(timeout)[0]
+
+    def checkout(self, timeout: float | None = None) -> tuple[Any, int]:
+        """Like :meth:`getconn`, with this checkout's lease number: ``(conn, lease)``.
+
+        ``putconn(conn, lease=lease)`` then gives back exactly this checkout: a
+        second return, or one after the connection was lent again, raises
+        ``psycopg2.ProgrammingError`` instead of taking it from its next
+        borrower. Same errors as :meth:`getconn`.
+        """
         if not self._maintaining:
             self._start_maintenance()
         start = self._clock()
@@ -254,9 +268,9 @@ class ConnectionPool:
         except BaseException:
             # A log handler that yields, and a kill or timeout there: the caller
             # never gets the connection, so it goes back now.
-            self.putconn(entry.conn)
+            self.putconn(entry.conn, lease=entry.lease)
             raise
-        return entry.conn
+        return entry.conn, entry.lease
 
     def _checkout(self, start: float, timeout: float) -> _Entry:
         """The checkout itself; :meth:`getconn` records how long it took, failed or not."""
@@ -290,21 +304,32 @@ class ConnectionPool:
         entry.leak_warned = False
         entry.borrowed_at = self._clock()
         entry.holder = sync.current_holder()
+        entry.lease = next(self._leases)  # atomic under the GIL
         if self.options.LEAK_TIMEOUT is not None:
             # Only paid for when asked: where this checkout came from, for the warning.
+            # The pool's own frames (getconn, checkout, _checkout) are left out.
+            frames = traceback.extract_stack(limit=_LEAK_STACK_DEPTH + 3)
+            while frames and frames[-1].filename == __file__:
+                frames.pop()
             entry.borrower = f"{sync.current_name()}\n" + "".join(
-                traceback.format_stack(limit=_LEAK_STACK_DEPTH)[:-2]
+                traceback.format_list(frames[-_LEAK_STACK_DEPTH:])
             )
         return entry
 
-    def putconn(self, conn: Any, *, discard: bool = False) -> None:
+    def putconn(self, conn: Any, *, discard: bool = False, lease: int | None = None) -> None:
         """Give ``conn`` back. ``discard=True`` closes it instead of reusing it.
 
         The connection is kept only if its transaction status is IDLE; INTRANS
         and INERROR are rolled back first (and discarded if the rollback fails);
         ACTIVE, UNKNOWN and closed connections are discarded. Either way its
-        slot is free when this returns. Raises ``psycopg2.ProgrammingError``
-        for a connection this pool did not lend, or one already returned.
+        slot is free when this returns.
+
+        A return is tied to its checkout: with ``lease`` (from :meth:`checkout`)
+        it must be that checkout's; without, a greenlet other than the borrower
+        may not return it while the borrower still runs in the same thread (a
+        second return after the connection was lent again looks just like
+        that). Raises ``psycopg2.ProgrammingError`` for a connection this pool
+        did not lend, one already returned, or another checkout's.
         """
         now = self._clock()
         with self._lock:  # critical section: find and flag the entry
@@ -315,6 +340,14 @@ class ConnectionPool:
                 raise psycopg2.ProgrammingError(
                     f"pool {self.name!r}: can't return a connection the pool did not lend "
                     "or that was already returned"
+                )
+            elif (lease is not None and lease != entry.lease) or (
+                lease is None and not _may_return(entry.holder)
+            ):
+                raise psycopg2.ProgrammingError(
+                    f"pool {self.name!r}: can't return a connection another checkout holds "
+                    "(returned already, then lent again); a return must come from its "
+                    "borrower, or name the checkout with putconn(conn, lease=...)"
                 )
             else:
                 entry.returning = True
@@ -361,11 +394,11 @@ class ConnectionPool:
     @contextmanager
     def connection(self, timeout: float | None = None) -> Iterator[Any]:
         """``with pool.connection() as conn:`` borrow a connection and always give it back."""
-        conn = self.getconn(timeout)
+        conn, lease = self.checkout(timeout)
         try:
             yield conn
         finally:
-            self.putconn(conn)
+            self.putconn(conn, lease=lease)
 
     def close(self) -> None:
         """Stop lending: close idle connections, fail waiters with :class:`PoolClosed`.
@@ -1427,6 +1460,23 @@ def _activity(conn: Any) -> str:
         ext.TRANSACTION_STATUS_INTRANS: "idle in a transaction",
         ext.TRANSACTION_STATUS_INERROR: "in a failed transaction",
     }.get(status, "state unknown")
+
+
+def _may_return(holder: tuple[Any, int] | None) -> bool:
+    """May the current greenlet or thread return a connection ``holder`` borrowed?
+
+    Yes for the borrower itself, from another OS thread (a thread's end is not
+    tracked here), and once the borrowing greenlet has ended (the greenlet-end
+    return). No for another greenlet of the same thread while the borrower
+    runs: that is a stale second return. Two C attribute reads, under the lock.
+    """
+    if holder is None:
+        return True
+    borrower, ident = holder
+    current, current_ident = sync.current_holder()
+    return (
+        borrower is current or ident != current_ident or bool(getattr(borrower, "dead", True))
+    )
 
 
 def _detach(conn: Any) -> None:

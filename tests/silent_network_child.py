@@ -185,14 +185,16 @@ def scenario_cancel() -> dict[str, Any]:
     admin = psycopg2.connect(DIRECT)
     admin.autocommit = True
     ends: list[tuple[str, float]] = []
-    severed: list[Any] = []
+    severed: list[tuple[Any, int]] = []
 
     def query(sql: str, bound: float | None) -> None:
         exc: BaseException | None = None
-        conn = pool.getconn()
+        conn, lease = pool.checkout()
         try:
             if bound is None:
-                severed.append(conn)
+                # Returned by somebody else while running: with the lease, as
+                # a return from another greenlet must name the checkout.
+                severed.append((conn, lease))
                 with conn.cursor() as cur:
                     cur.execute(sql)
             else:
@@ -216,9 +218,9 @@ def scenario_cancel() -> dict[str, Any]:
     control("STALL")
     stalled = time.monotonic()
     returns = []
-    for conn in list(severed):
+    for conn, lease in list(severed):
         started = time.monotonic()
-        pool.putconn(conn)  # ACTIVE: cancelled and cut
+        pool.putconn(conn, lease=lease)  # ACTIVE: cancelled and cut
         returns.append(time.monotonic() - started)
     left = join_all(handles, 20)
     gap = max_gap(stalled)

@@ -1087,3 +1087,50 @@ def test_a_timeout_inside_a_yielding_log_handler_leaks_no_slot(
     stats = pool.get_stats()
     assert stats["pool_in_use"] == 0 and stats["pool_opening"] == 0, stats
     pool.check_invariants()
+
+
+def test_a_second_return_after_the_connection_was_lent_again_is_refused(
+    make_pool: PoolFactory, workers: Workers
+) -> None:
+    """It used to be accepted, and a third borrower got the second one's connection."""
+    pool = make_pool(MAX_CONNS=1)
+    conn, lease = pool.checkout()
+    pool.putconn(conn, lease=lease)
+    second, second_lease = pool.checkout()
+    assert second is conn and second_lease != lease, "LIFO: the same connection, a new lease"
+    with pytest.raises(psycopg2.ProgrammingError, match="another checkout holds"):
+        pool.putconn(conn, lease=lease)
+    assert pool.get_stats()["pool_in_use"] == 1, "still lent to the second borrower"
+    pool.putconn(second, lease=second_lease)
+    with pytest.raises(psycopg2.ProgrammingError, match="already returned"):
+        pool.putconn(second, lease=second_lease)
+    pool.check_invariants()
+
+
+@pytest.mark.gevent_only
+def test_a_stale_return_from_another_greenlet_without_a_lease_is_refused(
+    make_pool: PoolFactory,
+) -> None:
+    import gevent
+
+    pool = make_pool(MAX_CONNS=1)
+    first = pool.getconn()
+    pool.putconn(first)
+    borrowed = gevent.event.Event()
+    release = gevent.event.Event()
+
+    def second_borrower() -> None:
+        conn = pool.getconn()
+        borrowed.set()
+        release.wait(10)
+        pool.putconn(conn)
+
+    glet = gevent.spawn(second_borrower)
+    borrowed.wait(5)
+    with pytest.raises(psycopg2.ProgrammingError, match="another checkout holds"):
+        pool.putconn(first)  # the same object, now the second borrower's
+    release.set()
+    glet.join(5)
+    assert glet.successful()
+    assert pool.get_stats()["pool_in_use"] == 0
+    pool.check_invariants()

@@ -132,6 +132,7 @@ class PooledDatabaseWrapperMixin:
         # connection goes back, so a cursor kept past the return fails loudly
         # instead of running in the next borrower's session.
         self._pool_cursors: list[Any] = []
+        self._pool_lease = 0  # the pool's number for the current checkout
         self._checked_key: tuple[Any, ...] | None = None  # settings key from check_settings
         # OPTIONS are not validated here but in check_settings(), at connect
         # time, as Django does with its own settings: model classes build the
@@ -214,7 +215,7 @@ class PooledDatabaseWrapperMixin:
             isolation_level = _isolation_level(self.alias, self.settings_dict["OPTIONS"])
             pool = self._pool_for(conn_params)
             _resolved[self.alias] = (key, pool, isolation_level)
-        conn = pool.getconn()
+        conn, self._pool_lease = pool.checkout()
         self._pool = pool
         self._pool_discard = False
         # allow_thread_sharing, without its lock: an int read, on every checkout.
@@ -233,7 +234,9 @@ class PooledDatabaseWrapperMixin:
         """
         token = object()
         unwatch = sync.on_greenlet_exit(
-            functools.partial(_return_orphan, weakref.ref(self), pool, conn, token)
+            functools.partial(
+                _return_orphan, weakref.ref(self), pool, conn, self._pool_lease, token
+            )
         )
         self._pool_unwatch = unwatch
         self._pool_watch = None if unwatch is None else token
@@ -358,7 +361,7 @@ class PooledDatabaseWrapperMixin:
         self.connection = None
         self._close_lease_cursors()
         with self.wrap_database_errors:  # type: ignore[attr-defined]
-            pool.putconn(conn, discard=discard)
+            pool.putconn(conn, discard=discard, lease=self._pool_lease)
 
     def create_cursor(self, name: str | None = None) -> Any:
         """Django's cursor, remembered until the connection goes back to the pool."""
@@ -425,7 +428,7 @@ _GuardedCursorWrapper = guarded(CursorWrapper)
 
 
 def _return_orphan(
-    wrapper_ref: weakref.ref[Any], pool: ConnectionPool, conn: Any, token: object
+    wrapper_ref: weakref.ref[Any], pool: ConnectionPool, conn: Any, lease: int, token: object
 ) -> None:
     """Give back a connection whose greenlet ended without closing it.
 
@@ -449,9 +452,9 @@ def _return_orphan(
         discard = False
     logger.debug("pool %r: a greenlet ended holding a connection; giving it back", pool.name)
     try:
-        pool.putconn(conn, discard=discard)
+        pool.putconn(conn, discard=discard, lease=lease)
     except psycopg2.ProgrammingError:
-        pass  # it was returned meanwhile
+        pass  # it was returned meanwhile (and perhaps lent again: not ours to take)
 
 
 def _forget_connections_after_fork() -> None:
