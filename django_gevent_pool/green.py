@@ -11,7 +11,9 @@ a process where gevent has patched ``socket``.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import weakref
 from typing import Any
 
 import psycopg2
@@ -23,6 +25,11 @@ logger = logging.getLogger("django_gevent_pool")
 
 # gevent's (wait_read, wait_write), bound on the first wait, never at import time.
 _gevent_waits: tuple[Any, Any] | None = None
+
+# Connections in the middle of their connect (waiting here): a forked child
+# points their sockets at /dev/null, or it would read the parent's handshake.
+_connecting: weakref.WeakSet[Any] = weakref.WeakSet()
+_STATUS_SETUP = psycopg2.extensions.STATUS_SETUP
 
 
 def gevent_wait_callback(conn: Any, timeout: float | None = None) -> None:
@@ -44,6 +51,9 @@ def gevent_wait_callback(conn: Any, timeout: float | None = None) -> None:
     wait_read, wait_write = _gevent_waits
     poll = conn.poll
     fileno = conn.fileno
+    connecting = conn.status == _STATUS_SETUP  # one C attribute read per wait
+    if connecting:
+        _connecting.add(conn)
     try:
         while True:
             state = poll()
@@ -70,6 +80,27 @@ def gevent_wait_callback(conn: Any, timeout: float | None = None) -> None:
         # goes on once it is delivered, or after CANCEL_HEAD_START at most.
         request_cancel(conn)
         raise
+    finally:
+        if connecting:
+            _connecting.discard(conn)
+
+
+def _detach_connects_after_fork() -> None:
+    """In a forked child: connects the parent had in flight go nowhere from now on."""
+    for conn in list(_connecting):
+        try:
+            fd = conn.fileno()
+        except Exception:  # no socket yet, or closed: nothing shared
+            continue
+        devnull = os.open(os.devnull, os.O_RDWR)
+        try:
+            os.dup2(devnull, fd)
+        finally:
+            os.close(devnull)
+    _connecting.clear()
+
+
+os.register_at_fork(after_in_child=_detach_connects_after_fork)
 
 
 def _is_green(callback: Any) -> bool:

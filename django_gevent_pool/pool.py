@@ -33,6 +33,7 @@ The state machine, guarded by one OS lock whose critical sections never do I/O::
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -66,6 +67,7 @@ _STATUS_NAMES = {
 # What a waiter can be handed besides a connection entry.
 _SLOT = "slot"  # a reserved slot: the waiter opens a connection with it
 _CLOSED = "closed"  # the pool was closed while it waited
+_FORKED = "forked"  # queued in the parent: the process forked while it waited
 _LEAK_STACK_DEPTH = 25
 # While connects fail, the next attempt waits a delay that doubles from the base
 # with each failed round up to the max, jittered down by up to half: short, so
@@ -113,6 +115,7 @@ class _Entry:
         "conn",
         "created_at",
         "expires_at",
+        "generation",
         "holder",
         "last_used",
         "leak_warned",
@@ -122,8 +125,9 @@ class _Entry:
         "verified_at",
     )
 
-    def __init__(self, conn: Any, now: float, lifetime: float | None) -> None:
+    def __init__(self, conn: Any, now: float, lifetime: float | None, generation: int) -> None:
         self.conn = conn
+        self.generation = generation  # the pool's, when opened: a fork starts a new one
         self.created_at = now
         # Jittered down by up to 10% so connections opened together retire apart.
         self.expires_at = None if lifetime is None else now + lifetime * random.uniform(0.9, 1.0)
@@ -141,11 +145,12 @@ class _Entry:
 class _Waiter:
     """A queued checkout. ``item`` is set, under the pool lock, by whoever serves it."""
 
-    __slots__ = ("item", "signal")
+    __slots__ = ("generation", "item", "signal")
 
-    def __init__(self) -> None:
+    def __init__(self, generation: int) -> None:
         self.signal = sync.new_signal()
         self.item: _Entry | str | None = None
+        self.generation = generation
 
 
 class ConnectionPool:
@@ -220,6 +225,9 @@ class ConnectionPool:
         # Cuts the housekeeping loop's sleep short (MIN_CONNS to refill).
         self._wakeup = sync.Wakeup()
         self._leases = itertools.count(1)
+        # Bumped in a forked child: what the parent's generation still does there
+        # (a queued or connecting checkout) fails fast and never touches the counts.
+        self._generation = 0
         # Connections inherited through os.fork(): never used or closed by the child.
         self._inherited: set[int] = set()
         self._forked_leftovers: list[Any] = []
@@ -275,6 +283,7 @@ class ConnectionPool:
     def _checkout(self, start: float, timeout: float) -> _Entry:
         """The checkout itself; :meth:`getconn` records how long it took, failed or not."""
         deadline = start + timeout
+        generation = self._generation
         item, waiter = self._take_or_reserve()
         # A slot may be used with no time left only when none was given
         # (timeout=0 still opens a free slot; libpq's connect_timeout bounds it).
@@ -290,7 +299,7 @@ class ConnectionPool:
                     # no bound would never end on a silent network.
                     self._give_back_slot(opening=True)
                     raise self._timed_out(start, "no time was left to connect")
-                entry = self._open(start, deadline)
+                entry = self._open(start, deadline, generation)
                 break
             assert isinstance(item, _Entry)
             # With timeout=0 ("don't wait for a busy pool") a ping still gets
@@ -458,6 +467,8 @@ class ConnectionPool:
         inherited = [e.conn for e in self._idle] + [e.conn for e in self._in_use.values()]
         for conn in inherited:
             _detach(conn)
+        parent_waiters = [w.signal for w in self._waiting] + self._turn_waiters
+        self._generation += 1
         self._lock = sync.allocate_lock()
         self._inherited = set(self._in_use)  # keys are id(conn)
         self._idle = []
@@ -480,6 +491,18 @@ class ConnectionPool:
         self._maintaining = not self._background
         # The objects go when the child drops them: their sockets are detached.
         self._forked_leftovers = inherited
+        # Checkouts queued in the parent (their greenlets came along) fail now
+        # instead of waiting out their timeout for a connection that never comes.
+        for signal in parent_waiters:
+            with contextlib.suppress(Exception):  # a parent thread's lock: nobody waits
+                signal.set()
+
+    def _forked(self) -> PoolClosed:
+        """The error of a checkout that began before this process forked."""
+        return PoolClosed(
+            f"pool {self.name!r}: this checkout began before the process forked; the "
+            "child's pool starts afresh: check out again"
+        )
 
     def maintain(self) -> bool:
         """One round of housekeeping; True if it opened a connection.
@@ -548,6 +571,7 @@ class ConnectionPool:
         if not grow:
             return False
         started = self._clock()
+        generation = self._generation
         try:
             try:
                 # Bounded under gevent like a checkout's (a connect on a silent
@@ -560,6 +584,12 @@ class ConnectionPool:
                     f"{self.timeout:.2f} s (POOL_TIMEOUT)"
                 ) from None
         except BaseException as exc:
+            if self._generation != generation:
+                # The parent's housekeeping, carried into a forked child: the
+                # child's counts never knew of this connect.
+                if not isinstance(exc, Exception):
+                    raise
+                return False
             # BaseException on purpose: the housekeeping greenlet killed in the
             # middle of a connect must give its slot and its turn back too.
             if isinstance(exc, Exception):
@@ -570,6 +600,9 @@ class ConnectionPool:
             if not isinstance(exc, Exception):
                 raise
             self._log_connect_failure(exc)
+            return False
+        if self._generation != generation:
+            _forget_inherited(conn)  # opened by the parent's housekeeping: not ours
             return False
         waiter = None
         with self._lock:  # critical section: the new connection goes idle or to a waiter
@@ -775,7 +808,7 @@ class ConnectionPool:
                     f"pool {self.name!r}: {len(self._waiting)} checkouts already waiting "
                     f"(MAX_WAITING={max_waiting}) {self._counts()}"
                 )
-            waiter = _Waiter()
+            waiter = _Waiter(self._generation)
             self._waiting.append(waiter)
             self._counters["requests_queued"] += 1
             return None, waiter
@@ -818,6 +851,8 @@ class ConnectionPool:
             )
         if item == _CLOSED:
             raise PoolClosed(f"pool {self.name!r} was closed while waiting for a connection")
+        if item == _FORKED:
+            raise self._forked()
         return item
 
     def _log_holders(
@@ -851,6 +886,8 @@ class ConnectionPool:
         """Under the lock: take what the waiter was handed, or unqueue it if nothing."""
         waited_ms = (self._clock() - start) * 1000.0
         with self._lock:  # critical section: either served or removed, never both
+            if waiter.generation != self._generation:
+                return _FORKED  # the parent's queue: nothing here is ours to touch
             item = waiter.item
             if item is None:
                 self._waiting.remove(waiter)
@@ -859,7 +896,7 @@ class ConnectionPool:
                 self._counters["requests_wait_max_ms"] = waited_ms
         return item
 
-    def _open(self, start: float, deadline: float) -> _Entry:
+    def _open(self, start: float, deadline: float, generation: int) -> _Entry:
         """Connect with the slot already reserved; give the slot back on any failure.
 
         While the server is failing (the last connect round failed), connects
@@ -871,15 +908,20 @@ class ConnectionPool:
         checkout whose own attempt fails raises that attempt's error.
         """
         try:
-            probing, connect_deadline = self._take_turn(start, deadline)
+            probing, connect_deadline = self._take_turn(start, deadline, generation)
         except BaseException:
             # PoolUnavailable, PoolClosed, or killed while waiting for the turn.
-            self._give_back_slot(opening=True)
+            if self._generation == generation:  # after a fork the slot was the parent's
+                self._give_back_slot(opening=True)
             raise
         now = self._clock()
         try:
             conn = self._connect_before(connect_deadline)
         except BaseException as exc:
+            if self._generation != generation:
+                # Began in the parent, failed in the forked child (its socket was
+                # detached at the fork): the child's counts never knew of it.
+                raise self._forked() from exc
             # BaseException on purpose: GreenletExit and gevent.Timeout must give
             # the slot back (and the turn, if this was the one attempt in flight)
             # too, or the pool shrinks for good or never connects again. The
@@ -923,10 +965,21 @@ class ConnectionPool:
                 raise self._unavailable(start) from exc
             raise
         with self._lock:  # critical section: the reserved slot becomes a connection in use
-            entry = self._opened(conn, now)
-            if entry is not None:
-                self._in_use[id(conn)] = entry
-            woken = self._take_turn_waiters()
+            forked = self._generation != generation
+            if forked:
+                entry = None
+                woken = []
+            else:
+                entry = self._opened(conn, now)
+                if entry is not None:
+                    self._in_use[id(conn)] = entry
+                woken = self._take_turn_waiters()
+        if forked:
+            # Connected in the parent, finished in the child: the socket may be
+            # the parent's too (detached at the fork, or not yet made then).
+            _detach(conn)
+            _close_quietly(conn)
+            raise self._forked()
         for signal in woken:
             signal.set()
         if entry is None:
@@ -935,7 +988,7 @@ class ConnectionPool:
         self._poke()
         return entry
 
-    def _take_turn(self, start: float, deadline: float) -> tuple[bool, float]:
+    def _take_turn(self, start: float, deadline: float, generation: int) -> tuple[bool, float]:
         """May this checkout connect now? Wait for the turn while the server is failing.
 
         Returns ``(probing, connect_deadline)``: ``probing`` when this is the
@@ -951,6 +1004,8 @@ class ConnectionPool:
             if signal is None and (self._connect_failures or self._probing):
                 signal = sync.new_signal()  # made outside the lock: a hub call
             with self._lock:  # critical section: connect, take the turn, or queue for it
+                if self._generation != generation:
+                    raise self._forked()
                 if self._closed:
                     raise PoolClosed(f"pool {self.name!r} is closed")
                 if self._connect_failures == 0 and not self._probing:
@@ -1042,7 +1097,7 @@ class ConnectionPool:
         if self._closed:
             self._nconns -= 1
             return None
-        return _Entry(conn, now, self.options.MAX_LIFETIME)
+        return _Entry(conn, now, self.options.MAX_LIFETIME, self._generation)
 
     def _connect_failed(self, exc: BaseException, started: float, *, probing: bool) -> None:
         """Record a failed connect that began at ``started``; wake who waits for a turn.
@@ -1194,7 +1249,11 @@ class ConnectionPool:
         """Drop a bad entry taken on checkout, keeping its slot for this caller.
 
         Returns another idle entry (the slot is given back) or ``_SLOT``.
+        Raises :class:`PoolClosed` for an entry of the parent's, after a fork.
         """
+        if entry.generation != self._generation:
+            _forget_inherited(entry.conn)
+            raise self._forked()
         with self._lock:  # critical section: swap the bad entry for what is next
             del self._in_use[id(entry.conn)]
             self._counters["connections_closed"] += 1
@@ -1281,6 +1340,9 @@ class ConnectionPool:
 
     def _release(self, entry: _Entry) -> None:
         """Hand a clean in-use entry to the first waiter, keep it idle, or close it."""
+        if entry.generation != self._generation:
+            _forget_inherited(entry.conn)
+            return
         to_close: list[Any] = []
         waiter = None
         with self._lock:  # critical section: decide where a clean connection goes
@@ -1332,6 +1394,9 @@ class ConnectionPool:
         here: its socket is already shut, and the greenlet or thread running the
         query gets the error and lets go of it.
         """
+        if entry.generation != self._generation:
+            _forget_inherited(entry.conn)
+            return
         with self._lock:  # critical section: forget the entry
             self._in_use.pop(id(entry.conn), None)
             self._counters["connections_closed"] += 1
@@ -1460,6 +1525,12 @@ def _activity(conn: Any) -> str:
         ext.TRANSACTION_STATUS_INTRANS: "idle in a transaction",
         ext.TRANSACTION_STATUS_INERROR: "in a failed transaction",
     }.get(status, "state unknown")
+
+
+def _forget_inherited(conn: Any) -> None:
+    """Let go of a connection the parent lent, in a forked child: detached, then closed."""
+    _detach(conn)
+    _close_quietly(conn)
 
 
 def _may_return(holder: tuple[Any, int] | None) -> bool:

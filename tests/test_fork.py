@@ -174,3 +174,87 @@ def test_a_prometheus_scrape_in_progress_at_fork_does_not_block_the_childs_scrap
     assert lines, f"the child's scrape never returned: {out.stderr}"
     result = json.loads(lines[-1])
     assert result["metrics"] > 10 and result["same"] is True
+
+
+IN_FLIGHT_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    from gevent import monkey
+    monkey.patch_all()
+
+    import json, os, time
+    import gevent, psycopg2
+    from django_gevent_pool import ConnectionPool, PoolClosed, PoolTimeout
+
+    dsn = sys.argv[1]  # through a proxy that delays every connect by 1 s
+    pool = ConnectionPool(lambda: psycopg2.connect(dsn), name="fork",
+                          options={"MAX_CONNS": 2, "POOL_TIMEOUT": 10})
+    held = pool.getconn()
+    connecting = gevent.spawn(pool.getconn)  # the second slot: a connect in flight
+    queued = gevent.spawn(pool.getconn)      # MAX_CONNS reached: queued
+    deadline = time.monotonic() + 5
+    while pool.get_stats()["requests_waiting"] < 1 or pool.get_stats()["pool_opening"] < 1:
+        assert time.monotonic() < deadline, pool
+        gevent.sleep(0.01)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        started = time.monotonic()
+        out = {}
+        for name, glet in (("queued", queued), ("connecting", connecting)):
+            glet.join(5)
+            exc = glet.exception
+            out[name] = [type(exc).__name__, str(exc), round(time.monotonic() - started, 2)]
+        pool.check_invariants()
+        out["size_after"] = pool.get_stats()["pool_size"]
+        a, b = pool.getconn(), pool.getconn()  # the child's own MAX_CONNS
+        try:
+            pool.getconn(timeout=0.2)
+            out["third"] = "lent"
+        except PoolTimeout:
+            out["third"] = "PoolTimeout"
+        pool.check_invariants()
+        for conn in (a, b):
+            pool.putconn(conn)
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    connecting.join(5)
+    second = connecting.value
+    pool.putconn(held)
+    queued.join(5)
+    pool.check_invariants()
+    parent = {"connecting_ok": second is not None and not second.closed,
+              "queued_ok": queued.value is not None}
+    with second.cursor() as cur:
+        cur.execute("SELECT 1")
+        parent["second_works"] = cur.fetchone()[0] == 1
+    os.waitpid(pid, 0)
+    child = json.loads(os.read(r, 65536))
+    print(json.dumps({"child": child, "parent": parent}))
+    """
+)
+
+
+def test_a_fork_with_a_checkout_queued_and_one_connecting(dsn: str) -> None:
+    """Both fail fast in the child and leave its counts alone; the parent's go on."""
+    from .proxy import Proxy
+
+    with Proxy(dsn) as proxy:
+        proxy.connect_delay = 1.0
+        out = subprocess.run(
+            [sys.executable, "-c", IN_FLIGHT_SCRIPT, proxy.dsn()],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    child, parent = result["child"], result["parent"]
+    for name in ("queued", "connecting"):
+        kind, message, after = child[name]
+        assert kind == "PoolClosed", child
+        assert "began before the process forked" in message
+        assert after < 1.5, f"{name} failed only after {after} s"
+    assert child["size_after"] == 0
+    assert child["third"] == "PoolTimeout", "the child's cap is MAX_CONNS, not one more"
+    assert parent == {"connecting_ok": True, "queued_ok": True, "second_works": True}
