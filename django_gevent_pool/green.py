@@ -85,18 +85,28 @@ def gevent_wait_callback(conn: Any, timeout: float | None = None) -> None:
             _connecting.discard(conn)
 
 
+def detach(conn: Any) -> None:
+    """Point ``conn``'s socket descriptor at /dev/null, for a forked child.
+
+    Whatever the child then does with the connection object (close, garbage
+    collection, a wait that was in flight) goes nowhere, instead of onto a
+    socket the parent still uses. A closed connection has nothing shared.
+    """
+    try:
+        fd = conn.fileno()
+    except Exception:  # closed already, or no socket yet: nothing shared
+        return
+    devnull = os.open(os.devnull, os.O_RDWR)
+    try:
+        os.dup2(devnull, fd)
+    finally:
+        os.close(devnull)
+
+
 def _detach_connects_after_fork() -> None:
     """In a forked child: connects the parent had in flight go nowhere from now on."""
     for conn in list(_connecting):
-        try:
-            fd = conn.fileno()
-        except Exception:  # no socket yet, or closed: nothing shared
-            continue
-        devnull = os.open(os.devnull, os.O_RDWR)
-        try:
-            os.dup2(devnull, fd)
-        finally:
-            os.close(devnull)
+        detach(conn)
     _connecting.clear()
 
 

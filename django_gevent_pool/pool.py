@@ -51,6 +51,7 @@ import psycopg2.extensions as ext
 
 from . import cancel, sync, timing
 from .errors import PoolClosed, PoolConfigError, PoolTimeout, PoolUnavailable, TooManyRequests
+from .green import detach as _detach
 from .green import ensure_cooperative, is_psycopg2_cooperative
 from .options import PoolOptions
 
@@ -372,8 +373,7 @@ class ConnectionPool:
             # land there, with the entry flagged as returning.
             if entry.leak_warned:
                 logger.warning(
-                    "pool %r: the connection held too long came back after %.1f s; "
-                    "borrowed by %s",
+                    "pool %r: the connection held too long came back after %.1f s; borrowed by %s",
                     self.name,
                     now - entry.borrowed_at,
                     entry.borrower,
@@ -948,17 +948,14 @@ class ConnectionPool:
                 self._log_connect_failure(exc)  # the slot is settled: a yield is harmless
             if isinstance(exc, _ConnectDeadline):
                 # Not the server's fault (no backoff): this checkout ran out of time.
-                spent_ms = (self._clock() - now) * 1000.0
-                with self._lock:  # critical section: count, and read the state for the message
-                    self._counters["connections_ms"] += spent_ms
-                    self._counters["requests_timeouts"] += 1
-                    self._counters["requests_errors"] += 1
-                    counts = self._counts()
-                raise PoolTimeout(
-                    f"pool {self.name!r}: connecting took longer than the checkout timeout "
-                    f"allowed: {now - start:.2f} s went to waiting for a free slot (a full "
-                    f"pool) and checking idle connections, {spent_ms / 1000.0:.2f} s to the "
-                    f"connect (MAX_CONNS={self.max_conns}) {counts}"
+                spent = self._clock() - now
+                with self._lock:  # critical section: count
+                    self._counters["connections_ms"] += spent * 1000.0
+                raise self._timed_out(
+                    start,
+                    "connecting took longer than the checkout timeout allowed: "
+                    f"{now - start:.2f} s went to waiting for a free slot (a full pool) and "
+                    f"checking idle connections, {spent:.2f} s to the connect",
                 ) from None
             if probing and isinstance(exc, Exception):
                 # The pool was failing already: say so, the attempt's error chained.
@@ -1545,22 +1542,7 @@ def _may_return(holder: tuple[Any, int] | None) -> bool:
         return True
     borrower, ident = holder
     current, current_ident = sync.current_holder()
-    return (
-        borrower is current or ident != current_ident or bool(getattr(borrower, "dead", True))
-    )
-
-
-def _detach(conn: Any) -> None:
-    """Point ``conn``'s socket descriptor at /dev/null (see ``_after_fork_in_child``)."""
-    try:
-        fd = conn.fileno()
-    except Exception:  # closed already: nothing shared
-        return
-    devnull = os.open(os.devnull, os.O_RDWR)
-    try:
-        os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
+    return borrower is current or ident != current_ident or bool(getattr(borrower, "dead", True))
 
 
 _ALL_POOLS: weakref.WeakSet[ConnectionPool] = weakref.WeakSet()
