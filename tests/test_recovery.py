@@ -27,7 +27,7 @@ from django_gevent_pool import ConnectionPool, PoolUnavailable
 from django_gevent_pool.devserver import EmbeddedServer
 
 from .proxy import Proxy
-from .support import Workers, backends, sleep, terminate, wait_until
+from .support import Workers, backends, sleep, wait_until
 
 WORKERS = 24
 # A noisy, shared 2-core machine: the 1 s promise is asserted with this slack.
@@ -159,6 +159,27 @@ def make_pool(connect: CountingConnect, name: str, **options: Any) -> Connection
     pool = ConnectionPool(connect, name=name, options={"MAX_CONNS": 20, **options})
     connect.pool = pool
     return pool
+
+
+def terminate_all(admin: Any, app_name: str) -> set[int]:
+    """pg_terminate_backend every backend of ``app_name``; their pids (no wait for zero:
+    MIN_CONNS may open replacements at once)."""
+    with admin.cursor() as cur:
+        # In the select list: evaluated only for the rows the WHERE kept.
+        cur.execute(
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = %s",
+            [app_name],
+        )
+        return {row[0] for row in cur.fetchall()}
+
+
+def replaced(admin: Any, app_name: str, killed: set[int], count: int) -> bool:
+    """Exactly ``count`` backends of ``app_name``, none of them one of ``killed``."""
+    with admin.cursor() as cur:
+        cur.execute("SELECT pid FROM pg_stat_activity WHERE application_name = %s", [app_name])
+        pids = {row[0] for row in cur.fetchall()}
+    return len(pids) == count and not pids & killed
 
 
 def select_port(conn: Any) -> int:
@@ -390,9 +411,12 @@ def test_min_conns_is_opened_at_first_use_and_refilled_after_losses(
         assert time.monotonic() - first_use < SERVES_WITHIN, "prewarmed within 1 s"
         sleep(0.3)
         assert backends(admin, app_name) == 3, "never above the minimum with no traffic"
-        terminate(admin, app_name)
+        killed = terminate_all(admin, app_name)
+        assert len(killed) == 3
         lost = time.monotonic()
-        wait_until(lambda: backends(admin, app_name) == 3, what="MIN_CONNS refilled", timeout=5)
+        wait_until(
+            lambda: replaced(admin, app_name, killed, 3), what="MIN_CONNS refilled", timeout=5
+        )
         assert time.monotonic() - lost < SERVES_WITHIN, "refilled within ~1 s"
         # The replacements are good: checkouts use them without a failure.
         for _ in range(6):
@@ -578,8 +602,10 @@ def test_a_killed_housekeeping_greenlet_is_started_again_by_the_next_checkout(
             pass  # the next checkout starts another
         second = pool._maintainer
         assert second is not first and not second.dead
-        terminate(admin, app_name)
-        wait_until(lambda: backends(admin, app_name) == 2, what="MIN_CONNS refilled", timeout=5)
+        killed = terminate_all(admin, app_name)
+        wait_until(
+            lambda: replaced(admin, app_name, killed, 2), what="MIN_CONNS refilled", timeout=5
+        )
         pool.check_invariants()
     finally:
         pool.close()
