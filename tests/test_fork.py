@@ -10,6 +10,7 @@ message on the socket the two processes share.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -166,8 +167,15 @@ COLLECTOR_SCRIPT = textwrap.dedent(
 
 def test_a_prometheus_scrape_in_progress_at_fork_does_not_block_the_childs_scrapes() -> None:
     pytest.importorskip("prometheus_client")
+    # No Django settings there: the script needs none, and loading the suite's
+    # would start an embedded server in a child that leaves by os._exit.
+    env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
     out = subprocess.run(
-        [sys.executable, "-c", COLLECTOR_SCRIPT], capture_output=True, text=True, timeout=20
+        [sys.executable, "-c", COLLECTOR_SCRIPT],
+        capture_output=True,
+        text=True,
+        timeout=20,
+        env=env,
     )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.strip().splitlines()
