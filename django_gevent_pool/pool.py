@@ -220,8 +220,9 @@ class ConnectionPool:
         self._last_connect_error: BaseException | None = None
         self._last_failed_at = float("-inf")
         self._failing_since = float("-inf")
-        self._probing = False
-        self._in_flight = 0  # connect attempts running, failing or not
+        # Connect attempts running, failing or not. While failing, a new one
+        # starts only when this is 0: that is the single flight.
+        self._in_flight = 0
         self._turn_waiters: list[sync.Signal] = []
         # Cuts the housekeeping loop's sleep short (MIN_CONNS to refill).
         self._wakeup = sync.Wakeup()
@@ -483,7 +484,6 @@ class ConnectionPool:
         self._retry_at = float("-inf")
         self._last_failed_at = float("-inf")
         self._failing_since = float("-inf")
-        self._probing = False
         self._in_flight = 0
         self._turn_waiters = []
         self._wakeup = sync.Wakeup()
@@ -543,15 +543,13 @@ class ConnectionPool:
                 self._nconns < self.options.MIN_CONNS
                 and self._opening == 0
                 and not self._waiting
-                and not self._probing
-                and (not failing or (now >= self._retry_at and self._in_flight == 0))
+                # (no opening: no attempt in flight, so while failing, the one)
+                and (not failing or now >= self._retry_at)
             )
             if grow:
                 self._nconns += 1
                 self._opening += 1
                 self._in_flight += 1
-                # While failing, this is the pool's one attempt in flight.
-                self._probing = failing
         try:
             if lost:
                 logger.warning(
@@ -565,7 +563,7 @@ class ConnectionPool:
             # Killed in a log handler that yields, or while closing: the slot
             # reserved to grow is given back, and the turn with it.
             if grow:
-                self._end_turn(probing=failing)
+                self._end_turn()
                 self._give_back_slot(opening=True)
             raise
         if not grow:
@@ -593,9 +591,9 @@ class ConnectionPool:
             # BaseException on purpose: the housekeeping greenlet killed in the
             # middle of a connect must give its slot and its turn back too.
             if isinstance(exc, Exception):
-                self._connect_failed(exc, started, probing=failing)
+                self._connect_failed(exc, started)
             else:
-                self._end_turn(probing=failing)
+                self._end_turn()
             self._give_back_slot(opening=True)
             if not isinstance(exc, Exception):
                 raise
@@ -934,15 +932,15 @@ class ConnectionPool:
                     f"pool {self.name!r}: connecting did not finish within "
                     f"{connect_deadline - now:.2f} s while the server is failing"
                 )
-                self._connect_failed(err, now, probing=True)
+                self._connect_failed(err, now)
                 self._give_back_slot(opening=True)
                 self._log_connect_failure(err)
                 raise err from last
             failed = isinstance(exc, Exception) and not isinstance(exc, _ConnectDeadline)
             if failed:
-                self._connect_failed(exc, now, probing=probing)
+                self._connect_failed(exc, now)
             else:
-                self._end_turn(probing=probing)
+                self._end_turn()
             self._give_back_slot(opening=True)
             if failed:
                 self._log_connect_failure(exc)  # the slot is settled: a yield is harmless
@@ -998,20 +996,19 @@ class ConnectionPool:
         signal: sync.Signal | None = None
         while True:
             now = self._clock()
-            if signal is None and (self._connect_failures or self._probing):
+            if signal is None and self._connect_failures:
                 signal = sync.new_signal()  # made outside the lock: a hub call
             with self._lock:  # critical section: connect, take the turn, or queue for it
                 if self._generation != generation:
                     raise self._forked()
                 if self._closed:
                     raise PoolClosed(f"pool {self.name!r} is closed")
-                if self._connect_failures == 0 and not self._probing:
+                if self._connect_failures == 0:
                     self._in_flight += 1
                     return False, deadline
                 # Failing: the one attempt, once the backoff passed and every
                 # attempt of the round that found the failure has ended.
-                if not self._probing and self._in_flight == 0 and now >= self._retry_at:
-                    self._probing = True
+                if self._in_flight == 0 and now >= self._retry_at:
                     self._in_flight += 1
                     return True, give_up_at
                 if now >= give_up_at:
@@ -1020,7 +1017,7 @@ class ConnectionPool:
                 if signal is None:
                     continue  # turned failing since the look above: make a signal first
                 self._turn_waiters.append(signal)
-                busy = self._probing or self._in_flight
+                busy = self._in_flight > 0
                 wake_at = give_up_at if busy else min(self._retry_at, give_up_at)
             try:
                 woke = signal.wait(wake_at - now)
@@ -1066,12 +1063,10 @@ class ConnectionPool:
         woken, self._turn_waiters = self._turn_waiters, []
         return woken
 
-    def _end_turn(self, *, probing: bool) -> None:
+    def _end_turn(self) -> None:
         """An attempt ended without a verdict (killed, out of time): let the next one try."""
         with self._lock:  # critical section: free the turn
             self._in_flight -= 1
-            if probing:
-                self._probing = False
             woken = self._take_turn_waiters()
         for signal in woken:
             signal.set()
@@ -1086,7 +1081,6 @@ class ConnectionPool:
         now = self._clock()
         self._connect_failures = 0
         self._retry_at = float("-inf")
-        self._probing = False
         self._in_flight -= 1
         self._opening -= 1
         self._counters["connections_num"] += 1
@@ -1096,13 +1090,12 @@ class ConnectionPool:
             return None
         return _Entry(conn, now, self.options.MAX_LIFETIME, self._generation)
 
-    def _connect_failed(self, exc: BaseException, started: float, *, probing: bool) -> None:
+    def _connect_failed(self, exc: BaseException, started: float) -> None:
         """Record a failed connect that began at ``started``; wake who waits for a turn.
 
         Attempts that began before the last recorded failure belong to the same
         round (concurrent connects when the outage began): they count as errors
-        but do not grow the backoff. ``probing``: this was the one attempt in
-        flight of a failing pool, whose turn ends here.
+        but do not grow the backoff. The attempt's turn ends here.
         """
         now = self._clock()
         with self._lock:  # critical section: grow the backoff, end the turn
@@ -1117,8 +1110,6 @@ class ConnectionPool:
             self._last_failed_at = now
             self._last_connect_error = exc
             self._in_flight -= 1
-            if probing:
-                self._probing = False
             woken = self._take_turn_waiters()
         for signal in woken:
             signal.set()

@@ -521,7 +521,7 @@ def test_checkouts_killed_while_waiting_for_a_turn_or_connecting_give_everything
             proxy.accept_again()
             proxy.connect_delay = 3.0
             greenlets = [gevent.spawn(pool.getconn) for _ in range(12)]
-            wait_until(lambda: pool._probing, what="one attempt in flight")
+            wait_until(lambda: pool._in_flight == 1, what="one attempt in flight")
             wait_until(lambda: len(pool._turn_waiters) == 11, what="eleven waiting for a turn")
             assert connect.in_flight == 1
             with pytest.raises(gevent.Timeout), gevent.Timeout(0.05):
@@ -530,7 +530,7 @@ def test_checkouts_killed_while_waiting_for_a_turn_or_connecting_give_everything
             assert all(g.dead for g in greenlets)
             stats = pool.get_stats()
             assert stats["pool_size"] == 0 and stats["pool_opening"] == 0, stats
-            assert not pool._probing and not pool._turn_waiters
+            assert pool._in_flight == 0 and not pool._turn_waiters
             pool.check_invariants()
             # Nothing is stuck: with the server answering again, the pool serves at once.
             proxy.connect_delay = 0.0
