@@ -1,8 +1,9 @@
-"""A gevent-aware, greenlet-safe pool of psycopg2 connections for Django."""
+"""A gevent-aware, greenlet-safe pool of PostgreSQL connections (psycopg2, psycopg 3) for Django."""
 
 from __future__ import annotations
 
 from .copying import CopyBlocksTheHub, blocking_copy
+from .drivers.psycopg2_waiting import is_psycopg2_cooperative, patch_psycopg2
 from .errors import (
     PoolClosed,
     PoolConfigError,
@@ -11,7 +12,6 @@ from .errors import (
     PoolUnavailable,
     TooManyRequests,
 )
-from .green import is_psycopg2_cooperative, patch_psycopg2
 from .options import PoolOptions
 from .pool import ConnectionPool
 
@@ -30,5 +30,16 @@ __all__ = [
     "__version__",
     "blocking_copy",
     "is_psycopg2_cooperative",
+    "is_psycopg_cooperative",
+    "patch_psycopg",
     "patch_psycopg2",
 ]
+
+
+def __getattr__(name: str) -> object:
+    # psycopg 3's functions, imported on first use: psycopg 3 may not be installed.
+    if name in ("patch_psycopg", "is_psycopg_cooperative"):
+        from .drivers import psycopg_waiting
+
+        return getattr(psycopg_waiting, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

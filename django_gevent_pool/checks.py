@@ -63,7 +63,7 @@ from django.core import checks
 from django.core.checks import CheckMessage, Error, Info, Tags, Warning
 from django.core.exceptions import ImproperlyConfigured
 
-from .green import gevent_patched_socket, is_psycopg2_cooperative
+from .drivers.psycopg2_waiting import gevent_patched_socket, is_psycopg2_cooperative
 from .options import PoolOptions
 from .serverinfo import (
     ServerLimits,

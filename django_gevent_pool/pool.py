@@ -39,43 +39,24 @@ import logging
 import os
 import random
 import time
-import traceback
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-import psycopg2
-import psycopg2.extensions as ext
-
-from . import cancel, sync, timing
-from .errors import PoolClosed, PoolConfigError, PoolTimeout, PoolUnavailable, TooManyRequests
-from .green import detach as _detach
-from .green import ensure_cooperative, is_psycopg2_cooperative
+from . import leaks, stats, sync, timing
+from .backoff import Backoff
+from .drivers import Driver, Status, get_driver
+from .errors import PoolClosed, PoolConfigError, PoolTimeout, PoolUnavailable
 from .options import PoolOptions
 
 logger = logging.getLogger("django_gevent_pool")
-
-_STATUS_NAMES = {
-    ext.TRANSACTION_STATUS_IDLE: "IDLE",
-    ext.TRANSACTION_STATUS_ACTIVE: "ACTIVE",
-    ext.TRANSACTION_STATUS_INTRANS: "INTRANS",
-    ext.TRANSACTION_STATUS_INERROR: "INERROR",
-    ext.TRANSACTION_STATUS_UNKNOWN: "UNKNOWN",
-}
 
 # What a waiter can be handed besides a connection entry.
 _SLOT = "slot"  # a reserved slot: the waiter opens a connection with it
 _CLOSED = "closed"  # the pool was closed while it waited
 _FORKED = "forked"  # queued in the parent: the process forked while it waited
-_LEAK_STACK_DEPTH = 25
-# While connects fail, the next attempt waits a delay that doubles from the base
-# with each failed round up to the max, jittered down by up to half: short, so
-# a server that is back is served within a second, and single flight (one
-# attempt in flight per pool), so a failing server sees no herd.
-_BACKOFF_BASE = 0.05
-_BACKOFF_MAX = 0.5
 # While connects fail, a checkout that needs a new connection waits for its
 # turn to try at most this long (or its own timeout, if shorter), then fails
 # with PoolUnavailable chained from the last connect error.
@@ -96,11 +77,6 @@ _MIN_CONNS_LOOK_EVERY = 0.5
 _EXPIRED = "it reached MAX_LIFETIME"  # a retirement, not a fault: no warning, not "bad"
 _BY_CALLER = "discarded by the caller"
 _SEVERED = "it was returned while a query was running on it (ACTIVE): cancelled and cut"
-# The wait percentiles in the stats cover this many of the latest checkouts.
-_WAIT_SAMPLES = 2048
-# A checkout timeout logs who holds the connections at most this often per pool.
-_HOLDERS_LOG_EVERY = 10.0
-_HOLDERS_LOG_MAX = 20
 
 
 class _ConnectDeadline(Exception):
@@ -155,11 +131,15 @@ class _Waiter:
 
 
 class ConnectionPool:
-    """A bounded, greenlet- and thread-safe pool of psycopg2 connections.
+    """A bounded, greenlet- and thread-safe pool of database connections.
 
     ``connect`` is called with no argument to open a new connection; it runs
     outside the pool's lock, in the caller's greenlet or thread, and whatever it
     raises reaches that caller after the reserved slot has been given back.
+    ``driver`` says what kind of connection ``connect`` returns: a name
+    (``"psycopg2"``, the default, or ``"psycopg"`` for psycopg 3) or a
+    :class:`~django_gevent_pool.drivers.Driver`. The pool's errors subclass
+    that driver's ``OperationalError``.
 
     ``options`` is a :class:`PoolOptions` or a mapping of the same upper-case
     names (``MAX_CONNS``, ``REUSE_CONNS``, ``POOL_TIMEOUT``, ...).
@@ -173,6 +153,7 @@ class ConnectionPool:
         self,
         connect: Callable[[], Any],
         *,
+        driver: Driver | str = "psycopg2",
         name: str = "pool",
         options: PoolOptions | Mapping[str, Any] | None = None,
         after_reset: Callable[[Any], None] | None = None,
@@ -194,10 +175,12 @@ class ConnectionPool:
         self.reuse_conns = options.reuse_conns
         self.timeout = options.POOL_TIMEOUT
         self._connect = connect
+        self._driver: Driver = get_driver(driver) if isinstance(driver, str) else driver
+        self._errors = self._driver.errors
         self._after_reset = after_reset
         self._clock = clock
-        # In a process where gevent patched socket, psycopg2 must yield too.
-        ensure_cooperative()
+        # In a process where gevent patched socket, the driver must yield too.
+        self._driver.ensure_cooperative()
 
         self._lock = sync.allocate_lock()
         # --- state below is changed only under self._lock ---
@@ -208,18 +191,12 @@ class ConnectionPool:
         self._waiting: deque[_Waiter] = deque()
         self._closed = False
         self._invalidated_at = float("-inf")  # connections created before this get pinged
-        self._counters: dict[str, float] = dict.fromkeys(_COUNTERS, 0)
+        self._counters = stats.new_counters()
         # Seconds each of the latest checkouts took (appends are atomic: no lock).
-        self._wait_samples: deque[float] = deque(maxlen=_WAIT_SAMPLES)
+        self._wait_samples = stats.new_samples()
         self._holders_logged_at = float("-inf")
-        # Failed connect rounds in a row (0: healthy), when the next attempt is
-        # allowed, whether one is in flight (single flight while failing), who
-        # waits for their turn, and when the failures began.
-        self._connect_failures = 0
-        self._retry_at = float("-inf")
-        self._last_connect_error: BaseException | None = None
-        self._last_failed_at = float("-inf")
-        self._failing_since = float("-inf")
+        # Failed connect rounds in a row and when the next attempt may go.
+        self._backoff = Backoff()
         # Connect attempts running, failing or not. While failing, a new one
         # starts only when this is 0: that is the single flight.
         self._in_flight = 0
@@ -256,8 +233,8 @@ class ConnectionPool:
         """Like :meth:`getconn`, with this checkout's lease number: ``(conn, lease)``.
 
         ``putconn(conn, lease=lease)`` then gives back exactly this checkout: a
-        second return, or one after the connection was lent again, raises
-        ``psycopg2.ProgrammingError`` instead of taking it from its next
+        second return, or one after the connection was lent again, raises the
+        driver's ``ProgrammingError`` instead of taking it from its next
         borrower. Same errors as :meth:`getconn`.
         """
         if not self._maintaining:
@@ -319,12 +296,7 @@ class ConnectionPool:
         if self.options.LEAK_TIMEOUT is not None:
             # Only paid for when asked: where this checkout came from, for the warning.
             # The pool's own frames (getconn, checkout, _checkout) are left out.
-            frames = traceback.extract_stack(limit=_LEAK_STACK_DEPTH + 3)
-            while frames and frames[-1].filename == __file__:
-                frames.pop()
-            entry.borrower = f"{sync.current_name()}\n" + "".join(
-                traceback.format_list(frames[-_LEAK_STACK_DEPTH:])
-            )
+            entry.borrower = leaks.borrower_stack(__file__)
         return entry
 
     def putconn(self, conn: Any, *, discard: bool = False, lease: int | None = None) -> None:
@@ -339,8 +311,8 @@ class ConnectionPool:
         it must be that checkout's; without, a greenlet other than the borrower
         may not return it while the borrower still runs in the same thread (a
         second return after the connection was lent again looks just like
-        that). Raises ``psycopg2.ProgrammingError`` for a connection this pool
-        did not lend, one already returned, or another checkout's.
+        that). Raises the driver's ``ProgrammingError`` for a connection this
+        pool did not lend, one already returned, or another checkout's.
         """
         now = self._clock()
         with self._lock:  # critical section: find and flag the entry
@@ -348,14 +320,14 @@ class ConnectionPool:
             if entry is None and id(conn) in self._inherited:
                 self._inherited.discard(id(conn))
             elif entry is None or entry.conn is not conn or entry.returning:
-                raise psycopg2.ProgrammingError(
+                raise self._errors.ProgrammingError(
                     f"pool {self.name!r}: can't return a connection the pool did not lend "
                     "or that was already returned"
                 )
             elif (lease is not None and lease != entry.lease) or (
                 lease is None and not _may_return(entry.holder)
             ):
-                raise psycopg2.ProgrammingError(
+                raise self._errors.ProgrammingError(
                     f"pool {self.name!r}: can't return a connection another checkout holds "
                     "(returned already, then lent again); a return must come from its "
                     "borrower, or name the checkout with putconn(conn, lease=...)"
@@ -367,26 +339,20 @@ class ConnectionPool:
         if entry is None:
             # Lent before a fork and returned in the child: its socket points at
             # /dev/null already, so closing it cannot end the parent's session.
-            _close_quietly(conn)
+            self._close_quietly(conn)
             return
         try:
             # Inside the guard: a log handler may yield, and a kill or timeout
             # land there, with the entry flagged as returning.
             if entry.leak_warned:
-                logger.warning(
-                    "pool %r: the connection held too long came back after %.1f s; borrowed by %s",
-                    self.name,
-                    now - entry.borrowed_at,
-                    entry.borrower,
-                )
+                leaks.warn_came_back(self.name, now - entry.borrowed_at, entry.borrower)
             if discard:
                 reason = _BY_CALLER
-                active = ext.TRANSACTION_STATUS_ACTIVE
-                if not conn.closed and conn.info.transaction_status == active:
+                if self._driver.status(conn) is Status.ACTIVE:
                     # Another greenlet or thread is mid-query on it and holds
-                    # psycopg2's connection lock: close() would wait for it (for
-                    # ever, if it is a greenlet of this thread). Cut it instead.
-                    _sever(conn)
+                    # the driver's connection lock: close() would wait for it
+                    # (for ever, if it is a greenlet of this thread). Cut it.
+                    self._driver.sever(conn)
                     reason = _SEVERED
             else:
                 reason = self._clean_for_reuse(entry)
@@ -427,7 +393,7 @@ class ConnectionPool:
         for waiter in waiters:
             waiter.signal.set()
         for entry in idle:
-            _close_quietly(entry.conn)
+            self._close_quietly(entry.conn)
 
     def drain(self, timeout: float = 30.0) -> bool:
         """Stop lending, wait up to ``timeout`` s for lent connections, then close all.
@@ -458,8 +424,8 @@ class ConnectionPool:
     def _after_fork_in_child(self) -> None:
         """Start afresh in a forked child, leaving the parent's connections alone.
 
-        A libpq connection closed in the child would send a Terminate message
-        on the socket it shares with the parent, ending the parent's session.
+        A connection closed in the child would send a Terminate message on the
+        socket it shares with the parent, ending the parent's session.
         So every inherited socket is first pointed at /dev/null: whatever the
         child does with those objects later (close, garbage collection) goes
         nowhere. The lock is new too: another thread of the parent may have
@@ -467,7 +433,7 @@ class ConnectionPool:
         """
         inherited = [e.conn for e in self._idle] + [e.conn for e in self._in_use.values()]
         for conn in inherited:
-            _detach(conn)
+            self._driver.detach(conn)
         parent_waiters = [w.signal for w in self._waiting] + self._turn_waiters
         self._generation += 1
         self._lock = sync.allocate_lock()
@@ -478,12 +444,9 @@ class ConnectionPool:
         self._nconns = 0
         self._waiting = deque()
         self._invalidated_at = float("-inf")
-        self._counters = dict.fromkeys(_COUNTERS, 0)
+        self._counters = stats.new_counters()
         self._wait_samples.clear()
-        self._connect_failures = 0
-        self._retry_at = float("-inf")
-        self._last_failed_at = float("-inf")
-        self._failing_since = float("-inf")
+        self._backoff = Backoff()
         self._in_flight = 0
         self._turn_waiters = []
         self._wakeup = sync.Wakeup()
@@ -499,7 +462,7 @@ class ConnectionPool:
 
     def _forked(self) -> PoolClosed:
         """The error of a checkout that began before this process forked."""
-        return PoolClosed(
+        return self._errors.PoolClosed(
             f"pool {self.name!r}: this checkout began before the process forked; the "
             "child's pool starts afresh: check out again"
         )
@@ -538,13 +501,12 @@ class ConnectionPool:
                 self._invalidated_at = now
             leaving = {id(e): e for e in lost + expired}.values()
             to_close = [e.conn for e in leaving] + self._trim_idle()
-            failing = self._connect_failures > 0
             grow = (
                 self._nconns < self.options.MIN_CONNS
                 and self._opening == 0
                 and not self._waiting
                 # (no opening: no attempt in flight, so while failing, the one)
-                and (not failing or now >= self._retry_at)
+                and self._backoff.may_try(now)
             )
             if grow:
                 self._nconns += 1
@@ -558,7 +520,7 @@ class ConnectionPool:
                     len(lost),
                 )
             for conn in to_close:
-                _close_quietly(conn)
+                self._close_quietly(conn)
         except BaseException:
             # Killed in a log handler that yields, or while closing: the slot
             # reserved to grow is given back, and the turn with it.
@@ -577,7 +539,7 @@ class ConnectionPool:
                 # thread by libpq's connect_timeout.
                 conn = self._connect_before(started + self.timeout)
             except _ConnectDeadline:
-                raise PoolUnavailable(
+                raise self._errors.PoolUnavailable(
                     f"pool {self.name!r}: a connect for MIN_CONNS did not finish within "
                     f"{self.timeout:.2f} s (POOL_TIMEOUT)"
                 ) from None
@@ -600,7 +562,7 @@ class ConnectionPool:
             self._log_connect_failure(exc)
             return False
         if self._generation != generation:
-            _forget_inherited(conn)  # opened by the parent's housekeeping: not ours
+            self._forget_inherited(conn)  # opened by the parent's housekeeping: not ours
             return False
         waiter = None
         with self._lock:  # critical section: the new connection goes idle or to a waiter
@@ -621,7 +583,7 @@ class ConnectionPool:
         for signal in woken:
             signal.set()
         for conn in to_close:
-            _close_quietly(conn)
+            self._close_quietly(conn)
         return True
 
     def _dead_idle(self) -> dict[int, float]:
@@ -637,14 +599,14 @@ class ConnectionPool:
         for entry in idle:
             last_used = entry.last_used
             try:
-                if entry.conn.closed:
+                if self._driver.status(entry.conn) is Status.CLOSED:
                     readable = True
                 else:
                     # A probe of its own, not the entry's: a checkout in another
                     # thread may take the entry and poll with that one meanwhile,
                     # and one poll object refuses concurrent use.
-                    readable = sync.socket_probe(entry.conn.fileno())()
-            except (OSError, ValueError, psycopg2.Error):
+                    readable = sync.socket_probe(self._driver.fileno(entry.conn))()
+            except (OSError, ValueError, self._driver.Error):
                 readable = True
             if readable:
                 dead[id(entry)] = last_used
@@ -664,13 +626,7 @@ class ConnectionPool:
             for entry in overdue:
                 entry.leak_warned = True
         for entry in overdue:
-            logger.warning(
-                "pool %r: a connection has been held for %.1f s (LEAK_TIMEOUT=%s) by %s",
-                self.name,
-                now - entry.borrowed_at,
-                limit,
-                entry.borrower,
-            )
+            leaks.warn_held(self.name, now - entry.borrowed_at, limit, entry.borrower)
 
     def _maintenance_interval(self) -> float:
         spans = [
@@ -730,8 +686,8 @@ class ConnectionPool:
         the wait early (:meth:`_poke`).
         """
         with self._lock:  # critical section: read
-            if self._nconns < self.options.MIN_CONNS and self._connect_failures:
-                return max(0.0, min(interval, self._retry_at - self._clock()))
+            if self._nconns < self.options.MIN_CONNS and self._backoff.failing:
+                return max(0.0, min(interval, self._backoff.retry_at - self._clock()))
         return interval
 
     def _poke(self) -> None:
@@ -742,6 +698,11 @@ class ConnectionPool:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def driver(self) -> Driver:
+        """The driver of this pool's connections."""
+        return self._driver
 
     def get_stats(self) -> dict[str, float]:
         """Counts now and counters since creation (or the last :meth:`pop_stats`).
@@ -762,7 +723,7 @@ class ConnectionPool:
         """
         with self._lock:  # critical section: a consistent snapshot
             snap = self._snapshot()
-        return _with_percentiles(snap)
+        return stats.with_percentiles(snap, snap.pop("_samples"))  # type: ignore[arg-type]
 
     stats = get_stats
 
@@ -770,9 +731,9 @@ class ConnectionPool:
         """Like :meth:`get_stats`, then reset the counters to zero."""
         with self._lock:  # critical section: snapshot and reset
             snap = self._snapshot()
-            self._counters = dict.fromkeys(_COUNTERS, 0)
+            self._counters = stats.new_counters()
             self._wait_samples.clear()
-        return _with_percentiles(snap)
+        return stats.with_percentiles(snap, snap.pop("_samples"))  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
         return (
@@ -787,7 +748,7 @@ class ConnectionPool:
         """Under the lock: an idle entry, or a reserved slot, or a queued waiter."""
         with self._lock:  # critical section: pick what this checkout gets
             if self._closed:
-                raise PoolClosed(f"pool {self.name!r} is closed")
+                raise self._errors.PoolClosed(f"pool {self.name!r} is closed")
             self._counters["requests_num"] += 1
             if not self._waiting:
                 if self._idle:
@@ -802,7 +763,7 @@ class ConnectionPool:
             if max_waiting and len(self._waiting) >= max_waiting:
                 self._counters["requests_too_many"] += 1
                 self._counters["requests_errors"] += 1
-                raise TooManyRequests(
+                raise self._errors.TooManyRequests(
                     f"pool {self.name!r}: {len(self._waiting)} checkouts already waiting "
                     f"(MAX_WAITING={max_waiting}) {self._counts()}"
                 )
@@ -835,50 +796,28 @@ class ConnectionPool:
                 self._counters["requests_errors"] += 1
                 counts = self._counts()
                 holders = None
-                if now - self._holders_logged_at >= _HOLDERS_LOG_EVERY:
+                if now - self._holders_logged_at >= leaks.HOLDERS_LOG_EVERY:
                     self._holders_logged_at = now
                     holders = [
                         (now - e.borrowed_at, e.holder, e.borrower, e.conn)
                         for e in self._in_use.values()
                     ]
             if holders is not None:
-                self._log_holders(waited, holders, counts)
-            raise PoolTimeout(
+                status = self._driver.status
+                leaks.log_holders(
+                    self.name, waited, [(h, w, b, status(c)) for h, w, b, c in holders], counts
+                )
+            raise self._errors.PoolTimeout(
                 f"pool {self.name!r}: no connection available after {waited:.2f} s "
                 f"(MAX_CONNS={self.max_conns}) {counts}"
             )
         if item == _CLOSED:
-            raise PoolClosed(f"pool {self.name!r} was closed while waiting for a connection")
+            raise self._errors.PoolClosed(
+                f"pool {self.name!r} was closed while waiting for a connection"
+            )
         if item == _FORKED:
             raise self._forked()
         return item
-
-    def _log_holders(
-        self, waited: float, holders: list[tuple[float, Any, str | None, Any]], counts: str
-    ) -> None:
-        """Say who holds the connections a checkout just timed out waiting for."""
-        holders.sort(key=lambda h: h[0], reverse=True)
-        lines = []
-        for held, holder, _borrower, conn in holders[:_HOLDERS_LOG_MAX]:
-            who = sync.describe_holder(holder) if holder is not None else "a caller"
-            lines.append(f"  {who} for {held:.2f} s, {_activity(conn)}")
-        if len(holders) > _HOLDERS_LOG_MAX:
-            lines.append(f"  ... and {len(holders) - _HOLDERS_LOG_MAX} more")
-        longest = holders[0][2] if holders else None
-        if longest:
-            where = f"The longest holder borrowed it here:\n{longest}"
-        else:
-            where = "Set OPTIONS['LEAK_TIMEOUT'] to also record where each was borrowed."
-        logger.warning(
-            "pool %r: a checkout timed out after %.2f s %s; the %d connection(s) in use "
-            "are held by (longest first):\n%s\n%s",
-            self.name,
-            waited,
-            counts,
-            len(holders),
-            "\n".join(lines) or "  nobody (all slots are opening connections)",
-            where,
-        )
 
     def _leave_queue(self, waiter: _Waiter, start: float) -> _Entry | str | None:
         """Under the lock: take what the waiter was handed, or unqueue it if nothing."""
@@ -927,8 +866,8 @@ class ConnectionPool:
             # for its turn instead of connecting alongside.
             if isinstance(exc, _ConnectDeadline) and probing:
                 # The failing server did not even answer in time: a failed round.
-                last = self._last_connect_error
-                err = PoolUnavailable(
+                last = self._backoff.last_error
+                err = self._errors.PoolUnavailable(
                     f"pool {self.name!r}: connecting did not finish within "
                     f"{connect_deadline - now:.2f} s while the server is failing"
                 )
@@ -972,14 +911,13 @@ class ConnectionPool:
         if forked:
             # Connected in the parent, finished in the child: the socket may be
             # the parent's too (detached at the fork, or not yet made then).
-            _detach(conn)
-            _close_quietly(conn)
+            self._forget_inherited(conn)
             raise self._forked()
         for signal in woken:
             signal.set()
         if entry is None:
-            _close_quietly(conn)
-            raise PoolClosed(f"pool {self.name!r} was closed while connecting")
+            self._close_quietly(conn)
+            raise self._errors.PoolClosed(f"pool {self.name!r} was closed while connecting")
         self._poke()
         return entry
 
@@ -996,29 +934,29 @@ class ConnectionPool:
         signal: sync.Signal | None = None
         while True:
             now = self._clock()
-            if signal is None and self._connect_failures:
+            if signal is None and self._backoff.failing:
                 signal = sync.new_signal()  # made outside the lock: a hub call
             with self._lock:  # critical section: connect, take the turn, or queue for it
                 if self._generation != generation:
                     raise self._forked()
                 if self._closed:
-                    raise PoolClosed(f"pool {self.name!r} is closed")
-                if self._connect_failures == 0:
+                    raise self._errors.PoolClosed(f"pool {self.name!r} is closed")
+                if not self._backoff.failing:
                     self._in_flight += 1
                     return False, deadline
                 # Failing: the one attempt, once the backoff passed and every
                 # attempt of the round that found the failure has ended.
-                if self._in_flight == 0 and now >= self._retry_at:
+                if self._in_flight == 0 and self._backoff.may_try(now):
                     self._in_flight += 1
                     return True, give_up_at
                 if now >= give_up_at:
                     self._counters["requests_errors"] += 1
-                    raise self._unavailable(start, now) from self._last_connect_error
+                    raise self._unavailable(start, now) from self._backoff.last_error
                 if signal is None:
                     continue  # turned failing since the look above: make a signal first
                 self._turn_waiters.append(signal)
                 busy = self._in_flight > 0
-                wake_at = give_up_at if busy else min(self._retry_at, give_up_at)
+                wake_at = give_up_at if busy else min(self._backoff.retry_at, give_up_at)
             try:
                 woke = signal.wait(wake_at - now)
             except BaseException:
@@ -1043,7 +981,7 @@ class ConnectionPool:
             self._counters["requests_timeouts"] += 1
             self._counters["requests_errors"] += 1
             counts = self._counts()
-        return PoolTimeout(
+        return self._errors.PoolTimeout(
             f"pool {self.name!r}: no connection available after {waited:.2f} s: {why} "
             f"(MAX_CONNS={self.max_conns}) {counts}"
         )
@@ -1051,10 +989,11 @@ class ConnectionPool:
     def _unavailable(self, start: float, now: float | None = None) -> PoolUnavailable:
         """The error of a checkout given up on while the server fails (reads without lock)."""
         now = self._clock() if now is None else now
-        last = self._last_connect_error
-        return PoolUnavailable(
-            f"pool {self.name!r}: the server is failing ({self._connect_failures} connect "
-            f"round(s) failed in {max(0.0, now - self._failing_since):.2f} s); no connection "
+        backoff = self._backoff
+        last = backoff.last_error
+        return self._errors.PoolUnavailable(
+            f"pool {self.name!r}: the server is failing ({backoff.failures} connect "
+            f"round(s) failed in {max(0.0, now - backoff.failing_since):.2f} s); no connection "
             f"after {now - start:.2f} s (last error: {str(last).strip() if last else 'unknown'})"
         )
 
@@ -1079,8 +1018,7 @@ class ConnectionPool:
         None, the slot is already freed and the caller closes ``conn``.
         """
         now = self._clock()
-        self._connect_failures = 0
-        self._retry_at = float("-inf")
+        self._backoff.succeeded()
         self._in_flight -= 1
         self._opening -= 1
         self._counters["connections_num"] += 1
@@ -1101,14 +1039,7 @@ class ConnectionPool:
         with self._lock:  # critical section: grow the backoff, end the turn
             self._counters["connections_ms"] += (now - started) * 1000.0
             self._counters["connections_errors"] += 1
-            if started >= self._last_failed_at:
-                if self._connect_failures == 0:
-                    self._failing_since = now
-                self._connect_failures += 1
-                delay = min(_BACKOFF_MAX, _BACKOFF_BASE * 2 ** (self._connect_failures - 1))
-                self._retry_at = now + delay * random.uniform(0.5, 1.0)
-            self._last_failed_at = now
-            self._last_connect_error = exc
+            self._backoff.failed(exc, started, now)
             self._in_flight -= 1
             woken = self._take_turn_waiters()
         for signal in woken:
@@ -1120,13 +1051,13 @@ class ConnectionPool:
 
     def _connect_before(self, deadline: float) -> Any:
         remaining = deadline - self._clock()
-        if remaining <= 0 or not (sync.hub_in_this_thread() or is_psycopg2_cooperative()):
+        if remaining <= 0 or not (sync.hub_in_this_thread() or self._driver.is_cooperative()):
             # A thread whose waits never go through a gevent hub cannot be
             # interrupted, and a checkout with no time left (timeout=0: "don't
-            # wait for a busy pool") still may open a free slot: libpq's
-            # connect_timeout bounds these. With gevent's wait callback in
-            # psycopg2, even a thread with no hub yet waits in one (made on
-            # its first wait), so the deadline holds there too.
+            # wait for a busy pool") still may open a free slot: the driver's
+            # connect timeout bounds these. With a cooperative driver, even a
+            # thread with no hub yet waits in one (made on its first wait), so
+            # the deadline holds there too.
             return self._connect()
         import gevent
 
@@ -1157,20 +1088,20 @@ class ConnectionPool:
     def _checkout_problem(self, entry: _Entry, deadline: float) -> str | None:
         conn = entry.conn
         now = self._clock()
-        if conn.closed:
+        status = self._driver.status(conn)
+        if status is Status.CLOSED:
             self._lost(now)
             return "it is closed"
         if entry.expires_at is not None and now >= entry.expires_at:
             return _EXPIRED
-        status = conn.get_transaction_status()
-        if status != ext.TRANSACTION_STATUS_IDLE:
-            return f"its transaction status is {_STATUS_NAMES.get(status, status)}"
+        if status is not Status.IDLE:
+            return f"its transaction status is {status.value}"
         try:
             probe = entry.probe
             if probe is None:
-                probe = entry.probe = sync.socket_probe(conn.fileno())
+                probe = entry.probe = sync.socket_probe(self._driver.fileno(conn))
             readable = probe()
-        except (OSError, ValueError, psycopg2.Error):
+        except (OSError, ValueError, self._driver.Error):
             readable = True
         if readable:
             # An idle connection has nothing to read unless the server closed it
@@ -1198,27 +1129,12 @@ class ConnectionPool:
         with self._lock:  # critical section: count
             self._counters["pings"] += 1
         bound = max(_PING_MIN, min(_PING_TIMEOUT, deadline - now))
-        autocommit = conn.autocommit
-
-        def ping() -> None:
-            if not autocommit:
-                conn.autocommit = True  # local: no BEGIN for the ping
-            with conn.cursor() as cur:
-                cur.execute(";")
-
         try:
-            if not _within(bound, conn, ping):
+            if not self._within(bound, conn, lambda: self._driver.ping(conn)):
                 return self._silent(now, f"a ping within {bound:.2f} s")
-        except psycopg2.ProgrammingError:
-            # "can't execute an empty query" comes after the server's EmptyQueryResponse:
-            # the round trip happened and the server is there.
-            pass
-        except psycopg2.Error as exc:
+        except self._driver.Error as exc:
             self._lost(now)
             return f"ping failed: {str(exc).strip()}"
-        finally:
-            if not conn.closed and not autocommit:
-                conn.autocommit = False
         entry.last_used = entry.verified_at = now
         return None
 
@@ -1240,7 +1156,7 @@ class ConnectionPool:
         Raises :class:`PoolClosed` for an entry of the parent's, after a fork.
         """
         if entry.generation != self._generation:
-            _forget_inherited(entry.conn)
+            self._forget_inherited(entry.conn)
             raise self._forked()
         with self._lock:  # critical section: swap the bad entry for what is next
             del self._in_use[id(entry.conn)]
@@ -1254,7 +1170,7 @@ class ConnectionPool:
                 self._opening += 1
                 item = _SLOT
         try:
-            _close_quietly(entry.conn)
+            self._close_quietly(entry.conn)
         except BaseException:
             # Killed while closing (a log handler that yields): what this
             # checkout was to get next goes back, slot or connection.
@@ -1276,13 +1192,14 @@ class ConnectionPool:
         discarded, so a return never waits for ever.
         """
         conn = entry.conn
-        if conn.closed:
+        driver = self._driver
+        status = driver.status(conn)
+        if status is Status.CLOSED:
             return "it is closed"
-        status = conn.get_transaction_status()
-        if status == ext.TRANSACTION_STATUS_IDLE:
+        if status is Status.IDLE:
             pass
-        elif status in (ext.TRANSACTION_STATUS_INTRANS, ext.TRANSACTION_STATUS_INERROR):
-            name = _STATUS_NAMES[status]
+        elif status is Status.INTRANS or status is Status.INERROR:
+            name = status.value
             logger.warning(
                 "pool %r: rolling back a connection returned in a transaction (%s)",
                 self.name,
@@ -1291,32 +1208,29 @@ class ConnectionPool:
             with self._lock:  # critical section: count
                 self._counters["returns_rolled_back"] += 1
             try:
-                if not _within(_RETURN_TIMEOUT, conn, conn.rollback):
+                if not self._within(_RETURN_TIMEOUT, conn, lambda: driver.rollback(conn)):
                     return self._silent(self._clock(), f"the rollback within {_RETURN_TIMEOUT} s")
-            except psycopg2.Error as exc:
+            except driver.Error as exc:
                 return f"the rollback of a connection returned {name} failed: {str(exc).strip()}"
-        elif status == ext.TRANSACTION_STATUS_ACTIVE:
-            # A query is still running on it, in another greenlet or thread that
-            # holds psycopg2's connection lock: close() would block on that lock
-            # (for ever, if the holder is a greenlet of this thread).
-            _sever(conn)
+        elif status is Status.ACTIVE:
+            # A query is still running on it (in another greenlet or thread
+            # that holds the driver's connection lock: close() would block on
+            # that lock, for ever if the holder is a greenlet of this thread;
+            # or left running by a psycopg 3 wait that was interrupted).
+            driver.sever(conn)
             return _SEVERED
         else:
-            return f"it was returned with transaction status {_STATUS_NAMES.get(status, status)}"
+            return f"it was returned with transaction status {status.value}"
         reset = self.options.RESET_QUERY
         if reset is not None:
 
             def reset_session() -> None:
-                autocommit = conn.autocommit
-                conn.autocommit = True
-                with conn.cursor() as cur:
-                    cur.execute(reset)
-                conn.autocommit = autocommit
+                driver.execute(conn, reset)
                 if self._after_reset is not None:
                     self._after_reset(conn)
 
             try:
-                if not _within(_RETURN_TIMEOUT, conn, reset_session):
+                if not self._within(_RETURN_TIMEOUT, conn, reset_session):
                     return self._silent(self._clock(), f"RESET_QUERY within {_RETURN_TIMEOUT} s")
             except Exception as exc:
                 return f"RESET_QUERY or the session setup after it failed: {str(exc).strip()}"
@@ -1329,7 +1243,7 @@ class ConnectionPool:
     def _release(self, entry: _Entry) -> None:
         """Hand a clean in-use entry to the first waiter, keep it idle, or close it."""
         if entry.generation != self._generation:
-            _forget_inherited(entry.conn)
+            self._forget_inherited(entry.conn)
             return
         to_close: list[Any] = []
         waiter = None
@@ -1356,7 +1270,7 @@ class ConnectionPool:
         if waiter is not None:
             waiter.signal.set()
         for conn in to_close:
-            _close_quietly(conn)
+            self._close_quietly(conn)
 
     def _trim_idle(self) -> list[Any]:
         """Under the lock: pop idle connections above MIN_CONNS idle past IDLE_TIMEOUT."""
@@ -1383,7 +1297,7 @@ class ConnectionPool:
         query gets the error and lets go of it.
         """
         if entry.generation != self._generation:
-            _forget_inherited(entry.conn)
+            self._forget_inherited(entry.conn)
             return
         with self._lock:  # critical section: forget the entry
             self._in_use.pop(id(entry.conn), None)
@@ -1392,7 +1306,7 @@ class ConnectionPool:
                 self._counters["returns_bad"] += 1
         try:
             if reason is not _SEVERED:
-                _close_quietly(entry.conn)
+                self._close_quietly(entry.conn)
         finally:
             # Also if the close is interrupted: the slot is settled whatever happens.
             self._give_back_slot(opening=False)
@@ -1418,6 +1332,42 @@ class ConnectionPool:
             self._poke()
 
     # ------------------------------------------------------------- helpers
+
+    def _within(self, seconds: float, conn: Any, call: Callable[[], None]) -> bool:
+        """Run ``call``, round trips on ``conn``; False if it took ``seconds`` and ``conn`` was cut.
+
+        A watchdog cuts ``conn``'s socket after ``seconds`` (``sync.Watchdog``:
+        a hub timer under gevent, an OS thread otherwise), so ``call``'s wait
+        ends with an error in a greenlet and in a plain thread alike; that error
+        is swallowed and False returned. Any other exception from ``call``
+        propagates. Whatever happens, the watchdog is disarmed before this
+        returns or raises, and never cuts the socket later.
+        """
+        cut = self._driver.cut
+        watchdog = sync.Watchdog(seconds, lambda: cut(conn))
+        try:
+            call()
+        except Exception:
+            if watchdog.disarm():
+                return False
+            raise
+        finally:
+            # Also when killed mid-call (GreenletExit, an outer gevent.Timeout:
+            # BaseExceptions): the socket must never be cut once we are gone.
+            was_cut = watchdog.disarm()
+        # Answered just as the watchdog fired: the socket is shut all the same.
+        return not was_cut
+
+    def _close_quietly(self, conn: Any) -> None:
+        try:
+            self._driver.close(conn)
+        except Exception:  # closing is best effort: the slot is already accounted for
+            logger.debug("error closing a connection", exc_info=True)
+
+    def _forget_inherited(self, conn: Any) -> None:
+        """Let go of a connection the parent lent, in a forked child: detached, then closed."""
+        self._driver.detach(conn)
+        self._close_quietly(conn)
 
     def _counts(self) -> str:
         """Under the lock: the state, HikariCP style, for error messages."""
@@ -1465,62 +1415,6 @@ class ConnectionPool:
                 raise AssertionError(f"{self!r}: {'; '.join(problems)}")
 
 
-_COUNTERS = (
-    "requests_num",
-    "requests_queued",
-    "requests_wait_ms",
-    "requests_wait_max_ms",
-    "requests_timeouts",
-    "requests_too_many",
-    "requests_errors",
-    "connections_num",
-    "connections_ms",
-    "connections_errors",
-    "connections_lost",
-    "connections_closed",
-    "returns_bad",
-    "returns_rolled_back",
-    "pings",
-    "usage_ms",
-)
-
-
-def _with_percentiles(snap: dict[str, Any]) -> dict[str, float]:
-    """Replace the raw wait samples of a snapshot by their p50, p95 and p99 in ms."""
-    samples = sorted(snap.pop("_samples"))
-    for p in (50, 95, 99):
-        key = f"requests_wait_p{p}_ms"
-        if samples:
-            # Nearest rank: the smallest sample with at least p% of them at or below it.
-            rank = max(1, -(-len(samples) * p // 100))
-            snap[key] = samples[rank - 1] * 1000.0
-        else:
-            snap[key] = 0.0
-    return snap
-
-
-def _activity(conn: Any) -> str:
-    """What a lent connection is doing, as far as libpq knows without a round trip."""
-    try:
-        if conn.closed:
-            return "closed"
-        status = conn.info.transaction_status
-    except Exception:
-        return "state unknown"
-    return {
-        ext.TRANSACTION_STATUS_IDLE: "not in a query or transaction",
-        ext.TRANSACTION_STATUS_ACTIVE: "running a query",
-        ext.TRANSACTION_STATUS_INTRANS: "idle in a transaction",
-        ext.TRANSACTION_STATUS_INERROR: "in a failed transaction",
-    }.get(status, "state unknown")
-
-
-def _forget_inherited(conn: Any) -> None:
-    """Let go of a connection the parent lent, in a forked child: detached, then closed."""
-    _detach(conn)
-    _close_quietly(conn)
-
-
 def _may_return(holder: tuple[Any, int] | None) -> bool:
     """May the current greenlet or thread return a connection ``holder`` borrowed?
 
@@ -1545,50 +1439,3 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def _sever(conn: Any) -> None:
-    """Stop a connection in the middle of a query without taking psycopg2's lock.
-
-    The running query's cancel request is set up (its own connection: the
-    server stops working for it), then the socket is shut in both
-    directions, so the party waiting on the query gets an error at once
-    instead of a result, and the server ends the backend. Never waits on
-    the network: the cancel is sent by a background greenlet (or OS thread,
-    with no gevent hub), within ``cancel.CANCEL_TIMEOUT`` s.
-    """
-    send = cancel.start_cancel(conn)
-    cancel.cut(conn)
-    cancel.finish_cancel(send)
-
-
-def _within(seconds: float, conn: Any, call: Callable[[], None]) -> bool:
-    """Run ``call``, round trips on ``conn``; False if it took ``seconds`` and ``conn`` was cut.
-
-    A watchdog shuts ``conn``'s socket after ``seconds`` (``sync.Watchdog``:
-    a hub timer under gevent, an OS thread otherwise), so ``call``'s wait
-    ends with an error in a greenlet and in a plain thread alike; that error
-    is swallowed and False returned. Any other exception from ``call``
-    propagates. Whatever happens, the watchdog is disarmed before this
-    returns or raises, and never cuts the socket later.
-    """
-    watchdog = sync.Watchdog(seconds, lambda: cancel.cut(conn))
-    try:
-        call()
-    except Exception:
-        if watchdog.disarm():
-            return False
-        raise
-    finally:
-        # Also when killed mid-call (GreenletExit, an outer gevent.Timeout:
-        # BaseExceptions): the socket must never be cut once we are gone.
-        cut = watchdog.disarm()
-    # Answered just as the watchdog fired: the socket is shut all the same.
-    return not cut
-
-
-def _close_quietly(conn: Any) -> None:
-    try:
-        conn.close()
-    except Exception:  # closing is best effort: the slot is already accounted for
-        logger.debug("error closing a connection", exc_info=True)

@@ -114,8 +114,10 @@ def alias_pool_options(alias: str, settings_dict: Mapping[str, Any]) -> PoolOpti
     # The backend's own validation (pool options and Django's isolation_level),
     # imported here: the backend module imports this one.
     from .backends.base import pool_options_for
+    from .backends.stock import engine_driver
 
-    return pool_options_for(alias, dict(options))[0]
+    driver = engine_driver(str(settings_dict.get("ENGINE", "")))
+    return pool_options_for(alias, dict(options), driver)[0]
 
 
 def connection_params(

@@ -22,15 +22,17 @@ from typing import Any
 import psycopg2
 import pytest
 
+from .support import DRIVER, TEST_TIMEOUT, Workers, next_app_name, server
 from .support import MODE as SUPPORT_MODE
-from .support import TEST_TIMEOUT, Workers, next_app_name, server
 
 assert SUPPORT_MODE == MODE
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
     info = server()
-    return [f"django-gevent-pool: mode={MODE}, PostgreSQL from {info['where']}"]
+    return [
+        f"django-gevent-pool: mode={MODE}, driver={DRIVER}, PostgreSQL from {info['where']}"
+    ]
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -6,11 +6,9 @@ import os
 
 from django_gevent_pool.devserver import django_settings
 
-from .support import server
+from .support import ENGINE, server
 
 _dsn = server()["test"]
-
-ENGINE = "django_gevent_pool.backends.postgresql_psycopg2"
 
 DATABASES = {
     "default": {

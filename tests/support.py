@@ -1,7 +1,8 @@
-"""Helpers shared by the tests: the server, counting backends, concurrent workers."""
+"""Helpers shared by the tests: the server, the driver, counting backends, workers."""
 
 from __future__ import annotations
 
+import importlib
 import itertools
 import os
 import threading
@@ -12,6 +13,28 @@ from typing import Any
 from django_gevent_pool import devserver
 
 MODE = os.environ.get("DGP_TEST_MODE", "gevent")
+#: The driver of the pools under test: ``psycopg2`` (the default) or ``psycopg``
+#: (psycopg 3). Tools that only look at the server (``admin``) use psycopg2.
+DRIVER = os.environ.get("DGP_TEST_DRIVER", "psycopg2")
+if DRIVER not in ("psycopg2", "psycopg"):
+    raise RuntimeError(f"DGP_TEST_DRIVER must be 'psycopg2' or 'psycopg', got {DRIVER!r}")
+#: The driver's module: ``db.OperationalError``, ``db.errors``...
+db: Any = importlib.import_module(DRIVER)
+#: Our engine for the driver under test.
+ENGINE = {
+    "psycopg2": "django_gevent_pool.backends.postgresql_psycopg2",
+    "psycopg": "django_gevent_pool.backends.postgresql_psycopg3",
+}[DRIVER]
+
+
+def connect(dsn: str, **kwargs: Any) -> Any:
+    """A new connection of the driver under test (libpq keywords as ``kwargs``)."""
+    return db.connect(dsn, **kwargs)
+
+
+def is_active(conn: Any) -> bool:
+    """Is a query running on ``conn`` (transaction status ACTIVE)? Either driver."""
+    return not conn.closed and int(conn.info.transaction_status) == 1
 TEST_DB = "dgp_tests"
 # Per-test budget before a hanging test fails with every greenlet's stack.
 TEST_TIMEOUT = float(os.environ.get("DGP_TEST_TIMEOUT", "60"))

@@ -46,7 +46,7 @@ def _cooperative() -> None:
     Otherwise W002 would fire in this process depending on which test ran first.
     """
     if is_gevent():
-        from django_gevent_pool.green import ensure_cooperative
+        from django_gevent_pool.drivers.psycopg2_waiting import ensure_cooperative
 
         ensure_cooperative()
 

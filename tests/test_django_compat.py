@@ -8,6 +8,7 @@ tests/test_django.py they do not run again through PgBouncer.
 
 from __future__ import annotations
 
+import importlib
 import io
 import json
 import os
@@ -25,9 +26,10 @@ from django.db import connections
 
 from django_gevent_pool import CopyBlocksTheHub, blocking_copy, devserver, is_psycopg2_cooperative
 from django_gevent_pool.backends.base import close_pools, get_pool
-from django_gevent_pool.backends.postgresql_psycopg2 import base as pooled_backend
 
-from .support import is_gevent, wait_until
+from .support import ENGINE, is_gevent, wait_until
+
+pooled_backend = importlib.import_module(f"{ENGINE}.base")
 
 pytestmark = pytest.mark.django_db(transaction=True)
 

@@ -167,7 +167,7 @@ class PoolMachine(RuleBasedStateMachine):
             return None
         except PoolUnavailable:
             # Backing off after a refused connect: only until the clock moves on.
-            assert self.pool._connect_failures > 0
+            assert self.pool._backoff.failures > 0
             return None
         except psycopg2.OperationalError:
             assert self.refuse

@@ -144,7 +144,7 @@ class CountingConnect:
         with self._lock:
             self.attempts += 1
             self.in_flight += 1
-            if self.pool is not None and self.pool._connect_failures > 0:
+            if self.pool is not None and self.pool._backoff.failures > 0:
                 self.most_while_failing = max(self.most_while_failing, self.in_flight)
         try:
             conn = psycopg2.connect(self.dsn)
@@ -515,7 +515,7 @@ def test_checkouts_killed_while_waiting_for_a_turn_or_connecting_give_everything
             proxy.refuse()
             with pytest.raises(psycopg2.OperationalError):
                 pool.getconn()
-            assert pool._connect_failures == 1
+            assert pool._backoff.failures == 1
             # The next attempt hangs in the proxy: one greenlet connects (the turn),
             # the others wait for it.
             proxy.accept_again()

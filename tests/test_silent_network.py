@@ -41,7 +41,7 @@ import psycopg2.extensions
 import pytest
 
 from django_gevent_pool import ConnectionPool, cancel, sync
-from django_gevent_pool.green import ensure_cooperative
+from django_gevent_pool.drivers.psycopg2_waiting import ensure_cooperative
 
 from .proxy import Proxy
 from .support import MODE, Workers, sleep, wait_until

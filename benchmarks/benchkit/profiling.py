@@ -31,7 +31,7 @@ from .runner import TMP, Run
 PACKAGE = "django_gevent_pool/"
 RATE = 250  # samples per second
 #: Our psycopg2 wait callback: every psycopg2 competitor has one (psycogreen's, for the others).
-WAIT_CALLBACK = "django_gevent_pool/green.py:gevent_wait_callback"
+WAIT_CALLBACK = "django_gevent_pool/drivers/psycopg2_waiting.py:gevent_wait_callback"
 
 
 @dataclass

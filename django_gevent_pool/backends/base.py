@@ -24,7 +24,6 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-import psycopg2
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS
@@ -33,8 +32,8 @@ from django.db.backends.utils import CursorWrapper
 
 from .. import checks, sync
 from ..copying import guarded
+from ..drivers import get_driver
 from ..errors import PoolConfigError
-from ..green import ensure_cooperative
 from ..options import PoolOptions
 from ..pool import ConnectionPool
 from ..registry import PoolRegistry
@@ -96,22 +95,29 @@ def drain_pools(timeout: float = 30.0) -> bool:
     return drained
 
 
-def pool_options_for(alias: str, options: dict[str, Any]) -> tuple[PoolOptions, dict[str, Any]]:
+def pool_options_for(
+    alias: str, options: dict[str, Any], driver: str | None = None
+) -> tuple[PoolOptions, dict[str, Any]]:
     """Validate ``OPTIONS`` of ``alias``; ``ImproperlyConfigured`` names the alias and key.
 
     Django's own ``isolation_level`` is checked here too, before any pool is
-    made from these options (the stock backend checks it when connecting).
+    made from these options (the stock backend checks it when connecting),
+    against the values of ``driver`` (the engine's; by default the one Django
+    picks).
     """
     try:
         validated = PoolOptions.from_mapping(options, name=f"DATABASES[{alias!r}]")
     except PoolConfigError as exc:
         raise ImproperlyConfigured(str(exc)) from exc
-    _isolation_level(alias, options)
+    _isolation_level(alias, options, driver)
     return validated
 
 
 class PooledDatabaseWrapperMixin:
-    """Mix in front of a PostgreSQL ``DatabaseWrapper`` (psycopg2) to pool its connections."""
+    """Mix in front of a PostgreSQL ``DatabaseWrapper`` to pool its connections."""
+
+    #: The driver of the connections the stock wrapper opens: set by each engine.
+    pool_driver = "psycopg2"
 
     # Provided by BaseDatabaseWrapper; declared for type checkers.
     alias: str
@@ -162,7 +168,8 @@ class PooledDatabaseWrapperMixin:
         key = self._settings_key()
         resolved = _resolved.get(self.alias)
         if resolved is None or resolved[0] != key:
-            pool_options_for(self.alias, self.settings_dict["OPTIONS"])  # raises if wrong
+            # Raises if wrong.
+            pool_options_for(self.alias, self.settings_dict["OPTIONS"], self.pool_driver)
         return key
 
     def _settings_key(self) -> tuple[Any, ...]:
@@ -212,7 +219,9 @@ class PooledDatabaseWrapperMixin:
             if conn_params.get(_SKIPPED):  # the pool was closed in between
                 self._checked_key = None
                 conn_params = self.get_connection_params()
-            isolation_level = _isolation_level(self.alias, self.settings_dict["OPTIONS"])
+            isolation_level = _isolation_level(
+                self.alias, self.settings_dict["OPTIONS"], self.pool_driver
+            )
             pool = self._pool_for(conn_params)
             _resolved[self.alias] = (key, pool, isolation_level)
         conn, self._pool_lease = pool.checkout()
@@ -304,9 +313,15 @@ class PooledDatabaseWrapperMixin:
                 conn.commit()
 
     def _pool_for(self, conn_params: dict[str, Any]) -> ConnectionPool:
-        pool_options, _ = pool_options_for(self.alias, self.settings_dict["OPTIONS"])
+        pool_options, _ = pool_options_for(
+            self.alias, self.settings_dict["OPTIONS"], self.pool_driver
+        )
+        # psycopg 3's adapters map ("context") is a new object per call, made
+        # from the time zone settings that are in the fingerprint already.
+        params = {k: v for k, v in conn_params.items() if k != "context"}
         fingerprint = (
-            repr(sorted(conn_params.items(), key=lambda kv: kv[0])),
+            self.pool_driver,
+            repr(sorted(params.items(), key=lambda kv: kv[0])),
             pool_options,
             self.timezone_name,  # type: ignore[attr-defined]
             settings.USE_TZ,
@@ -322,13 +337,15 @@ class PooledDatabaseWrapperMixin:
         )
 
     def _make_pool(self, pool_options: PoolOptions) -> ConnectionPool:
-        ensure_cooperative()
+        driver = get_driver(self.pool_driver)
+        driver.ensure_cooperative()
         # A snapshot: the test runner mutates settings_dict in place later, and
         # this pool must keep connecting where its fingerprint says.
         settings_dict = {**self.settings_dict, "OPTIONS": dict(self.settings_dict["OPTIONS"])}
         connect = functools.partial(_open_physical, type(self), settings_dict, self.alias)
         return ConnectionPool(
             connect,
+            driver=driver,
             name=self.alias,
             options=pool_options,
             after_reset=functools.partial(_setup_session, type(self), settings_dict, self.alias),
@@ -337,13 +354,17 @@ class PooledDatabaseWrapperMixin:
     # ----------------------------------------------------------- cursors
 
     def make_cursor(self, cursor: Any) -> Any:
-        """Django's ``CursorWrapper``, whose COPY under gevent says to use ``blocking_copy()``."""
+        """Django's ``CursorWrapper``; with psycopg2, its COPY under gevent says to use
+        ``blocking_copy()`` (psycopg 3's COPY is cooperative: no guard)."""
+        if self.pool_driver != "psycopg2":
+            return super().make_cursor(cursor)  # type: ignore[misc]
         return _GuardedCursorWrapper(cursor, self)
 
     def make_debug_cursor(self, cursor: Any) -> Any:
-        """The stock debug wrapper (it logs COPY), with the same COPY guard in front."""
+        """The stock debug wrapper (it logs COPY), with psycopg2's COPY guard in front."""
         wrapped = super().make_debug_cursor(cursor)  # type: ignore[misc]
-        wrapped.__class__ = guarded(type(wrapped))
+        if self.pool_driver == "psycopg2":
+            wrapped.__class__ = guarded(type(wrapped))
         return wrapped
 
     # ---------------------------------------------------------- return
@@ -453,7 +474,7 @@ def _return_orphan(
     logger.debug("pool %r: a greenlet ended holding a connection; giving it back", pool.name)
     try:
         pool.putconn(conn, discard=discard, lease=lease)
-    except psycopg2.ProgrammingError:
+    except pool.driver.errors.ProgrammingError:
         pass  # it was returned meanwhile (and perhaps lent again: not ours to take)
 
 
@@ -480,18 +501,18 @@ os.register_at_fork(after_in_child=_forget_connections_after_fork)
 _PSYCOPG_ANY = "django.db.backends.postgresql.psycopg_any"
 
 
-def _isolation_level(alias: str, options: dict[str, Any]) -> Any:
+def _isolation_level(alias: str, options: dict[str, Any], driver: str | None = None) -> Any:
     """The wrapper's ``isolation_level`` attribute, as Django's get_new_connection sets it.
 
     Raises ``ImproperlyConfigured`` for a value that is not one of
     ``IsolationLevel``'s, with Django's own message after the alias's name.
     """
-    # Through import_with_psycopg2: this may run before the backend module
-    # (manage.py check validates OPTIONS first), and a plain import would bind
-    # Django's PostgreSQL backend to psycopg 3 for the whole process.
-    from .stock import import_with_psycopg2
+    # Through import_stock: this may run before the backend module (manage.py
+    # check validates OPTIONS first), and a plain import would bind Django's
+    # PostgreSQL backend to whichever driver it finds for the whole process.
+    from .stock import default_driver, import_stock
 
-    IsolationLevel = import_with_psycopg2(_PSYCOPG_ANY).IsolationLevel
+    IsolationLevel = import_stock(_PSYCOPG_ANY, driver or default_driver()).IsolationLevel
 
     value = options.get("isolation_level")
     if value is None:

@@ -1,13 +1,19 @@
-"""``ENGINE = "django_gevent_pool.backends.postgis"``: PostGIS through the pool."""
+"""``ENGINE = "django_gevent_pool.backends.postgis"``: PostGIS through the pool.
+
+Follows the driver in use, as Django's PostGIS backend does: psycopg 3 when it
+can be imported, else psycopg2 (or whichever Django's PostgreSQL backend
+already uses in this process).
+"""
 
 from __future__ import annotations
 
 from ..base import PooledDatabaseWrapperMixin
 from ..creation import PooledCreationMixin
-from ..stock import import_with_psycopg2
+from ..stock import default_driver, import_stock
 
-_stock = import_with_psycopg2("django.contrib.gis.db.backends.postgis.base")
-_stock_creation = import_with_psycopg2("django.db.backends.postgresql.creation")
+_driver = default_driver()
+_stock = import_stock("django.contrib.gis.db.backends.postgis.base", _driver)
+_stock_creation = import_stock("django.db.backends.postgresql.creation", _driver)
 
 _base_creation = getattr(_stock.DatabaseWrapper, "creation_class", _stock_creation.DatabaseCreation)
 
@@ -17,6 +23,7 @@ class DatabaseCreation(PooledCreationMixin, _base_creation):  # type: ignore[mis
 
 
 class DatabaseWrapper(PooledDatabaseWrapperMixin, _stock.DatabaseWrapper):
-    """Django's PostGIS backend (psycopg2), with connections borrowed from a pool."""
+    """Django's PostGIS backend (its driver), with connections borrowed from a pool."""
 
+    pool_driver = _driver
     creation_class = DatabaseCreation

@@ -1,13 +1,13 @@
-"""``ENGINE = "django_gevent_pool.backends.postgresql_psycopg2"``: PostgreSQL through the pool."""
+"""``ENGINE = "django_gevent_pool.backends.postgresql_psycopg2"``: PostgreSQL on psycopg2."""
 
 from __future__ import annotations
 
 from ..base import PooledDatabaseWrapperMixin
 from ..creation import PooledCreationMixin
-from ..stock import import_with_psycopg2
+from ..stock import PSYCOPG2, import_stock
 
-_stock = import_with_psycopg2("django.db.backends.postgresql.base")
-_stock_creation = import_with_psycopg2("django.db.backends.postgresql.creation")
+_stock = import_stock("django.db.backends.postgresql.base", PSYCOPG2)
+_stock_creation = import_stock("django.db.backends.postgresql.creation", PSYCOPG2)
 
 
 class DatabaseCreation(PooledCreationMixin, _stock_creation.DatabaseCreation):
@@ -17,4 +17,5 @@ class DatabaseCreation(PooledCreationMixin, _stock_creation.DatabaseCreation):
 class DatabaseWrapper(PooledDatabaseWrapperMixin, _stock.DatabaseWrapper):
     """Django's PostgreSQL backend (psycopg2), with connections borrowed from a pool."""
 
+    pool_driver = PSYCOPG2
     creation_class = DatabaseCreation

@@ -19,7 +19,8 @@ from typing import Any
 import psycopg2
 import psycopg2.extensions
 
-from .cancel import request_cancel
+from ..cancel import request_cancel
+from .sockets import detach
 
 logger = logging.getLogger("django_gevent_pool")
 
@@ -83,24 +84,6 @@ def gevent_wait_callback(conn: Any, timeout: float | None = None) -> None:
     finally:
         if connecting:
             _connecting.discard(conn)
-
-
-def detach(conn: Any) -> None:
-    """Point ``conn``'s socket descriptor at /dev/null, for a forked child.
-
-    Whatever the child then does with the connection object (close, garbage
-    collection, a wait that was in flight) goes nowhere, instead of onto a
-    socket the parent still uses. A closed connection has nothing shared.
-    """
-    try:
-        fd = conn.fileno()
-    except Exception:  # closed already, or no socket yet: nothing shared
-        return
-    devnull = os.open(os.devnull, os.O_RDWR)
-    try:
-        os.dup2(devnull, fd)
-    finally:
-        os.close(devnull)
 
 
 def _detach_connects_after_fork() -> None:
