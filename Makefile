@@ -15,12 +15,15 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-# The suite runs twice: with gevent's monkey-patching (greenlets) and without
-# it (OS threads), so both ways of serving are proven.
+# The suite runs four times: with gevent's monkey-patching (greenlets) and
+# without it (OS threads), each on psycopg2 and on psycopg 3, so both ways of
+# serving and both drivers are proven.
 test: $(STAMP)
 	$(PY) -m ruff check .
-	DGP_TEST_MODE=gevent $(PY) -m pytest
-	DGP_TEST_MODE=threads $(PY) -m pytest
+	DGP_TEST_MODE=gevent DGP_TEST_DRIVER=psycopg2 $(PY) -m pytest
+	DGP_TEST_MODE=threads DGP_TEST_DRIVER=psycopg2 $(PY) -m pytest
+	DGP_TEST_MODE=gevent DGP_TEST_DRIVER=psycopg $(PY) -m pytest
+	DGP_TEST_MODE=threads DGP_TEST_DRIVER=psycopg $(PY) -m pytest
 
 # Django's own test suite (from the sdist of the installed Django, cached in
 # .cache/) through our engine, in both modes: fails on any failure not listed
@@ -31,8 +34,9 @@ test-django: $(STAMP)
 
 # The suite as on a fresh machine with no PostgreSQL: the system server hidden
 # (as root: private network and mount namespaces), the embedded one used.
+# (On psycopg 3: psycopg2 has the system server's runs above.)
 test-embedded: $(STAMP)
-	.ci/without-system-server env DGP_TEST_MODE=gevent $(PY) -m pytest
+	.ci/without-system-server env DGP_TEST_MODE=gevent DGP_TEST_DRIVER=psycopg $(PY) -m pytest
 
 demo: $(STAMP)
 	$(PY) examples/demo.py

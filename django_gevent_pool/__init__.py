@@ -29,11 +29,35 @@ __all__ = [
     "TooManyRequests",
     "__version__",
     "blocking_copy",
+    "is_cooperative",
     "is_psycopg2_cooperative",
     "is_psycopg_cooperative",
+    "patch_drivers",
     "patch_psycopg",
     "patch_psycopg2",
 ]
+
+
+def patch_drivers() -> None:
+    """Make every installed driver yield to gevent: psycopg2's wait callback, psycopg 3's waits.
+
+    Idempotent. For a gunicorn ``post_fork`` hook or the top of a monkey-patched
+    script when you want it explicit; pools also do it on their own for their
+    driver once gevent has patched ``socket``.
+    """
+    patch_psycopg2()
+    try:
+        from .drivers import psycopg_waiting
+    except ImportError:  # psycopg 3 is not installed
+        return
+    psycopg_waiting.patch_psycopg()
+
+
+def is_cooperative(driver: str = "psycopg2") -> bool:
+    """True when ``driver`` (``"psycopg2"`` or ``"psycopg"``) waits through the gevent hub."""
+    from .drivers import get_driver
+
+    return get_driver(driver).is_cooperative()
 
 
 def __getattr__(name: str) -> object:

@@ -12,7 +12,7 @@ id                           condition
 django_gevent_pool.E001      OPTIONS refused by the pool's validation
 django_gevent_pool.W001      CONN_MAX_AGE is not 0 (ignored: the pool keeps connections)
 django_gevent_pool.I001      CONN_HEALTH_CHECKS is True (no effect: the pool checks checkouts)
-django_gevent_pool.W002      gevent patched socket, psycopg2 has no gevent wait callback
+django_gevent_pool.W002      gevent patched socket, psycopg2 or psycopg 3 does not yield to it
 django_gevent_pool.W003      settings that defeat each other in this pool (see ``_conflicts``)
 django_gevent_pool.W004      RESET_QUERY, assume_role or server-side cursors behind
                              PgBouncer in transaction (or statement) mode (database)
@@ -54,6 +54,7 @@ is the reliable way.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -226,17 +227,18 @@ def _conflicts(
 
 
 def check_psycopg2_cooperative(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
-    """W002: gevent patched ``socket`` but psycopg2 has no gevent wait callback.
+    """W002: gevent patched ``socket`` but psycopg2 (or psycopg 3) does not yield to it.
 
     Looks at the process the checks run in: it fires only where gevent's
     monkey-patching already ran (a script or command that patches before
     ``django.setup()``, a check run inside a gunicorn gevent worker), never in
     a plain ``manage.py check``, which gevent does not patch.
     """
-    if not gevent_patched_socket() or is_psycopg2_cooperative():
+    if not gevent_patched_socket() or not pooled_databases():
         return []
-    if not pooled_databases():
-        return []
+    messages = _psycopg3_not_cooperative()
+    if is_psycopg2_cooperative():
+        return messages
     callback = psycopg2.extensions.get_wait_callback()
     if callback is None:
         msg = (
@@ -258,6 +260,31 @@ def check_psycopg2_cooperative(app_configs: Any = None, **kwargs: Any) -> list[C
             msg,
             hint=(
                 "Call django_gevent_pool.patch_psycopg2() right after gevent's "
+                "monkey.patch_all(); under gunicorn, in the post_fork hook (see "
+                "examples/gunicorn.conf.py)."
+            ),
+            id=_id("W002"),
+        ),
+        *messages,
+    ]
+
+
+def _psycopg3_not_cooperative() -> list[CheckMessage]:
+    """W002 for psycopg 3: imported, gevent patched socket, its waits are not gevent's."""
+    if "psycopg" not in sys.modules or sys.modules["psycopg"] is None:
+        return []  # not in use: nothing can block on it
+    from .drivers.psycopg_waiting import is_psycopg_cooperative
+
+    if is_psycopg_cooperative():
+        return []
+    return [
+        Warning(
+            "gevent has monkey-patched socket in this process, but psycopg 3 was imported "
+            "before and still waits in C: until a pool is created (it replaces psycopg's "
+            "wait functions), a psycopg 3 query from other code (a non-pooled alias, raw "
+            "psycopg) blocks every greenlet of the process while it waits on the server.",
+            hint=(
+                "Call django_gevent_pool.patch_drivers() right after gevent's "
                 "monkey.patch_all(); under gunicorn, in the post_fork hook (see "
                 "examples/gunicorn.conf.py)."
             ),

@@ -130,7 +130,8 @@ def connection_params(
     """psycopg2 connect arguments for a short look at ``alias``'s server.
 
     Built by Django's own ``get_connection_params()`` on a throwaway wrapper
-    (nothing connects), then: no cursor factory, ``application_name``
+    (nothing connects), then: no driver objects (cursor factory, psycopg 3's
+    adapters and ``prepare_threshold``), ``application_name``
     replaced so the look is never counted as the app's, and
     ``connect_timeout`` at most ``connect_timeout`` seconds.
 
@@ -143,8 +144,10 @@ def connection_params(
     alias_pool_options(alias, settings_dict)
     wrapper = load_backend(settings_dict["ENGINE"]).DatabaseWrapper(settings_dict, alias)
     params: dict[str, Any] = dict(wrapper.get_connection_params())
-    params.pop("cursor_factory", None)
-    params.pop("connection_factory", None)
+    # Driver objects, not libpq keywords (psycopg 3's adapters map, its
+    # prepared-statement threshold): the look uses a plain psycopg2 connection.
+    for key in ("cursor_factory", "connection_factory", "context", "prepare_threshold"):
+        params.pop(key, None)
     params["application_name"] = application_name
     params["connect_timeout"] = _shorter_timeout(params.get("connect_timeout"), connect_timeout)
     return params

@@ -88,11 +88,12 @@ app.conf.update(
 
 @signals.celeryd_init.connect
 def check_gevent_patched(options: dict[str, Any] | None = None, **kwargs: Any) -> None:
-    """At worker start-up: refuse a gevent pool without monkey-patching; make psycopg2 yield.
+    """At worker start-up: refuse a gevent pool without monkey-patching; make the driver yield.
 
     Runs in the worker process before it takes any task, whatever its pool.
     Under ``--pool gevent`` (patched by ``celery`` itself) it installs the
-    gevent wait callback on psycopg2, which the pool would also do on its own.
+    gevent wait callback on psycopg2 and psycopg 3's cooperative waits, which the
+    pool would also do on its own.
     Prefork and solo workers are left alone.
     """
     pool = (options or {}).get("pool") or app.conf.worker_pool  # a name or a class
@@ -105,7 +106,7 @@ def check_gevent_patched(options: dict[str, Any] | None = None, **kwargs: Any) -
             "the pool is on its command line: celery -A celeryapp worker --pool gevent"
         )
     if patched:
-        django_gevent_pool.patch_psycopg2()
+        django_gevent_pool.patch_drivers()
 
 
 @signals.worker_shutdown.connect
@@ -168,12 +169,15 @@ def sleep_in_db(seconds: float) -> int:
 @app.task
 def pool_stats() -> dict[str, Any]:
     """This worker process's pools, by alias (``all_stats()``), with its pid and patch state."""
+    from django.db import connection
+
     from django_gevent_pool.backends.base import all_stats
 
     monkey = sys.modules.get("gevent.monkey")
     return {
         "pid": os.getpid(),
         "gevent_patched": monkey is not None and bool(monkey.is_module_patched("socket")),
-        "psycopg2_cooperative": django_gevent_pool.is_psycopg2_cooperative(),
+        "driver": connection.pool_driver,
+        "cooperative": django_gevent_pool.is_cooperative(connection.pool_driver),
         "pools": all_stats(),
     }

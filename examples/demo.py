@@ -352,7 +352,8 @@ def summarize(
         "p99_ms": percentile(all_latencies, 99) * 1000,
         "endpoints": endpoints,
         "worker_pid": stats.get("pid"),
-        "psycopg2_cooperative": stats.get("psycopg2_cooperative"),
+        "driver": stats.get("driver"),
+        "cooperative": stats.get("cooperative"),
         "pool_stats": stats.get("pools", {}).get("default", {}),
         **extra,
     }
@@ -367,7 +368,7 @@ def report(result: dict[str, Any]) -> list[str]:
         f"  gunicorn     1 gevent worker (pid {result['worker_pid']}), "
         f"MAX_CONNS={result['max_conns']}, application_name {result['application_name']!r}"
     )
-    print(f"  psycopg2     cooperative in the worker: {result['psycopg2_cooperative']}")
+    print(f"  driver       {result['driver']}, cooperative in the worker: {result['cooperative']}")
     print(
         f"  load         {result['clients']} concurrent keep-alive clients, "
         f"{result['wall_s']:.1f} s"
@@ -418,8 +419,8 @@ def report(result: dict[str, Any]) -> list[str]:
         problems.append(f"the server saw {result['peak']} connections > MAX_CONNS")
     if result["peak"] == 0:
         problems.append("the sampler never saw a connection: nothing was measured")
-    if not result["psycopg2_cooperative"]:
-        problems.append("psycopg2 has no gevent wait callback in the worker: queries block it")
+    if not result["cooperative"]:
+        problems.append(f"{result['driver']} does not yield to gevent in the worker: it blocks")
     if not result["ok"]:
         problems.append("no request succeeded")
     if not result["server_timing"].startswith("db-pool;dur="):

@@ -60,15 +60,16 @@ loglevel = os.environ.get("DGP_LOGLEVEL", "info")
 
 
 def post_fork(server: Any, worker: Any) -> None:
-    """In each new worker: make psycopg2 yield to gevent while it waits on the network.
+    """In each new worker: make the drivers yield to gevent while they wait on the network.
 
     psycopg2 talks to the server in C, out of reach of gevent's socket
-    patching; without a wait callback one slow query would block every
-    greenlet of the worker. The backend installs the callback by itself
-    when gevent has patched ``socket``; calling it here makes it explicit
-    and independent of import order. It is idempotent.
+    patching, and psycopg 3 imported before the patching (``--preload``)
+    waits in C too; either way one slow query would block every greenlet of
+    the worker. The backend makes its driver cooperative by itself when
+    gevent has patched ``socket``; calling it here makes it explicit and
+    independent of import order. It is idempotent.
     """
-    django_gevent_pool.patch_psycopg2()
+    django_gevent_pool.patch_drivers()
 
 
 def worker_exit(server: Any, worker: Any) -> None:

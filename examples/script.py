@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     configure_django(db_dsn, dbname, args.max_conns, appname)
     # The backend would also do it on its own (gevent has patched socket):
     # explicit is clearer in a script.
-    django_gevent_pool.patch_psycopg2()
+    django_gevent_pool.patch_drivers()
     item_ids, orders_before = prepare_database()
 
     pool = get_pool(DEFAULT_DB_ALIAS)

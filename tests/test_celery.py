@@ -33,7 +33,7 @@ import pytest
 
 from django_gevent_pool import devserver
 
-from .support import backends, next_app_name, wait_until
+from .support import DRIVER, ENGINE, backends, next_app_name, wait_until
 
 pytest.importorskip("celery")
 
@@ -64,6 +64,7 @@ def worker_env(db_dsn: str, app_name: str, folder: Path | None = None) -> dict[s
     }
     env.update(
         DGP_DSN=db_dsn,
+        DGP_ENGINE=ENGINE,
         DGP_DBNAME=DBNAME,
         DGP_MAX_CONNS=str(MAX_CONNS),
         DGP_APPNAME=app_name,
@@ -315,7 +316,8 @@ def test_gevent_worker_runs_200_tasks_within_max_conns(
         first = app.send_task("celeryapp.pool_stats").id
         first_stats = wait_for_results(app, [first], worker, STARTUP_LIMIT)[first]["result"]
         assert first_stats["gevent_patched"] is True, "celery did not monkey-patch the worker"
-        assert first_stats["psycopg2_cooperative"] is True
+        assert first_stats["driver"] == DRIVER
+        assert first_stats["cooperative"] is True
         worker_pid = first_stats["pid"]
 
         # First, a task that will be killed by its time limit (1 s) in a 30 s query.

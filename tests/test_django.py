@@ -39,7 +39,7 @@ from django_gevent_pool.backends.base import all_stats, close_pools, get_pool
 from django_gevent_pool.decorators import close_connection
 
 from .pgbouncer import DEFAULT_POOL_SIZE, pgbouncer_transaction_fixture  # noqa: F401 - fixture
-from .support import Workers, wait_until
+from .support import DRIVER, Workers, wait_until
 from .targets import Target, target_fixture  # noqa: F401 - fixture
 from .testapp.models import Item
 
@@ -108,15 +108,22 @@ def bouncer_client(target: Target, *, autocommit: bool) -> Any:
 # ------------------------------------------------------------ lifecycle
 
 
-def test_the_backend_uses_psycopg2_even_with_psycopg3_installed(target: Target) -> None:
+def test_the_backend_lends_connections_of_the_engines_driver(target: Target) -> None:
+    """postgresql_psycopg2 forces psycopg2 although psycopg 3 is installed; _psycopg3 forces 3."""
     import psycopg  # the test extra installs psycopg 3 on purpose
     from django.db.backends.postgresql.psycopg_any import is_psycopg3
 
     assert psycopg.__version__
-    assert target.conn.Database is psycopg2
-    assert not is_psycopg3
     target.backend_pid()
-    assert isinstance(target.conn.connection, psycopg2.extensions.connection)
+    if DRIVER == "psycopg2":
+        assert target.conn.Database is psycopg2
+        assert not is_psycopg3
+        assert isinstance(target.conn.connection, psycopg2.extensions.connection)
+    else:
+        assert target.conn.Database is psycopg
+        assert is_psycopg3
+        assert isinstance(target.conn.connection, psycopg.Connection)
+    assert target.conn.pool_driver == DRIVER
 
 
 def test_close_gives_the_connection_back_to_the_pool(target: Target, admin: Any) -> None:
@@ -355,10 +362,12 @@ def test_atomic_requests_roll_back_a_failed_view(target: Target) -> None:
 def test_isolation_level_and_time_zone_are_set_on_every_transaction(
     target: Target, admin: Any
 ) -> None:
-    """psycopg2 sends the isolation level with each BEGIN: it holds on a fresh and on a
-    reused connection, leaves no session default behind, and through PgBouncer holds
+    """Both drivers send the isolation level with each BEGIN: it holds on a fresh and on
+    a reused connection, leaves no session default behind, and through PgBouncer holds
     whatever default another client left on the server it gets."""
-    serializable = psycopg2.extensions.ISOLATION_LEVEL_SERIALIZABLE
+    from django.db.backends.postgresql.psycopg_any import IsolationLevel
+
+    serializable = IsolationLevel.SERIALIZABLE
     wrapper = make_wrapper(target, "custom", isolation_level=serializable)
     query = (
         "SELECT current_setting('transaction_isolation'), current_setting('TimeZone'), "
@@ -412,10 +421,15 @@ def test_isolation_level_and_time_zone_are_set_on_every_transaction(
                 other.close()
             assert pid == polluted, "we got that server"
             assert isolation == "serializable", "sent with BEGIN, whatever the default"
-            # psycopg2 also sends SET default_transaction_isolation TO DEFAULT (its own
-            # transaction at PgBouncer) each time autocommit goes off: it reset the
-            # other client's default on that shared server.
-            assert default == "read committed"
+            if DRIVER == "psycopg2":
+                # psycopg2 also sends SET default_transaction_isolation TO DEFAULT (its
+                # own transaction at PgBouncer) each time autocommit goes off: it reset
+                # the other client's default on that shared server.
+                assert default == "read committed"
+            else:
+                # psycopg 3 only says BEGIN ISOLATION LEVEL ...: the other client's
+                # session default stays on the server.
+                assert default == "repeatable read"
     finally:
         wrapper.close()
         close_pools("custom")

@@ -27,7 +27,7 @@ from django.db import connections
 from django_gevent_pool import CopyBlocksTheHub, blocking_copy, devserver, is_psycopg2_cooperative
 from django_gevent_pool.backends.base import close_pools, get_pool
 
-from .support import ENGINE, is_gevent, wait_until
+from .support import DRIVER, ENGINE, is_gevent, wait_until
 
 pooled_backend = importlib.import_module(f"{ENGINE}.base")
 
@@ -188,7 +188,8 @@ def test_a_cursor_kept_past_close_fails_instead_of_joining_the_next_borrower(
             assert cur.fetchone()[0] == backend, "the same physical connection"
             cur.execute("CREATE TEMP TABLE dgp_stale2 (v int)")
             cur.execute("INSERT INTO dgp_stale2 VALUES (1)")
-        with pytest.raises(InterfaceError, match="cursor already closed"):
+        # psycopg2's message, and psycopg 3's.
+        with pytest.raises(InterfaceError, match=r"cursor already closed|the cursor is closed"):
             stale.execute("INSERT INTO dgp_stale2 VALUES (2)")
         with second.cursor() as cur:
             cur.execute("SELECT count(*) FROM dgp_stale2")
@@ -308,6 +309,57 @@ def csv_rows(rows: int) -> io.StringIO:
     return io.StringIO("".join(f"item {i},{i % 100}.25\n" for i in range(rows)))
 
 
+psycopg2_only = pytest.mark.skipif(
+    DRIVER != "psycopg2",
+    reason="psycopg2's COPY cannot run with a wait callback; psycopg 3's is cooperative "
+    "(test_psycopg3_copy_through_django_keeps_the_hub_running)",
+)
+
+
+@pytest.mark.gevent_only
+@pytest.mark.skipif(DRIVER != "psycopg", reason="psycopg 3's COPY API")
+@pytest.mark.parametrize("debug", [False, True], ids=["cursor", "debug-cursor"])
+def test_psycopg3_copy_through_django_keeps_the_hub_running(copy_table: str, debug: bool) -> None:
+    """psycopg 3's COPY goes through its (cooperative) waits: no blocking_copy() needed."""
+    import gevent
+
+    conn = connections["default"]
+    conn.force_debug_cursor = debug
+    ticks = 0
+
+    def ticker() -> None:
+        nonlocal ticks
+        for _ in range(2000):  # bounded: 20 s at most
+            gevent.sleep(0.01)
+            ticks += 1
+
+    rows = 50_000
+    ticking = gevent.spawn(ticker)
+    try:
+        with conn.cursor() as cur:
+            with cur.copy(f"COPY {copy_table} FROM STDIN") as copy:
+                for i in range(rows):
+                    copy.write_row((f"item {i}", f"{i % 100}.25"))
+            before = ticks
+            out = []
+            with cur.copy(
+                f"COPY (SELECT name, price, pg_sleep(0.3) IS NULL FROM {copy_table} LIMIT 1) "
+                "TO STDOUT"
+            ) as copy:
+                out.extend(copy.rows())
+            assert ticks >= before + 10, "the hub ran during a 0.3 s COPY TO"
+            cur.execute(f"SELECT count(*), sum(price) FROM {copy_table}")
+            count, total = cur.fetchone()
+    finally:
+        ticking.kill()
+        conn.force_debug_cursor = False
+        conn.close()
+    assert count == rows
+    assert total == sum(Decimal(i % 100) + Decimal("0.25") for i in range(rows))
+    assert len(out) == 1
+
+
+@psycopg2_only
 @pytest.mark.gevent_only
 @pytest.mark.parametrize("debug", [False, True], ids=["cursor", "debug-cursor"])
 def test_copy_under_gevent_says_to_use_blocking_copy(copy_table: str, debug: bool) -> None:
@@ -332,6 +384,7 @@ def test_copy_under_gevent_says_to_use_blocking_copy(copy_table: str, debug: boo
         conn.force_debug_cursor = False
 
 
+@psycopg2_only
 @pytest.mark.parametrize("debug", [False, True], ids=["cursor", "debug-cursor"])
 def test_blocking_copy_loads_and_unloads_real_data(copy_table: str, debug: bool) -> None:
     """In both modes; under gevent the callback is lifted for the block and restored after."""
@@ -362,6 +415,7 @@ def test_blocking_copy_loads_and_unloads_real_data(copy_table: str, debug: bool)
         assert any("COPY" in q["sql"] for q in conn.queries), "the debug wrapper still logs"
 
 
+@psycopg2_only
 @pytest.mark.gevent_only
 def test_blocking_copy_blocks_the_hub_for_the_copy_only() -> None:
     """What README.rst says: no other greenlet runs during the COPY, and all of them do after."""
@@ -401,6 +455,7 @@ class _YieldingFile(io.StringIO):
         return super().read(size)
 
 
+@psycopg2_only
 @pytest.mark.gevent_only
 def test_blocking_copy_restores_the_callback_on_every_exit(copy_table: str) -> None:
     import gevent

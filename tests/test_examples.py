@@ -31,6 +31,8 @@ from psycopg2.extensions import parse_dsn
 
 from django_gevent_pool import devserver
 
+from .support import ENGINE
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 README = EXAMPLES.parent / "README.rst"
 RUN_TIMEOUT = 50  # seconds per example run; below the suite's per-test limit
@@ -50,7 +52,12 @@ def example_env(dsn: str, dbname: str, **extra: str) -> dict[str, str]:
         for key, value in os.environ.items()
         if key != "DJANGO_SETTINGS_MODULE" and not key.startswith("DGP_")
     }
-    env.update(DGP_DSN=devserver.ensure_database(dsn, dbname), DGP_DBNAME=dbname, **extra)
+    env.update(
+        DGP_DSN=devserver.ensure_database(dsn, dbname),
+        DGP_DBNAME=dbname,
+        DGP_ENGINE=ENGINE,  # the examples run on the driver under test
+        **extra,
+    )
     return env
 
 

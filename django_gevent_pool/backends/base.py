@@ -197,6 +197,10 @@ class PooledDatabaseWrapperMixin:
             # checkout's cost.
             resolved = _resolved.get(self.alias)
             if resolved is not None and resolved[0] == key and not resolved[1].closed:
+                if self.pool_driver == "psycopg":
+                    # Cached on the wrapper by the stock parameters (its adapters'
+                    # time zone); code and tests read or reset it.
+                    self.timezone  # type: ignore[attr-defined]  # noqa: B018
                 return {_SKIPPED: True}
         params: dict[str, Any] = super().get_connection_params()  # type: ignore[misc]
         for name in PoolOptions.names():

@@ -46,7 +46,9 @@ MAX_CONNS = int(os.environ.get("DGP_MAX_CONNS", "10"))
 
 DATABASES = {
     "default": {
-        "ENGINE": "django_gevent_pool.backends.postgresql_psycopg2",
+        # Django's own engine name with our prefix: psycopg 3 when installed, else
+        # psycopg2 (..._psycopg2 and ..._psycopg3 force one).
+        "ENGINE": os.environ.get("DGP_ENGINE", "django_gevent_pool.backends.postgresql"),
         # NAME, USER, PASSWORD, HOST and PORT, parsed from the DSN.
         **django_settings(
             os.environ.get("DGP_DSN") or LOCAL_DSN, os.environ.get("DGP_DBNAME", "dgp_demo")

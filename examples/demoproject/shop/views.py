@@ -14,7 +14,7 @@ from django.db import connection, transaction
 from django.db.models import F
 from django.http import HttpRequest, JsonResponse
 
-from django_gevent_pool import is_psycopg2_cooperative
+from django_gevent_pool import is_cooperative
 from django_gevent_pool.backends.base import all_stats
 
 from .models import Item, Order
@@ -63,7 +63,8 @@ def stats(request: HttpRequest) -> JsonResponse:
     return JsonResponse(
         {
             "pid": os.getpid(),
-            "psycopg2_cooperative": is_psycopg2_cooperative(),
+            "driver": connection.pool_driver,
+            "cooperative": is_cooperative(connection.pool_driver),
             "pools": all_stats(),
         }
     )
