@@ -451,6 +451,49 @@ def reconnect_servers(target: Target) -> None:
     )
 
 
+psycopg3_only = pytest.mark.skipif(DRIVER != "psycopg", reason="psycopg 3's options")
+
+
+@psycopg3_only
+def test_psycopg3_options_are_set_up_once_per_physical_connection(target: Target) -> None:
+    """server_side_binding and prepare_threshold hold on a fresh and on a reused connection."""
+    if target.via_pgbouncer:
+        pytest.skip("prepared statements behind PgBouncer: tests/test_pgbouncer.py")
+    wrapper = make_wrapper(target, "binding", server_side_binding=True, prepare_threshold=0)
+    query = "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE %s"
+    try:
+        pids = set()
+        for round_ in range(2):  # a fresh physical connection, then the same one reused
+            with wrapper.cursor() as cur:
+                assert type(cur.cursor).__name__ == "ServerBindingCursor"
+                cur.execute("SELECT pg_backend_pid(), %s::int + 1", [round_])
+                pid, value = cur.fetchone()
+                assert value == round_ + 1
+                pids.add(pid)
+                cur.execute(query, ["SELECT pg_backend_pid()%"])
+                # prepare_threshold=0: prepared at its first run, and still there
+                # (the same session) when the connection is lent again.
+                assert cur.fetchone()[0] == 1
+            wrapper.close()
+        assert len(pids) == 1, "the same physical connection"
+        assert get_pool("binding").get_stats()["connections_num"] == 1  # type: ignore[union-attr]
+    finally:
+        wrapper.close()
+        close_pools("binding")
+    # Django's default for psycopg 3 (prepare_threshold=None): nothing is prepared.
+    plain = make_wrapper(target, "unprepared")
+    try:
+        for _ in range(3):
+            with plain.cursor() as cur:
+                cur.execute("SELECT pg_backend_pid(), %s::int", [1])
+                cur.execute("SELECT count(*) FROM pg_prepared_statements")
+                assert cur.fetchone()[0] == 0
+            plain.close()
+    finally:
+        plain.close()
+        close_pools("unprepared")
+
+
 def test_assume_role_is_set_up_and_behind_pgbouncer_leaks(target: Target, admin: Any) -> None:
     """Direct: the role is set up on a fresh connection and kept on reuse. Through
     PgBouncer (README.rst, "No session state"): SET ROLE stays on the server it ran on,
