@@ -4,7 +4,9 @@ In a subprocess: a pool and a Django connection are used in the parent, then
 the process forks. The child must get its own connections, and nothing it does
 with the inherited ones (returning them, closing the pool, garbage collection)
 may end the parent's sessions: closing a libpq connection sends a Terminate
-message on the socket the two processes share.
+message on the socket the two processes share. The scripts use the driver
+under test (``DGP_TEST_DRIVER``: psycopg2 or psycopg 3), given on their
+command line, for the pools and for Django's engine.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import textwrap
 
 import pytest
 
+from .support import DRIVER, ENGINE
+
 SCRIPT = textwrap.dedent(
     """
     import sys
@@ -24,15 +28,17 @@ SCRIPT = textwrap.dedent(
         from gevent import monkey
         monkey.patch_all()
 
-    import gc, json, os
-    import django, psycopg2
+    import gc, importlib, json, os
+    import django
     from django.conf import settings
     from django_gevent_pool import ConnectionPool
     from django_gevent_pool.devserver import django_settings
 
     dsn, app = sys.argv[1], f"dgp-fork-{os.getpid()}"
+    driver, engine = sys.argv[3], sys.argv[4]
+    db = importlib.import_module(driver)
     settings.configure(DATABASES={"default": {
-        "ENGINE": "django_gevent_pool.backends.postgresql_psycopg2",
+        "ENGINE": engine,
         **django_settings(dsn), "OPTIONS": {"MAX_CONNS": 2, "application_name": app + "-dj"},
     }})
     django.setup()
@@ -43,7 +49,7 @@ SCRIPT = textwrap.dedent(
             cur.execute("SELECT pg_backend_pid()")
             return cur.fetchone()[0]
 
-    pool = ConnectionPool(lambda: psycopg2.connect(dsn, application_name=app),
+    pool = ConnectionPool(lambda: db.connect(dsn, application_name=app), driver=driver,
                           options={"MAX_CONNS": 3})
     a, b = pool.getconn(), pool.getconn()
     a.autocommit = b.autocommit = True
@@ -67,7 +73,8 @@ SCRIPT = textwrap.dedent(
     got = json.loads(os.read(r, 4096))
     a2 = pool.getconn()
     print(json.dumps({"parent": parent, "child": got, "same_a": a2 is a,
-                      "a": pid(a2), "b": pid(b), "django": pid(connection)}))
+                      "a": pid(a2), "b": pid(b), "django": pid(connection),
+                      "driver": [type(a).__module__, connection.connection.__class__.__module__]}))
     """
 )
 
@@ -75,7 +82,10 @@ SCRIPT = textwrap.dedent(
 @pytest.mark.parametrize("mode", ["plain", "gevent"])
 def test_a_forked_child_never_uses_or_closes_the_parents_connections(dsn: str, mode: str) -> None:
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, dsn, mode], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", SCRIPT, dsn, mode, DRIVER, ENGINE],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -86,6 +96,8 @@ def test_a_forked_child_never_uses_or_closes_the_parents_connections(dsn: str, m
     # The parent's sessions survived the child's returns, close() and GC.
     assert result["same_a"]
     assert [result["a"], result["b"], result["django"]] == parent
+    # The pool's and Django's connections were the driver's under test.
+    assert all(module.split(".")[0] == DRIVER for module in result["driver"]), result["driver"]
 
 
 REGISTRY_SCRIPT = textwrap.dedent(
@@ -138,7 +150,7 @@ COLLECTOR_SCRIPT = textwrap.dedent(
         def close(self):
             self.closed = 1
 
-    pool = ConnectionPool(Conn, name="fork", background=False)
+    pool = ConnectionPool(Conn, driver=sys.argv[1], name="fork", background=False)
     registry = CollectorRegistry()
     collector = register_collector(registry)
     collector._pools = lambda: {"fork": pool}
@@ -171,7 +183,7 @@ def test_a_prometheus_scrape_in_progress_at_fork_does_not_block_the_childs_scrap
     # would start an embedded server in a child that leaves by os._exit.
     env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
     out = subprocess.run(
-        [sys.executable, "-c", COLLECTOR_SCRIPT],
+        [sys.executable, "-c", COLLECTOR_SCRIPT, DRIVER],
         capture_output=True,
         text=True,
         timeout=20,
@@ -190,12 +202,13 @@ IN_FLIGHT_SCRIPT = textwrap.dedent(
     from gevent import monkey
     monkey.patch_all()
 
-    import json, os, time
-    import gevent, psycopg2
+    import importlib, json, os, time
+    import gevent
     from django_gevent_pool import ConnectionPool, PoolClosed, PoolTimeout
 
     dsn = sys.argv[1]  # through a proxy that delays every connect by 1 s
-    pool = ConnectionPool(lambda: psycopg2.connect(dsn), name="fork",
+    db = importlib.import_module(sys.argv[2])
+    pool = ConnectionPool(lambda: db.connect(dsn), driver=sys.argv[2], name="fork",
                           options={"MAX_CONNS": 2, "POOL_TIMEOUT": 10})
     held = pool.getconn()
     connecting = gevent.spawn(pool.getconn)  # the second slot: a connect in flight
@@ -250,7 +263,7 @@ def test_a_fork_with_a_checkout_queued_and_one_connecting(dsn: str) -> None:
     with Proxy(dsn) as proxy:
         proxy.connect_delay = 1.0
         out = subprocess.run(
-            [sys.executable, "-c", IN_FLIGHT_SCRIPT, proxy.dsn()],
+            [sys.executable, "-c", IN_FLIGHT_SCRIPT, proxy.dsn(), DRIVER],
             capture_output=True,
             text=True,
             timeout=60,

@@ -2,8 +2,9 @@
 
 As psycopg's own gevent test does it: in a fresh, monkey-patched subprocess, a
 ticker greenlet counts ticks while another greenlet runs ``pg_sleep`` through a
-pool. If psycopg2 blocked the process, the ticker would stall for the whole
-query and count about one tick.
+pool. If the driver blocked the process, the ticker would stall for the whole
+query and count about one tick. The scripts use the driver under test
+(``DGP_TEST_DRIVER``), passed to them on their command line.
 """
 
 from __future__ import annotations
@@ -13,18 +14,28 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
+from .support import DRIVER
+
+# The driver's module imported before gevent patches anything (gunicorn
+# --preload, an import in gunicorn.conf.py), or after it.
+DRIVER_FIRST = "import importlib, sys; importlib.import_module(sys.argv[2])\n"
+
 SCRIPT = textwrap.dedent(
     """
     from gevent import monkey
     monkey.patch_all()
 
-    import json, sys, time
+    import importlib, json, sys, time
     import gevent
-    import psycopg2
-    from django_gevent_pool import ConnectionPool, is_psycopg2_cooperative
+    from django_gevent_pool import ConnectionPool
 
-    # Nobody called patch_psycopg2(): the pool must make psycopg2 cooperative itself.
-    pool = ConnectionPool(lambda: psycopg2.connect(sys.argv[1]), options={"MAX_CONNS": 2})
+    db = importlib.import_module(sys.argv[2])
+    # Nobody called patch_psycopg2() or patch_psycopg(): the pool must make
+    # its driver cooperative itself.
+    pool = ConnectionPool(lambda: db.connect(sys.argv[1]), driver=sys.argv[2],
+                          options={"MAX_CONNS": 2})
     ticks = []
 
     def ticker():
@@ -42,23 +53,29 @@ SCRIPT = textwrap.dedent(
     q.join()
     t.kill()
     gaps = [b - a for a, b in zip(ticks, ticks[1:])]
-    print(json.dumps({"ticks": len(ticks), "max_gap": max(gaps), "ok": q.successful(),
-                      "cooperative": is_psycopg2_cooperative()}))
+    # No gap at all (None) when the query blocked the hub before a second tick.
+    print(json.dumps({"ticks": len(ticks), "max_gap": max(gaps, default=None),
+                      "ok": q.successful(),
+                      "cooperative": pool.driver.is_cooperative(),
+                      "driver": pool.driver.name}))
     """
 )
 
 
-def test_a_running_query_does_not_block_the_hub(dsn: str) -> None:
+@pytest.mark.parametrize("order", ["patched first", "driver imported first"])
+def test_a_running_query_does_not_block_the_hub(dsn: str, order: str) -> None:
+    script = (DRIVER_FIRST if order == "driver imported first" else "") + SCRIPT
     out = subprocess.run(
-        [sys.executable, "-c", SCRIPT, dsn], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", script, dsn, DRIVER], capture_output=True, text=True, timeout=60
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result["ok"] and result["cooperative"]
+    assert result["driver"] == DRIVER
     # 0.5 s of query at a 10 ms rhythm: a blocked hub would give one or two ticks
     # and a single gap of 0.5 s.
     assert result["ticks"] >= 10
-    assert result["max_gap"] < 0.4
+    assert result["max_gap"] is not None and result["max_gap"] < 0.4
 
 
 FIRST_USE_SCRIPT = textwrap.dedent(
@@ -66,13 +83,13 @@ FIRST_USE_SCRIPT = textwrap.dedent(
     from gevent import monkey
     monkey.patch_all()
 
-    import json, sys, threading
-    import psycopg2
+    import importlib, json, sys, threading
     from django_gevent_pool import ConnectionPool
 
+    db = importlib.import_module(sys.argv[2])
     # No greenlet was ever spawned: this thread has no gevent hub yet when the
     # first checkout starts the pool's background housekeeping.
-    pool = ConnectionPool(lambda: psycopg2.connect(sys.argv[1]),
+    pool = ConnectionPool(lambda: db.connect(sys.argv[1]), driver=sys.argv[2],
                           options={"MAX_CONNS": 2, "IDLE_TIMEOUT": 0.2})
     conn = pool.getconn()
     with conn.cursor() as cur:
@@ -89,7 +106,10 @@ FIRST_USE_SCRIPT = textwrap.dedent(
 
 def test_first_checkout_in_a_patched_script_without_a_hub_does_not_hang(dsn: str) -> None:
     out = subprocess.run(
-        [sys.executable, "-c", FIRST_USE_SCRIPT, dsn], capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", FIRST_USE_SCRIPT, dsn, DRIVER],
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert out.returncode == 0, out.stderr
     result = json.loads(out.stdout.strip().splitlines()[-1])
@@ -103,16 +123,17 @@ NO_HUB_DEADLINE_SCRIPT = textwrap.dedent(
     from gevent import monkey
     monkey.patch_all()
 
-    import json, sys, time
+    import importlib, json, sys, time
     import gevent, gevent._hub_local
-    import psycopg2
     from django_gevent_pool import ConnectionPool, PoolTimeout
+
+    db = importlib.import_module(sys.argv[2])
 
     def slow_connect():
         gevent.sleep(3)  # a server slow to accept: the wait goes through a hub
-        return psycopg2.connect(sys.argv[1])
+        return db.connect(sys.argv[1])
 
-    pool = ConnectionPool(slow_connect, options={"POOL_TIMEOUT": 0.3})
+    pool = ConnectionPool(slow_connect, driver=sys.argv[2], options={"POOL_TIMEOUT": 0.3})
     assert gevent._hub_local.get_hub_if_exists() is None, "no hub before the checkout"
     started = time.monotonic()
     try:
@@ -131,7 +152,7 @@ def test_a_connect_in_a_patched_script_without_a_hub_still_ends_at_the_deadline(
     dsn: str,
 ) -> None:
     out = subprocess.run(
-        [sys.executable, "-c", NO_HUB_DEADLINE_SCRIPT, dsn],
+        [sys.executable, "-c", NO_HUB_DEADLINE_SCRIPT, dsn, DRIVER],
         capture_output=True,
         text=True,
         timeout=60,

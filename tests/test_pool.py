@@ -13,8 +13,6 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import psycopg2
-import psycopg2.extensions as ext
 import pytest
 
 from django_gevent_pool import (
@@ -26,10 +24,15 @@ from django_gevent_pool import (
     timing,
 )
 
+from . import support
 from .proxy import Proxy
-from .support import Workers, backends, sleep, terminate, wait_until
+from .support import DRIVER, Workers, backends, db, is_active, sleep, terminate, wait_until
 
 PoolFactory = Callable[..., ConnectionPool]
+
+# libpq's PGTransactionStatusType, as both drivers report it in
+# ``conn.info.transaction_status`` (psycopg2: an int; psycopg 3: an IntEnum).
+IDLE, INTRANS, INERROR = 0, 2, 3
 
 
 @pytest.fixture
@@ -39,7 +42,8 @@ def make_pool(dsn: str, app_name: str) -> Iterator[PoolFactory]:
     def make(target_dsn: str | None = None, **options: Any) -> ConnectionPool:
         target = target_dsn or dsn
         pool = ConnectionPool(
-            lambda: psycopg2.connect(target, application_name=app_name),
+            lambda: support.connect(target, application_name=app_name),
+            driver=DRIVER,
             name=app_name,
             options=options,
         )
@@ -115,7 +119,7 @@ def test_reuse_conns_closes_returned_connections_beyond_it(
     assert backends(admin, app_name) == 3
     for conn in conns:
         pool.putconn(conn)
-    assert sum(conn.closed != 0 for conn in conns) == 2
+    assert sum(bool(conn.closed) for conn in conns) == 2
     wait_until(lambda: backends(admin, app_name) == 1, what="two backends to close")
     assert pool.get_stats()["pool_available"] == 1
     pool.check_invariants()
@@ -143,7 +147,7 @@ def test_exhaustion_raises_pool_timeout_with_the_state_in_its_message(
     with pytest.raises(PoolTimeout) as err:
         pool.getconn()
     message = str(err.value)
-    assert isinstance(err.value, psycopg2.OperationalError)
+    assert isinstance(err.value, db.OperationalError)
     assert message.startswith(f"pool {app_name!r}: no connection available after 0.")
     assert "(MAX_CONNS=2)" in message
     assert "in use=2, idle=0, opening=0, waiting=0)" in message
@@ -282,7 +286,7 @@ def test_usage_and_connect_times_are_counted(make_pool: PoolFactory, proxy: Prox
     proxy.refuse()
     pool.close()
     pool = make_pool(proxy.dsn(), MAX_CONNS=1)
-    with pytest.raises(psycopg2.OperationalError):
+    with pytest.raises(db.OperationalError):
         pool.getconn()
     stats = pool.get_stats()
     assert stats["connections_errors"] == 1
@@ -434,12 +438,12 @@ def test_intrans_return_is_rolled_back_and_kept(make_pool: PoolFactory) -> None:
     pool = make_pool(MAX_CONNS=1)
     conn = pool.getconn()
     query(conn, "CREATE TEMP TABLE t_intrans (x int)")
-    assert conn.info.transaction_status == ext.TRANSACTION_STATUS_INTRANS
+    assert conn.info.transaction_status == INTRANS
     pool.putconn(conn)
-    assert conn.info.transaction_status == ext.TRANSACTION_STATUS_IDLE
+    assert conn.info.transaction_status == IDLE
     again = pool.getconn()
     assert again is conn
-    with pytest.raises(psycopg2.errors.UndefinedTable):
+    with pytest.raises(db.errors.UndefinedTable):
         query(again, "SELECT * FROM t_intrans")  # the rollback undid it
     again.rollback()
     pool.putconn(again)
@@ -449,9 +453,9 @@ def test_intrans_return_is_rolled_back_and_kept(make_pool: PoolFactory) -> None:
 def test_inerror_return_is_rolled_back_and_kept(make_pool: PoolFactory) -> None:
     pool = make_pool(MAX_CONNS=1)
     conn = pool.getconn()
-    with pytest.raises(psycopg2.errors.DivisionByZero):
+    with pytest.raises(db.errors.DivisionByZero):
         query(conn, "SELECT 1/0")
-    assert conn.info.transaction_status == ext.TRANSACTION_STATUS_INERROR
+    assert conn.info.transaction_status == INERROR
     pool.putconn(conn)
     again = pool.getconn()
     assert again is conn
@@ -480,7 +484,7 @@ def test_unknown_status_after_a_lost_backend_is_discarded(
     pool = make_pool(MAX_CONNS=1)
     conn = pool.getconn()
     terminate(admin, app_name)
-    with pytest.raises(psycopg2.OperationalError):
+    with pytest.raises(db.OperationalError):
         query(conn)
     assert conn.closed
     pool.putconn(conn)
@@ -501,22 +505,75 @@ def test_active_return_is_discarded_and_the_query_stops(
     conn = pool.getconn()
     conn.autocommit = True
     runner = gevent.spawn(query, conn, "SELECT pg_sleep(30)")
-    wait_until(
-        lambda: conn.info.transaction_status == ext.TRANSACTION_STATUS_ACTIVE,
-        what="the query to start",
-    )
-    pool.putconn(conn)  # must not block on psycopg2's lock, held by the runner
+    wait_until(lambda: is_active(conn), what="the query to start")
+    pool.putconn(conn)  # must not block on the driver's connection lock, held by the runner
     assert pool.get_stats()["pool_size"] == 0, "the slot is free at once"
     wait_until(lambda: backends(admin, app_name) == 0, what="the backend to go")
     runner.join(5)
-    assert isinstance(runner.exception, psycopg2.Error), "the query was cut short"
-    with pytest.raises((psycopg2.OperationalError, psycopg2.InterfaceError)):
+    assert isinstance(runner.exception, db.Error), "the query was cut short"
+    with pytest.raises((db.OperationalError, db.InterfaceError)):
         query(conn)  # whoever still holds it finds it dead (or already closed)
     assert conn.closed
     fresh = pool.getconn(timeout=5)
     assert query(fresh) == 1
     pool.putconn(fresh)
     assert pool.get_stats()["returns_bad"] == 1
+
+
+def running_queries(admin: Any, app_name: str) -> int:
+    """How many of ``app_name``'s backends are running a query right now."""
+    with admin.cursor() as cur:
+        cur.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+            "AND state = 'active'",
+            [app_name],
+        )
+        return int(cur.fetchone()[0])
+
+
+@pytest.mark.gevent_only
+@pytest.mark.parametrize("how", ["kill", "timeout"])
+def test_a_greenlet_interrupted_mid_query_cancels_it_and_its_connection_is_discarded(
+    make_pool: PoolFactory, admin: Any, app_name: str, how: str
+) -> None:
+    """Killed, or past an outer gevent.Timeout, in the middle of a query: the query
+    stops on the server (psycopg2: the wait callback cancels it; psycopg 3 leaves
+    the connection ACTIVE with the query running, so the driver must cancel and
+    cut it), the connection is discarded, and its slot is free."""
+    import gevent
+
+    pool = make_pool(MAX_CONNS=1)
+
+    def run() -> None:
+        with pool.connection() as conn:
+            conn.autocommit = True
+            if how == "timeout":
+                with gevent.Timeout(0.3):
+                    query(conn, "SELECT pg_sleep(30)")
+            else:
+                query(conn, "SELECT pg_sleep(30)")
+
+    job = gevent.spawn(run)
+    wait_until(lambda: running_queries(admin, app_name) == 1, what="the query to run")
+    started = time.monotonic()
+    if how == "kill":
+        job.kill(block=True, timeout=5)
+    else:
+        job.join(5)
+    assert job.dead and time.monotonic() - started < 1.0, "the interruption waited"
+    if how == "timeout":
+        assert isinstance(job.exception, gevent.Timeout), job.exception
+    else:
+        assert isinstance(job.value, gevent.GreenletExit), job.exception
+    # pg_sleep(30) would keep the backend for 30 s: it goes within seconds only
+    # if the query was cancelled (the backend then reads the closed socket).
+    wait_until(lambda: backends(admin, app_name) == 0, what="the cancelled backend to go")
+    stats = pool.get_stats()
+    assert stats["pool_size"] == 0 and stats["pool_in_use"] == 0, stats
+    assert stats["returns_bad"] == 1, "the interrupted connection was kept"
+    with pool.connection(timeout=5) as fresh:
+        assert query(fresh) == 1
+    pool.check_invariants()
 
 
 def test_discard_flag_closes_a_healthy_connection(make_pool: PoolFactory) -> None:
@@ -533,10 +590,10 @@ def test_returning_a_foreign_or_twice_returned_connection_is_refused(
     pool = make_pool(MAX_CONNS=1)
     conn = pool.getconn()
     pool.putconn(conn)
-    with pytest.raises(psycopg2.ProgrammingError, match="already returned"):
+    with pytest.raises(db.ProgrammingError, match="already returned"):
         pool.putconn(conn)
-    stranger = psycopg2.connect(dsn)
-    with pytest.raises(psycopg2.ProgrammingError, match="did not lend"):
+    stranger = support.connect(dsn)
+    with pytest.raises(db.ProgrammingError, match="did not lend"):
         pool.putconn(stranger)
     stranger.close()
     pool.check_invariants()
@@ -598,7 +655,7 @@ def test_ping_policy_follows_ping_after(make_pool: PoolFactory) -> None:
     eager.putconn(eager.getconn())
     conn = eager.getconn()
     assert eager.get_stats()["pings"] == 1
-    assert conn.info.transaction_status == ext.TRANSACTION_STATUS_IDLE
+    assert conn.info.transaction_status == IDLE
     assert conn.autocommit is False, "the ping restores autocommit"
     eager.putconn(conn)
 
@@ -632,14 +689,14 @@ def test_database_down_single_flight_bounded_failures_and_recovery(
         in_flight[0] += 1
         in_flight[1] = max(in_flight)
         try:
-            return psycopg2.connect(target, application_name=app_name)
+            return support.connect(target, application_name=app_name)
         finally:
             in_flight[0] -= 1
 
-    pool = ConnectionPool(connect, name=app_name, options={"MAX_CONNS": 25})
+    pool = ConnectionPool(connect, driver=DRIVER, name=app_name, options={"MAX_CONNS": 25})
     try:
         proxy.refuse()
-        with pytest.raises(psycopg2.OperationalError) as first:
+        with pytest.raises(db.OperationalError) as first:
             pool.getconn()
         assert not isinstance(first.value, PoolUnavailable), "the real error comes first"
         # A burst of 50 during the outage, each willing to wait 30 s.
@@ -650,7 +707,7 @@ def test_database_down_single_flight_bounded_failures_and_recovery(
         elapsed = time.monotonic() - started
         assert len(workers.errors) == 50
         assert all(isinstance(e, PoolUnavailable) for e in workers.errors), workers.errors
-        assert all(isinstance(e.__cause__, psycopg2.OperationalError) for e in workers.errors)
+        assert all(isinstance(e.__cause__, db.OperationalError) for e in workers.errors)
         assert "the server is failing" in str(workers.errors[0])
         assert "Connection refused" in str(workers.errors[0])
         assert elapsed < 2.0 + 1.0, f"checkouts gave up after {elapsed:.2f} s"
@@ -827,7 +884,8 @@ def test_maintain_closes_idle_and_old_connections_and_keeps_the_minimum(
 ) -> None:
     now = [1000.0]
     pool = ConnectionPool(
-        lambda: psycopg2.connect(dsn, application_name=app_name),
+        lambda: support.connect(dsn, application_name=app_name),
+        driver=DRIVER,
         name=app_name,
         options={"MAX_CONNS": 3, "MIN_CONNS": 1, "IDLE_TIMEOUT": 10, "MAX_LIFETIME": 100},
         clock=lambda: now[0],
@@ -855,7 +913,8 @@ def test_min_conns_are_opened_ahead_of_need_one_at_a_time(
     dsn: str, app_name: str, admin: Any
 ) -> None:
     pool = ConnectionPool(
-        lambda: psycopg2.connect(dsn, application_name=app_name),
+        lambda: support.connect(dsn, application_name=app_name),
+        driver=DRIVER,
         name=app_name,
         options={"MAX_CONNS": 4, "MIN_CONNS": 3},
         background=False,
@@ -973,7 +1032,8 @@ def test_a_failing_reset_query_discards_the_connection(make_pool: PoolFactory) -
 def test_retirements_are_spread_out_not_all_at_once(dsn: str, app_name: str) -> None:
     now = [0.0]
     pool = ConnectionPool(
-        lambda: psycopg2.connect(dsn, application_name=app_name),
+        lambda: support.connect(dsn, application_name=app_name),
+        driver=DRIVER,
         name=app_name,
         options={"MAX_CONNS": 10, "MAX_LIFETIME": 100, "IDLE_TIMEOUT": None},
         clock=lambda: now[0],
@@ -1016,7 +1076,7 @@ def test_a_waiting_checkout_with_a_huge_timeout_waits_and_is_served(
 def test_discarding_a_connection_another_worker_is_querying_on_never_waits_for_it(
     make_pool: PoolFactory, workers: Workers
 ) -> None:
-    """putconn(discard=True) mid-query took the close() path: it waited on psycopg2's
+    """putconn(discard=True) mid-query took the close() path: it waited on the driver's
     connection lock, held by the querying greenlet (the whole hub frozen)."""
     pool = make_pool(MAX_CONNS=2)
     conn = pool.getconn()
@@ -1026,15 +1086,12 @@ def test_discarding_a_connection_another_worker_is_querying_on_never_waits_for_i
         query(conn, "SELECT pg_sleep(20)")
 
     workers.spawn(long_query)
-    wait_until(
-        lambda: conn.info.transaction_status == ext.TRANSACTION_STATUS_ACTIVE,
-        what="the query to run",
-    )
+    wait_until(lambda: is_active(conn), what="the query to run")
     started = time.monotonic()
     pool.putconn(conn, discard=True)
     assert time.monotonic() - started < 1.0, "the discard waited for the query"
     workers.join(5)
-    assert len(workers.errors) == 1 and isinstance(workers.errors[0], psycopg2.Error)
+    assert len(workers.errors) == 1 and isinstance(workers.errors[0], db.Error)
     stats = pool.get_stats()
     assert stats["pool_size"] == 0 and stats["returns_bad"] == 1
     with pool.connection() as fresh:
@@ -1098,11 +1155,11 @@ def test_a_second_return_after_the_connection_was_lent_again_is_refused(
     pool.putconn(conn, lease=lease)
     second, second_lease = pool.checkout()
     assert second is conn and second_lease != lease, "LIFO: the same connection, a new lease"
-    with pytest.raises(psycopg2.ProgrammingError, match="another checkout holds"):
+    with pytest.raises(db.ProgrammingError, match="another checkout holds"):
         pool.putconn(conn, lease=lease)
     assert pool.get_stats()["pool_in_use"] == 1, "still lent to the second borrower"
     pool.putconn(second, lease=second_lease)
-    with pytest.raises(psycopg2.ProgrammingError, match="already returned"):
+    with pytest.raises(db.ProgrammingError, match="already returned"):
         pool.putconn(second, lease=second_lease)
     pool.check_invariants()
 
@@ -1127,7 +1184,7 @@ def test_a_stale_return_from_another_greenlet_without_a_lease_is_refused(
 
     glet = gevent.spawn(second_borrower)
     borrowed.wait(5)
-    with pytest.raises(psycopg2.ProgrammingError, match="another checkout holds"):
+    with pytest.raises(db.ProgrammingError, match="another checkout holds"):
         pool.putconn(first)  # the same object, now the second borrower's
     release.set()
     glet.join(5)
