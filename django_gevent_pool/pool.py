@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
-from . import leaks, stats, sync, timing
+from . import health, leaks, stats, sync, timing
 from .backoff import Backoff
 from .drivers import Driver, Status, get_driver
 from .errors import PoolClosed, PoolConfigError, PoolTimeout, PoolUnavailable
@@ -61,17 +61,6 @@ _FORKED = "forked"  # queued in the parent: the process forked while it waited
 # turn to try at most this long (or its own timeout, if shorter), then fails
 # with PoolUnavailable chained from the last connect error.
 _OUTAGE_WAIT = 2.0
-# A checkout's ping ends within this many seconds (or the checkout's deadline,
-# if sooner): an empty query answers in milliseconds even from a busy server;
-# one that has not answered in 1.5 s is on a silent network or a stuck server,
-# and a new connection is the better bet. A ping never gets less than _PING_MIN.
-_PING_TIMEOUT = 1.5
-_PING_MIN = 0.05
-# The round trips of a return (the rollback of a connection returned in a
-# transaction, RESET_QUERY and the session setup after it) end within this
-# many seconds, or the connection is cut and discarded: both take milliseconds
-# on a live path, and the caller (a request's teardown) must not hang.
-_RETURN_TIMEOUT = 2.0
 # With MIN_CONNS, housekeeping looks at idle connections at least this often.
 _MIN_CONNS_LOOK_EVERY = 0.5
 _EXPIRED = "it reached MAX_LIFETIME"  # a retirement, not a fault: no warning, not "bad"
@@ -1068,7 +1057,7 @@ class ConnectionPool:
         """Check an idle entry just taken; on failure drop nothing yet, return False.
 
         A ping, if one is due, ends by ``deadline`` (the checkout's) or
-        ``_PING_TIMEOUT``, whichever is sooner.
+        ``health.PING_TIMEOUT``, whichever is sooner.
         """
         try:
             reason = self._checkout_problem(entry, deadline)
@@ -1086,62 +1075,28 @@ class ConnectionPool:
         return False
 
     def _checkout_problem(self, entry: _Entry, deadline: float) -> str | None:
+        """Why an idle entry just taken must not be lent (:mod:`.health`), or None."""
         conn = entry.conn
         now = self._clock()
         status = self._driver.status(conn)
-        if status is Status.CLOSED:
-            self._lost(now)
-            return "it is closed"
-        if entry.expires_at is not None and now >= entry.expires_at:
+        if status is not Status.CLOSED and entry.expires_at is not None and now >= entry.expires_at:
             return _EXPIRED
-        if status is not Status.IDLE:
-            return f"its transaction status is {status.value}"
-        try:
-            probe = entry.probe
-            if probe is None:
-                probe = entry.probe = sync.socket_probe(self._driver.fileno(conn))
-            readable = probe()
-        except (OSError, ValueError, self._driver.Error):
-            readable = True
-        if readable:
-            # An idle connection has nothing to read unless the server closed it
-            # or sent an error (an admin shutdown, pg_terminate_backend...).
+        unfit = health.look(self._driver, entry, status)
+        if unfit is None:
+            ping_after = self.options.PING_AFTER
+            if entry.verified_at < self._invalidated_at or (
+                ping_after is not None and now - entry.last_used >= ping_after
+            ):
+                with self._lock:  # critical section: count
+                    self._counters["pings"] += 1
+                unfit = health.ping(self._driver, conn, health.ping_bound(deadline - now))
+                if unfit is None:
+                    entry.last_used = entry.verified_at = now
+        if unfit is None:
+            return None
+        if unfit.lost:
             self._lost(now)
-            return "the server closed it or sent an error while it was idle"
-        ping_after = self.options.PING_AFTER
-        if entry.verified_at < self._invalidated_at or (
-            ping_after is not None and now - entry.last_used >= ping_after
-        ):
-            return self._ping(entry, now, deadline)
-        return None
-
-    def _ping(self, entry: _Entry, now: float, deadline: float) -> str | None:
-        """One round trip with the empty query; None if the server answered.
-
-        Bounded by ``min(deadline - now, _PING_TIMEOUT)`` (at least
-        ``_PING_MIN``): past that a watchdog cuts the connection's socket, so
-        the ping's wait ends with an error in a greenlet and in a plain
-        thread alike, and the connection is reported bad (it is closed by the
-        caller; with its socket shut, closing it sends nothing that could
-        wait). A ping has no server-side work to cancel.
-        """
-        conn = entry.conn
-        with self._lock:  # critical section: count
-            self._counters["pings"] += 1
-        bound = max(_PING_MIN, min(_PING_TIMEOUT, deadline - now))
-        try:
-            if not self._within(bound, conn, lambda: self._driver.ping(conn)):
-                return self._silent(now, f"a ping within {bound:.2f} s")
-        except self._driver.Error as exc:
-            self._lost(now)
-            return f"ping failed: {str(exc).strip()}"
-        entry.last_used = entry.verified_at = now
-        return None
-
-    def _silent(self, now: float, what: str) -> str:
-        """A round trip got no answer in time: the network or the server is silent."""
-        self._lost(now)
-        return f"no answer to {what} (connection cut)"
+        return unfit.reason
 
     def _lost(self, now: float) -> None:
         """A connection died under us: connections opened before now get pinged before reuse."""
@@ -1187,31 +1142,25 @@ class ConnectionPool:
     def _clean_for_reuse(self, entry: _Entry) -> str | None:
         """Bring a returned connection back to IDLE; return why not, or None.
 
-        The rollback and ``RESET_QUERY`` each get ``_RETURN_TIMEOUT`` seconds:
-        past that the connection's socket is cut (a silent network) and it is
-        discarded, so a return never waits for ever.
+        The rollback and ``RESET_QUERY`` each get ``health.RETURN_TIMEOUT``
+        seconds: past that the connection's socket is cut (a silent network)
+        and it is discarded, so a return never waits for ever.
         """
         conn = entry.conn
         driver = self._driver
         status = driver.status(conn)
+        unfit = None
         if status is Status.CLOSED:
             return "it is closed"
-        if status is Status.IDLE:
-            pass
-        elif status is Status.INTRANS or status is Status.INERROR:
-            name = status.value
+        if status is Status.INTRANS or status is Status.INERROR:
             logger.warning(
                 "pool %r: rolling back a connection returned in a transaction (%s)",
                 self.name,
-                name,
+                status.value,
             )
             with self._lock:  # critical section: count
                 self._counters["returns_rolled_back"] += 1
-            try:
-                if not self._within(_RETURN_TIMEOUT, conn, lambda: driver.rollback(conn)):
-                    return self._silent(self._clock(), f"the rollback within {_RETURN_TIMEOUT} s")
-            except driver.Error as exc:
-                return f"the rollback of a connection returned {name} failed: {str(exc).strip()}"
+            unfit = health.roll_back(driver, conn, status)
         elif status is Status.ACTIVE:
             # A query is still running on it (in another greenlet or thread
             # that holds the driver's connection lock: close() would block on
@@ -1219,22 +1168,16 @@ class ConnectionPool:
             # or left running by a psycopg 3 wait that was interrupted).
             driver.sever(conn)
             return _SEVERED
-        else:
+        elif status is not Status.IDLE:
             return f"it was returned with transaction status {status.value}"
         reset = self.options.RESET_QUERY
-        if reset is not None:
-
-            def reset_session() -> None:
-                driver.execute(conn, reset)
-                if self._after_reset is not None:
-                    self._after_reset(conn)
-
-            try:
-                if not self._within(_RETURN_TIMEOUT, conn, reset_session):
-                    return self._silent(self._clock(), f"RESET_QUERY within {_RETURN_TIMEOUT} s")
-            except Exception as exc:
-                return f"RESET_QUERY or the session setup after it failed: {str(exc).strip()}"
+        if unfit is None and reset is not None:
+            unfit = health.reset(driver, conn, reset, self._after_reset)
         now = self._clock()
+        if unfit is not None:
+            if unfit.lost:
+                self._lost(now)
+            return unfit.reason
         entry.last_used = now
         if entry.expires_at is not None and now >= entry.expires_at:
             return _EXPIRED
@@ -1332,31 +1275,6 @@ class ConnectionPool:
             self._poke()
 
     # ------------------------------------------------------------- helpers
-
-    def _within(self, seconds: float, conn: Any, call: Callable[[], None]) -> bool:
-        """Run ``call``, round trips on ``conn``; False if it took ``seconds`` and ``conn`` was cut.
-
-        A watchdog cuts ``conn``'s socket after ``seconds`` (``sync.Watchdog``:
-        a hub timer under gevent, an OS thread otherwise), so ``call``'s wait
-        ends with an error in a greenlet and in a plain thread alike; that error
-        is swallowed and False returned. Any other exception from ``call``
-        propagates. Whatever happens, the watchdog is disarmed before this
-        returns or raises, and never cuts the socket later.
-        """
-        cut = self._driver.cut
-        watchdog = sync.Watchdog(seconds, lambda: cut(conn))
-        try:
-            call()
-        except Exception:
-            if watchdog.disarm():
-                return False
-            raise
-        finally:
-            # Also when killed mid-call (GreenletExit, an outer gevent.Timeout:
-            # BaseExceptions): the socket must never be cut once we are gone.
-            was_cut = watchdog.disarm()
-        # Answered just as the watchdog fired: the socket is shut all the same.
-        return not was_cut
 
     def _close_quietly(self, conn: Any) -> None:
         try:
