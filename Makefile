@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: test test-django test-embedded demo bench bench-quick lint clean
+.PHONY: test test-matrix test-django test-embedded demo bench bench-quick lint clean
 
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,12 @@ test: $(STAMP)
 	DGP_TEST_MODE=threads DGP_TEST_DRIVER=psycopg2 $(PY) -m pytest
 	DGP_TEST_MODE=gevent DGP_TEST_DRIVER=psycopg $(PY) -m pytest
 	DGP_TEST_MODE=threads DGP_TEST_DRIVER=psycopg $(PY) -m pytest
+
+# The suite (greenlet mode) on the other supported Python x Django cells, each
+# in its own venv under .cache/matrix/ (`make test` is the Python 3.11 / Django
+# 5.2 one): see .ci/matrix for the cells, and README.rst, Install.
+test-matrix:
+	.ci/matrix
 
 # Django's own test suite (from the sdist of the installed Django, cached in
 # .cache/) through our engine, in both modes: fails on any failure not listed
