@@ -4,7 +4,9 @@ Only aliases whose ENGINE is one of this package's are looked at. Settings
 checks run with every ``manage.py check`` (and before most commands); the
 server checks need the network, are tagged ``database``, and look only at the
 aliases Django passes in ``databases`` (``manage.py check --database ALIAS``,
-``migrate``, the test runner).
+``migrate``, the test runner; from Django 6.1 also every alias when a tag
+selects them, as ``manage.py check --tag django_gevent_pool`` does: Django
+passes all aliases when none is named).
 
 ===========================  =================================================================
 id                           condition
@@ -21,7 +23,8 @@ django_gevent_pool.E005      MAX_CONNS per process above the server's usable con
 django_gevent_pool.W005      MAX_CONNS per process above half of them, or above all of them
                              when the server listens on another port than the one
                              configured (a pooler or port forward in between) (database)
-django_gevent_pool.W006      the server could not be reached for E005/W005 (database)
+django_gevent_pool.I006      the server could not be asked, so E005/W005 were not checked
+                             (database; information only, see ``check_servers``)
 django_gevent_pool.W007      DJANGO_GEVENT_POOL is set but the app is not installed
 ===========================  =================================================================
 
@@ -325,7 +328,7 @@ def check_app_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMess
 def check_servers(
     app_configs: Any = None, databases: Iterable[str] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
-    """W004, E005, W005 and W006 for the pooled aliases in ``databases``; needs the network.
+    """W004, E005, W005 and I006 for the pooled aliases in ``databases``; needs the network.
 
     Each server is asked once, through a short-lived plain connection (never
     the pool). Aliases found to be behind PgBouncer, in any pool mode, are not
@@ -333,6 +336,14 @@ def check_servers(
     decides how many server connections they use (in session mode the sizing
     rule against ``default_pool_size`` is left unchecked; see the module
     docstring).
+
+    A server that cannot be asked (nothing answers, no answer within
+    ``SERVER_TIMEOUT``, or the connection is refused) gets I006, an ``Info``:
+    never a warning or an error. A build step (``manage.py check`` in a Docker
+    build, with no database) must neither fail nor fill its log with warnings
+    for a server it cannot have, and Django 6.1 hands every alias to a check
+    selected by tag. Whether the server is reachable is not this check's
+    subject: the app's first query fails with the driver's own error.
     """
     if not databases:
         return []
@@ -366,14 +377,15 @@ def check_servers(
         except (ServerUnreachable, psycopg2.Error) as exc:
             reason = " ".join(str(exc).split()) or type(exc).__name__
             issues.append(
-                Warning(
-                    f"DATABASES[{alias!r}]: cannot reach the server to check "
-                    f"OPTIONS['MAX_CONNS'] against its max_connections ({reason}).",
+                Info(
+                    f"DATABASES[{alias!r}]: OPTIONS['MAX_CONNS'] not compared with the "
+                    f"server's max_connections: cannot reach the server ({reason}).",
                     hint=(
-                        f"Check HOST and PORT of DATABASES[{alias!r}] and that the server is "
-                        f"up, then run manage.py check --database {alias} again."
+                        "Nothing to do where no server can be reached (a build step). "
+                        f"Elsewhere, check HOST and PORT of DATABASES[{alias!r}] and that "
+                        f"the server is up, then run manage.py check --database {alias} again."
                     ),
-                    id=_id("W006"),
+                    id=_id("I006"),
                 )
             )
             continue

@@ -1,7 +1,7 @@
 """System checks: each id fires on a real misconfiguration and is silent on a good one.
 
 Settings checks need no server. The database-tagged checks (W004, E005, W005,
-W006) talk to the test server through their own short connections; the
+I006) talk to the test server through their own short connections; the
 condition behind W002 is made real in a fresh monkey-patched subprocess.
 """
 
@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import django
 import psycopg2
 import pytest
 from django.core.checks import INFO, CheckMessage, run_checks
@@ -541,11 +542,30 @@ def test_w002_gevent_patched_but_psycopg2_not_cooperative(
 
 def test_database_checks_run_only_for_the_databases_given() -> None:
     databases = {"default": alias_settings(), "big": alias_settings(OPTIONS={"MAX_CONNS": 200})}
-    assert our_issues(databases) == []
+    with override_settings(DATABASES=databases):
+        assert checks.check_servers(databases=None) == [], "None: use no connection"
     assert our_issues(databases, check_databases=[]) == []
     stock = {**databases, "stock": {"ENGINE": "django.db.backends.sqlite3", "NAME": ":memory:"}}
     assert our_issues(stock, check_databases=["stock"]) == []
     assert ids(our_issues(databases, check_databases=["big"])) == ["django_gevent_pool.E005"]
+
+
+def test_which_aliases_a_check_without_database_gets_is_djangos_choice() -> None:
+    """Django 6.1's ``check`` gives a check selected by tag every alias; before, none.
+
+    Without a tag nor ``--database`` no version runs the server checks: plain
+    ``manage.py check`` never needs a server. (``django.db.connections`` keeps
+    the suite's own aliases, ``default`` and ``other``, under override_settings:
+    ``default`` is the one with MAX_CONNS 200 here.)
+    """
+    databases = {"default": alias_settings(OPTIONS={"MAX_CONNS": 200})}
+    with override_settings(DATABASES=databases):
+        call_command("check")
+        if django.VERSION >= (6, 1):
+            with pytest.raises(SystemCheckError, match=r"django_gevent_pool\.E005"):
+                call_command("check", tags=[checks.TAG])
+        else:
+            call_command("check", tags=[checks.TAG])
 
 
 def test_e005_max_conns_above_what_the_server_accepts() -> None:
@@ -593,15 +613,74 @@ def test_w005_counts_every_pooled_alias_on_the_same_server() -> None:
     assert alone == []
 
 
-def test_w006_unreachable_server_is_a_warning_not_an_exception() -> None:
+def test_i006_unreachable_server_is_information_not_a_warning() -> None:
     databases = {
         "default": alias_settings(),
         "dead": alias_settings(HOST="127.0.0.1", PORT=str(closed_port())),
     }
     issues = our_issues(databases, check_databases=["default", "dead"])
-    assert ids(issues) == ["django_gevent_pool.W006"]
-    assert issues[0].msg.startswith("DATABASES['dead']: cannot reach the server")
+    assert ids(issues) == ["django_gevent_pool.I006"]
+    assert issues[0].level == INFO
+    assert issues[0].msg.startswith(
+        "DATABASES['dead']: OPTIONS['MAX_CONNS'] not compared with the server's "
+        "max_connections: cannot reach the server (127.0.0.1:"
+    )
+    assert "Connection refused" in issues[0].msg, "libpq's reason is given"
     assert "--database dead" in (issues[0].hint or "")
+    with override_settings(DATABASES=databases):
+        call_command("check", tags=[checks.TAG], databases=["dead"], fail_level="WARNING")
+        with pytest.raises(SystemCheckError, match=r"django_gevent_pool\.I006"):
+            call_command("check", tags=[checks.TAG], databases=["dead"], fail_level="INFO")
+
+
+#: What a Docker build has: the app's settings and no database server.
+BUILD_SETTINGS = """
+from tests.settings import *  # noqa: F403
+
+INSTALLED_APPS = [*INSTALLED_APPS, "django.contrib.staticfiles"]  # noqa: F405
+STATIC_URL = "/static/"
+STATIC_ROOT = {static_root!r}
+DATABASES = {{
+    "default": {{**DATABASES["default"], "HOST": "127.0.0.1", "PORT": "{port}"}},  # noqa: F405
+}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("command", "i006"),
+    [
+        (["check", "--fail-level", "WARNING"], False),
+        (["collectstatic", "--noinput"], False),
+        # Django 6.1 runs the server checks for every alias when a tag selects them.
+        (["check", "--tag", checks.TAG, "--fail-level", "WARNING"], django.VERSION >= (6, 1)),
+        (["check", "--database", "default", "--fail-level", "WARNING"], True),
+    ],
+    ids=["check", "collectstatic", "check-tag", "check-database"],
+)
+def test_a_build_step_without_a_server_neither_fails_nor_warns(
+    tmp_path: Path, command: list[str], i006: bool
+) -> None:
+    settings_code = BUILD_SETTINGS.format(static_root=str(tmp_path / "static"), port=closed_port())
+    (tmp_path / "build_settings.py").write_text(settings_code)
+    out = subprocess.run(
+        [sys.executable, "-m", "django", *command],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            **os.environ,
+            "DJANGO_SETTINGS_MODULE": "build_settings",
+            "PYTHONPATH": os.pathsep.join([os.getcwd(), str(tmp_path)]),
+        },
+    )
+    printed = out.stdout + out.stderr
+    assert out.returncode == 0, printed
+    assert "Traceback" not in printed
+    ours = [line for line in printed.splitlines() if "(django_gevent_pool." in line]
+    if i006:
+        assert len(ours) == 1 and "(django_gevent_pool.I006) DATABASES['default']" in ours[0]
+    else:
+        assert ours == [], printed
 
 
 def test_w004_is_silent_on_a_plain_server() -> None:
@@ -643,7 +722,7 @@ def test_e005_through_something_in_between_is_only_a_warning() -> None:
     assert "stats_users" in (issues[0].hint or "")
 
 
-def test_w006_a_silent_server_is_given_up_on_in_seconds() -> None:
+def test_i006_a_silent_server_is_given_up_on_in_seconds() -> None:
     with Proxy(server()["test"]) as proxy:
         proxy.stall()
         databases = {
@@ -653,7 +732,9 @@ def test_w006_a_silent_server_is_given_up_on_in_seconds() -> None:
         issues = our_issues(databases, check_databases=["default"])
         elapsed = time.monotonic() - started
         proxy.resume()
-    assert ids(issues) == ["django_gevent_pool.W006"]
+    assert ids(issues) == ["django_gevent_pool.I006"]
+    # Our deadline under a gevent hub; libpq's connect_timeout in a plain thread.
+    assert "no answer within" in issues[0].msg or "timeout expired" in issues[0].msg
     assert elapsed < 15, f"took {elapsed:.1f} s"
 
 
