@@ -33,11 +33,9 @@ from django_gevent_pool.devserver import django_settings
 from django_gevent_pool.serverinfo import configured_databases
 
 from .proxy import Proxy
-from .support import is_gevent, server, wait_until
+from .support import ENGINE, is_gevent, server, wait_until
 
 pytestmark = pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")
-
-ENGINE = "django_gevent_pool.backends.postgresql_psycopg2"
 
 
 @pytest.fixture(autouse=True)
