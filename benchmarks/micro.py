@@ -1,6 +1,7 @@
 """The micro scenario for one competitor, in one process, no HTTP; prints one JSON line.
 
     .bench-venv/bin/python benchmarks/micro.py --competitor ours --greenlets 200 --seconds 2
+    .bench-venv/bin/python benchmarks/micro.py --competitor ours-psycopg3 --seconds 2
 
 Run by ``benchmarks/run.py`` (which sets the ``DGPB_*`` environment and, for
 psycopg2 competitors, ``PYTHONPATH=benchmarks/psycopg2_only``). Three loops:
@@ -9,7 +10,8 @@ psycopg2 competitors, ``PYTHONPATH=benchmarks/psycopg2_only``). Three loops:
     ``--greenlets`` greenlets, each repeating: check out a connection, run
     ``SELECT 1``, give it back -- through Django (``connection.cursor()``,
     then ``close_old_connections()`` as at the end of a request) for the
-    Django-served competitors, through ``ConnectionPool.getconn``/``putconn``
+    Django-served competitors (``ours`` on psycopg2, ``ours-psycopg3`` and
+    ``django-pool`` on psycopg 3...), through ``ConnectionPool.getconn``/``putconn``
     for ``ours-bare``, through a plain gevent queue of connections for ``raw``.
     Operations per second, all greenlets together.
 ``query_uncontended``
@@ -243,7 +245,7 @@ def raw_ops(max_conns: int) -> tuple[Op, Op, Op, dict[str, Any]]:
 def main() -> int:
     """Parse the arguments, run both loops, print the results as one JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--competitor", required=True)
+    parser.add_argument("--competitor", required=True, choices=[*BY_KEY, MICRO_BARE])
     parser.add_argument("--greenlets", type=int, default=200)
     parser.add_argument("--warmup", type=float, default=0.5)
     parser.add_argument("--seconds", type=float, default=2.0)
@@ -255,16 +257,19 @@ def main() -> int:
         query, noop, hold, extra = bare_ops(max_conns)
     elif key == "raw":
         query, noop, hold, extra = raw_ops(max_conns)
-    elif key in BY_KEY:
-        query, noop, hold, extra = django_ops(key)
     else:
-        parser.error(f"unknown competitor {key!r}")
+        query, noop, hold, extra = django_ops(key)
     warm(hold, max_conns)
+    waiting = sys.modules.get("psycopg.waiting")
     result = {
         "competitor": key,
         "max_conns": max_conns,
         "psycopg_importable": "psycopg" not in sys.modules or sys.modules["psycopg"] is not None,
         **extra,
+        # psycopg 3's wait function once the pool is made (None: psycopg 3 unused).
+        "psycopg_wait": (
+            None if waiting is None else f"{waiting.wait.__module__}.{waiting.wait.__qualname__}"
+        ),
         "query": measure(query, args.greenlets, args.warmup, args.seconds),
         "query_uncontended": measure(query, max_conns, args.warmup / 2, args.seconds / 2),
         "noop": measure(noop, 1, args.warmup / 2, args.seconds / 2),

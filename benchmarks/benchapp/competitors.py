@@ -9,6 +9,11 @@ own process), so the driver choice -- psycopg2 or psycopg 3, which Django makes
 once per process -- is made per competitor: ``hide_psycopg`` ones run with
 ``benchmarks/psycopg2_only`` on ``PYTHONPATH``, whose ``sitecustomize`` makes
 ``import psycopg`` fail, so Django's stock backend binds to psycopg2.
+
+Ours runs twice: on psycopg2 (``ours``, beside django-db-geventpool and the
+psycopg2 stock backend) and on psycopg 3 (``ours-psycopg3``, beside Django's
+native pool, which needs psycopg 3): each pool is measured against the others
+on the same driver, in the same run.
 """
 
 from __future__ import annotations
@@ -28,6 +33,15 @@ DBNAME = "dgp_bench"
 
 #: ``application_name`` prefix of every benchmark connection: ``dgpb-<key>-<pid>``.
 APPNAME_PREFIX = "dgpb"
+
+#: Our pool on psycopg 3 (the ``postgresql_psycopg3`` engine).
+OURS_PSYCOPG3 = "ours-psycopg3"
+
+#: Our engine per competitor that is ours.
+OUR_ENGINES = {
+    "ours": "django_gevent_pool.backends.postgresql_psycopg2",
+    OURS_PSYCOPG3: "django_gevent_pool.backends.postgresql_psycopg3",
+}
 
 
 @dataclass(frozen=True)
@@ -118,12 +132,24 @@ COMPETITORS: tuple[Competitor, ...] = (
     ),
     Competitor(
         "ours",
-        "django-gevent-pool (ours)",
+        "django-gevent-pool (ours, psycopg2)",
         "psycopg2",
         hide_psycopg=False,
         ours=True,
         in_micro=True,
-        notes="installed from the working tree",
+        notes="installed from the working tree; postgresql_psycopg2 engine",
+    ),
+    Competitor(
+        OURS_PSYCOPG3,
+        "django-gevent-pool (ours, psycopg 3)",
+        "psycopg",
+        hide_psycopg=False,
+        ours=True,
+        in_micro=True,
+        notes=(
+            "installed from the working tree; postgresql_psycopg3 engine, the same OPTIONS as"
+            " ours on psycopg2; to compare with Django's native pool on the same driver"
+        ),
     ),
 )
 
@@ -199,10 +225,10 @@ def database(
             "CONN_MAX_AGE": 0,
             "OPTIONS": {"application_name": name},
         }
-    if key == "ours":
+    if key in OUR_ENGINES:
         return {
             **common,
-            "ENGINE": "django_gevent_pool.backends.postgresql_psycopg2",
+            "ENGINE": OUR_ENGINES[key],
             "CONN_MAX_AGE": 0,
             "OPTIONS": {
                 "MAX_CONNS": max_conns,
@@ -219,7 +245,10 @@ def make_psycopg2_cooperative(key: str) -> None:
 
     psycogreen's for the stock backend, PgBouncer, the raw app and
     django-db-geventpool (whose README asks for it); our own for ours. psycopg 3
-    needs none: it picks a gevent-friendly wait when ``select`` is patched.
+    competitors need none: Django's native pool gets psycopg's own
+    gevent-friendly wait (picked when ``psycopg`` is imported after the
+    monkey-patching, as in a gunicorn gevent worker without ``--preload``), and
+    ours on psycopg 3 installs its own when its pool is made.
     """
     competitor = BY_KEY.get(key)
     if competitor is not None and competitor.driver == "psycopg":

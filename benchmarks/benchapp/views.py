@@ -93,6 +93,14 @@ def info(request: HttpRequest) -> JsonResponse:
 
         wait = psycopg2.extensions.get_wait_callback()
         callback = None if wait is None else f"{wait.__module__}.{wait.__qualname__}"
+    # One connection first, as a request's first query takes it: a pool may
+    # set its driver up only then (ours on psycopg 3 installs its wait there).
+    connection.ensure_connection()
+    # psycopg 3's wait function, as its connections look it up at call time.
+    waiting = sys.modules.get("psycopg.waiting")
+    psycopg_wait = None
+    if waiting is not None:
+        psycopg_wait = f"{waiting.wait.__module__}.{waiting.wait.__qualname__}"
     return JsonResponse(
         {
             "pid": os.getpid(),
@@ -100,5 +108,6 @@ def info(request: HttpRequest) -> JsonResponse:
             "engine": settings.DATABASES["default"]["ENGINE"],
             "driver": connection.Database.__name__,
             "psycopg2_wait_callback": callback,
+            "psycopg_wait": psycopg_wait,
         }
     )

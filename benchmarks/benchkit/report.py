@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchapp.competitors import BY_KEY, MICRO_BARE, SLEEP_SECONDS
+from benchapp.competitors import BY_KEY, MICRO_BARE, OURS_PSYCOPG3, SLEEP_SECONDS
 
 VIEWS = ("item", "sleep", "tx")
 VIEW_TITLES = {
@@ -25,7 +25,8 @@ VIEW_TITLES = {
 MICRO_LABELS = {
     "raw": "raw psycopg2 (limit)",
     MICRO_BARE: "our bare ConnectionPool",
-    "ours": "django-gevent-pool (ours)",
+    "ours": "django-gevent-pool (ours, psycopg2)",
+    OURS_PSYCOPG3: "django-gevent-pool (ours, psycopg 3)",
     "django-pool": "Django native pool (psycopg 3)",
     "geventpool": "django-db-geventpool 4.0.8",
     "django-queue": "Django on a bare queue (no pool)",
@@ -144,6 +145,7 @@ def summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[str
     return {
         "http": http,
         "micro": micro,
+        "psycopg3": psycopg3_comparison(http, micro),
         "sleep_ceiling_rps": config["workers"] * config["max_conns"] / SLEEP_SECONDS,
         "sleep_server_rps": median(server_sleep) if server_sleep else None,
         "noise": {
@@ -151,6 +153,70 @@ def summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[str
             "max_spread": max(spreads, default=0.0),
         },
     }
+
+
+#: Ours on psycopg 3 against: Django's native pool (same driver), ours on psycopg2.
+PSYCOPG3_BASELINES = ("django-pool", "ours")
+
+
+def _ratio_of(records: dict[str, Any], a: str, b: str, field: str = "ratio_to_raw") -> float | None:
+    ra = records.get(a, {}).get(field)
+    rb = records.get(b, {}).get(field)
+    if not ra or not rb:
+        return None
+    return float(ra / rb)
+
+
+def psycopg3_comparison(http: dict[str, Any], micro: dict[str, Any]) -> dict[str, Any]:
+    """Ours on psycopg 3 divided by each of PSYCOPG3_BASELINES, per view and micro loop.
+
+    Throughput ratios are taken through the raw limit of each round (as every
+    ratio here), so > 1 means ours on psycopg 3 served more; p99 ratios are of
+    the medians, so < 1 means ours on psycopg 3 answered faster. Empty when
+    ours on psycopg 3 was not run.
+    """
+    out: dict[str, Any] = {}
+    for base in PSYCOPG3_BASELINES:
+        rows: dict[str, Any] = {}
+        for view in VIEWS:
+            results = http.get(view, {})
+            if OURS_PSYCOPG3 in results and base in results:
+                rows[view] = {
+                    "throughput": _ratio_of(results, OURS_PSYCOPG3, base),
+                    "p99": _ratio_of(results, OURS_PSYCOPG3, base, "p99_ms"),
+                }
+        if OURS_PSYCOPG3 in micro and base in micro:
+            rows["micro"] = {
+                "throughput": _ratio_of(micro, OURS_PSYCOPG3, base),
+                "uncontended": _ratio_of(micro, OURS_PSYCOPG3, base, "uncontended_ratio_to_raw"),
+                "noop_us": _ratio_of(micro, OURS_PSYCOPG3, base, "noop_us"),
+            }
+        if rows:
+            out[base] = rows
+    return out
+
+
+def psycopg3_lines(summary: dict[str, Any]) -> list[str]:
+    """The psycopg 3 comparison as one line per baseline (none if not measured)."""
+
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.2f}x"
+
+    lines = []
+    for base, rows in summary.get("psycopg3", {}).items():
+        parts = [
+            f"{view} {fmt(row['throughput'])} req/s, p99 {fmt(row['p99'])}"
+            for view, row in rows.items()
+            if view != "micro"
+        ]
+        if "micro" in rows:
+            row = rows["micro"]
+            parts.append(
+                f"micro {fmt(row['throughput'])} ops/s, uncontended {fmt(row['uncontended'])}, "
+                f"checkout+return {fmt(row['noop_us'])} us"
+            )
+        lines.append(f"ours on psycopg 3 / {label(base)}: " + "; ".join(parts))
+    return lines
 
 
 # ------------------------------------------------------------------ targets
@@ -175,11 +241,7 @@ class Target:
 
 
 def _ratio_vs(http_view: dict[str, Any], a: str, b: str) -> float | None:
-    ra = http_view.get(a, {}).get("ratio_to_raw")
-    rb = http_view.get(b, {}).get("ratio_to_raw")
-    if not ra or not rb:
-        return None
-    return float(ra / rb)
+    return _ratio_of(http_view, a, b)
 
 
 #: The competitor that costs nothing per checkout: Django on a bare gevent queue.
@@ -448,6 +510,10 @@ def text_report(summary: dict[str, Any], found: list[Target], config: dict[str, 
             "process, no HTTP; checkout+return: one greenlet, no query",
             *_plain_table(MICRO_HEADER, micro_rows(summary)),
         ]
+    comparison = psycopg3_lines(summary)
+    if comparison:
+        out += ["", "psycopg 3 (throughput > 1x and p99 < 1x: ours on psycopg 3 better):"]
+        out += ["  " + line for line in comparison]
     out += [
         "",
         "x raw: req/s / the raw limit's of the same round; server conns: peak in "
@@ -504,6 +570,14 @@ def rst_report(
             "greenlet, no query)",
             "",
             *_rst_table(MICRO_HEADER, micro_rows(summary)),
+            "",
+        ]
+    comparison = psycopg3_lines(summary)
+    if comparison:
+        out += [
+            "psycopg 3 (throughput > 1x and p99 < 1x: ours on psycopg 3 better):",
+            "",
+            *(f"- {line}" for line in comparison),
             "",
         ]
     out += ["Notes:", ""]
@@ -587,7 +661,7 @@ def chart(summary: dict[str, Any], path: Path, title: str) -> None:
 
 
 def _color(key: str) -> str:
-    if key in ("ours", MICRO_BARE):
+    if key in ("ours", OURS_PSYCOPG3, MICRO_BARE):
         return "tab:green"
     if key == "raw":
         return "tab:gray"

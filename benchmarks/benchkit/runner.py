@@ -28,6 +28,7 @@ from benchapp.competitors import (
     DBNAME,
     ITEMS,
     MICRO_BARE,
+    OURS_PSYCOPG3,
     SLEEP_SECONDS,
     Competitor,
 )
@@ -160,7 +161,7 @@ class Run:
     def micro_round(self, round_no: int, keys: list[str]) -> None:
         """Every micro competitor once, each in its own process."""
         for key in keys:
-            print(f"  micro  {key:<12}", end="", flush=True)
+            print(f"  micro  {key:<13}", end="", flush=True)
             try:
                 with self.sampler.window() as peaks:
                     result = run_micro(
@@ -176,6 +177,7 @@ class Run:
             finally:
                 self.settle()
             self._check_guard(key)
+            check_micro_wait(key, result)
             record = {
                 "scenario": "micro",
                 "round": round_no,
@@ -271,7 +273,7 @@ class Run:
         competitor = BY_KEY[key]
         config = self.config
         wrk = self.tools["wrk"]
-        line = [f"  http   {key:<12}"]
+        line = [f"  http   {key:<13}"]
         with self.serving(key, f"gunicorn-{key}-{round_no}") as (gunicorn, clients):
             port = gunicorn.port
             run_wrk(wrk, port, "item", clients, config.http_warmup, ITEMS)
@@ -364,10 +366,28 @@ def check_workers(competitor: Competitor, infos: list[dict[str, Any]]) -> None:
             problems.append(f"driver {info['driver']} (expected {competitor.driver})")
         if competitor.driver == "psycopg2" and not info["psycopg2_wait_callback"]:
             problems.append("psycopg2 has no gevent wait callback")
+        wait = info.get("psycopg_wait")
+        if competitor.driver == "psycopg" and (wait is None or wait.endswith(".wait_c")):
+            # wait_c (psycopg's C wait) blocks the whole worker on every query.
+            problems.append(f"psycopg 3 waits with {wait} (not gevent-friendly)")
+        if competitor.key == OURS_PSYCOPG3 and "django_gevent_pool" not in str(wait):
+            problems.append(f"psycopg 3 waits with {wait}, not ours")
         if competitor.ours and "django_gevent_pool" not in info["engine"]:
             problems.append(f"engine {info['engine']}")
         if problems:
             raise RuntimeError(f"{competitor.key}, worker {info['pid']}: " + ", ".join(problems))
+
+
+def check_micro_wait(key: str, result: dict[str, Any]) -> None:
+    """Refuse a micro result of a psycopg 3 competitor whose psycopg 3 wait blocks the hub."""
+    competitor = BY_KEY.get(key)
+    if competitor is None or competitor.driver != "psycopg":
+        return
+    wait = result.get("psycopg_wait")
+    if wait is None or wait.endswith(".wait_c"):
+        raise RuntimeError(f"micro {key}: psycopg 3 waits with {wait} (not gevent-friendly)")
+    if key == OURS_PSYCOPG3 and "django_gevent_pool" not in wait:
+        raise RuntimeError(f"micro {key}: psycopg 3 waits with {wait}, not ours")
 
 
 def in_every_worker(port: int, path: str, workers: int, attempts: int = 60) -> None:

@@ -1,12 +1,22 @@
 """One run of Django's ``tests/runtests.py``: ``python child.py TESTS_DIR [runtests args]``.
 
-Started by ``run.py``, once per mode and backend. ``DGP_TEST_MODE=gevent``
-monkey-patches the process first, before anything imports ``socket``,
-``threading`` or Django (as a gunicorn gevent worker does); ``threads`` leaves
-gevent out. ``DGP_DJANGO_BACKEND=stock`` runs Django's own PostgreSQL backend
-on psycopg2 instead of ours; under gevent it gets the same gevent wait
-callback ours installs (what psycogreen gives any gevent deployment of the
-stock backend), so that the two runs differ only by the pool.
+Started by ``run.py``, once per driver, mode and backend.
+``DGP_TEST_MODE=gevent`` monkey-patches the process first, before anything
+imports ``socket``, ``threading`` or Django (as a gunicorn gevent worker does);
+``threads`` leaves gevent out. ``DGP_DJANGO_DRIVER`` (``psycopg2`` or
+``psycopg``) is the driver of the run, ours (``settings.py`` picks our engine
+for it) and the stock backend's alike. ``DGP_DJANGO_BACKEND=stock`` runs
+Django's own PostgreSQL backend instead of ours:
+
+- on psycopg2, with ``psycopg`` hidden (Django prefers psycopg 3 when it can
+  import it) and, under gevent, the same gevent wait callback ours installs
+  (what psycogreen gives any gevent deployment of the stock backend), so that
+  the two runs differ only by the pool;
+- on psycopg 3, as any gevent deployment of it runs: psycopg 3 imported after
+  the monkey-patching picks its own gevent-friendly wait and gevent's lock, so
+  nothing is installed. Ours replaces those with
+  ``drivers/psycopg_waiting.py``'s: a failure of that module shows as ours
+  only.
 """
 
 import os
@@ -29,7 +39,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def main() -> None:
     """Run runtests.py from the Django tests folder in ``sys.argv[1]`` with the rest as its args."""
     tests_dir = Path(sys.argv[1]).resolve()
-    if os.environ.get("DGP_DJANGO_BACKEND") == "stock":
+    driver = os.environ.get("DGP_DJANGO_DRIVER", "psycopg2")
+    if driver not in ("psycopg2", "psycopg"):
+        raise SystemExit(f"DGP_DJANGO_DRIVER must be 'psycopg2' or 'psycopg', got {driver!r}")
+    if os.environ.get("DGP_DJANGO_BACKEND") == "stock" and driver == "psycopg2":
         # Django's backend prefers psycopg 3 when importable; the reference
         # run must use psycopg2, like ours.
         sys.modules["psycopg"] = None  # type: ignore[assignment]

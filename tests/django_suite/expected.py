@@ -1,34 +1,53 @@
 """Tests of Django's own suite that fail through our engine, on purpose, and why.
 
 ``run.py`` fails on any failure or error of Django's suite not listed here, and
-on any deviation listed here that no longer fails. ``stock_too`` says whether
-Django's stock PostgreSQL backend (psycopg2, and in gevent mode the same gevent
-wait callback) fails it too in this environment; ``run.py --backend both``
-checks that claim. Only deviations that are ours need a reason about us.
+on any deviation listed here that no longer fails. ``drivers`` says with which
+driver's engine it fails (``postgresql_psycopg2``, ``postgresql_psycopg3``),
+``stock_too`` whether Django's stock PostgreSQL backend on the same driver
+(psycopg2 with the same gevent wait callback in gevent mode; psycopg 3 with its
+own gevent-friendly wait) fails it too in this environment; ``run.py --backend
+both`` checks that claim. Only deviations that are ours need a reason about us.
+A deviation that depends on what is installed (``psycopg_pool``) says so in
+its condition.
 
 Not listed because not run: in gevent mode, Django's async tests (``async def``
 test methods, every ``*_async`` one among them) are left out by ``runner.py``:
 the async ORM fails under gevent's monkey-patching with the stock backend too
-(``SynchronousOnlyOperation``), which ``run.py --include-async --backend both``
-shows.
+(``SynchronousOnlyOperation``), on either driver, which ``run.py
+--include-async --backend both`` shows (psycopg 3: the same 57 tests of
+handlers, basic and sessions_tests fail with both backends).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
 BOTH = frozenset({"gevent", "threads"})
 GEVENT = frozenset({"gevent"})
+THREADS = frozenset({"threads"})
+#: Drivers (``run.py --driver``): psycopg2, psycopg 3, or both.
+ALL_DRIVERS = frozenset({"psycopg2", "psycopg"})
+PSYCOPG2 = frozenset({"psycopg2"})
+PSYCOPG3 = frozenset({"psycopg"})
+
+#: Django's native pool (OPTIONS["pool"]) needs psycopg_pool (``psycopg[pool]``),
+#: which our test extra does not install.
+HAS_PSYCOPG_POOL = importlib.util.find_spec("psycopg_pool") is not None
 
 
 @dataclass(frozen=True)
 class Deviation:
-    """One test of Django's suite expected to fail, in which modes, and why."""
+    """One test of Django's suite expected to fail, in which modes, with which drivers, and why.
+
+    ``stock_too`` is about the stock backend on the same driver.
+    """
 
     test: str  # the unittest id: app.module.Class.test_method
     modes: frozenset[str]
     stock_too: bool
     reason: str
+    drivers: frozenset[str] = ALL_DRIVERS
 
 
 _HEALTH_CHECKS = (
@@ -60,6 +79,7 @@ EXPECTED: list[Deviation] = [
     Deviation(
         "backends.postgresql.tests.Tests.test_connect_pool_setting_ignored_for_psycopg2",
         BOTH,
+        drivers=PSYCOPG2,  # skipped by Django on psycopg 3
         stock_too=False,
         reason=(
             "OPTIONS['pool'] = True is refused with ImproperlyConfigured, as Django does, "
@@ -71,6 +91,7 @@ EXPECTED: list[Deviation] = [
     Deviation(
         "backends.postgresql.tests.Tests.test_copy_to_expert_cursors",
         GEVENT,
+        drivers=PSYCOPG2,  # psycopg 3's COPY waits like any query: it passes
         stock_too=True,
         reason=(
             "psycopg2 refuses COPY while a gevent wait callback is installed (the stock "
@@ -79,5 +100,41 @@ EXPECTED: list[Deviation] = [
             "the callback and blocks the hub for the COPY's duration; lifting it silently "
             "would stall every greenlet of a serving process unannounced."
         ),
+    ),
+    # psycopg 3 only: Django's native pool. These tests put OPTIONS["pool"] (True
+    # or a dict of psycopg_pool arguments) on a copy of the default alias.
+    *(
+        Deviation(
+            f"backends.postgresql.tests.Tests.{name}",
+            BOTH,
+            drivers=PSYCOPG3,
+            stock_too=not HAS_PSYCOPG_POOL,
+            reason=(
+                "They connect with OPTIONS['pool'] set, asking for Django's own psycopg_pool "
+                "pool: ours refuses it at connect time (check_settings) with "
+                "ImproperlyConfigured naming the alias and saying that django-gevent-pool is "
+                "the pool here (remove the key or set it to False); two pools in series "
+                "would each cap the other. Without psycopg_pool installed (our test extra "
+                "has none) they fail with the stock backend too, on "
+                "`from psycopg_pool import PoolTimeout` / 'Error loading psycopg_pool module'."
+            ),
+        )
+        for name in ("test_connect_pool", "test_connect_pool_with_timezone")
+    ),
+    *(
+        Deviation(
+            f"backends.postgresql.tests.Tests.{name}",
+            BOTH,
+            drivers=PSYCOPG3,
+            stock_too=True,
+            reason=(
+                "Environment, not ours: they read Django's `pool` property (a psycopg_pool "
+                "ConnectionPool made from OPTIONS['pool'], never opened nor used by ours), "
+                "which raises 'Error loading psycopg_pool module' without psycopg_pool, with "
+                "the stock backend too. With psycopg_pool installed both backends pass them."
+            ),
+        )
+        for name in ("test_connect_pool_set_to_true", "test_pooling_health_checks")
+        if not HAS_PSYCOPG_POOL
     ),
 ]

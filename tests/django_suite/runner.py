@@ -14,7 +14,8 @@ Set as ``TEST_RUNNER`` by ``settings.py``. What it adds:
   seconds (180) makes the process dump every thread's stack and exit, and the
   id of that test is left in ``$DGP_DJANGO_CURRENT`` for ``run.py`` to name.
 - The outcome of every failed test, error and unexpected success is written to
-  ``$DGP_DJANGO_RESULTS`` once the suite has run.
+  ``$DGP_DJANGO_RESULTS`` once the suite has run, with the driver Django's
+  PostgreSQL backend really used (``run.py`` checks it is the one asked for).
 """
 
 from __future__ import annotations
@@ -103,6 +104,7 @@ class RecordingRunner(DiscoverRunner):
             with open(path, "w") as out:
                 json.dump(
                     {
+                        "driver": _driver_in_use(),
                         "run": result.testsRun,
                         "skipped": len(result.skipped),
                         "expected_failures": len(result.expectedFailures),
@@ -116,3 +118,11 @@ class RecordingRunner(DiscoverRunner):
                     indent=1,
                 )
         return result
+
+
+def _driver_in_use() -> str | None:
+    """The driver Django's PostgreSQL backend was bound to in this process, if loaded."""
+    psycopg_any = sys.modules.get("django.db.backends.postgresql.psycopg_any")
+    if psycopg_any is None:
+        return None
+    return "psycopg" if psycopg_any.is_psycopg3 else "psycopg2"

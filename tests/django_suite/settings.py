@@ -2,10 +2,12 @@
 
 Both aliases Django's suite uses, ``default`` and ``other``, point at the
 server the rest of our suite uses (``devserver.server_dsn()``), through our
-engine, or through Django's stock PostgreSQL backend (psycopg2) when
+engine for the driver ``DGP_DJANGO_DRIVER`` names (``psycopg2``, the default:
+``postgresql_psycopg2``; ``psycopg``: ``postgresql_psycopg3``), or through
+Django's stock PostgreSQL backend on that same driver when
 ``DGP_DJANGO_BACKEND=stock`` (the reference run that tells our deviations from
-failures the stock backend has too). Everything else is what Django's own
-``tests/test_sqlite.py`` sets.
+failures the stock backend has too; ``child.py`` binds it to the driver).
+Everything else is what Django's own ``tests/test_sqlite.py`` sets.
 """
 
 from __future__ import annotations
@@ -18,6 +20,14 @@ from django_gevent_pool.devserver import django_settings, server_dsn
 BACKEND = os.environ.get("DGP_DJANGO_BACKEND", "ours")
 if BACKEND not in ("ours", "stock"):
     raise RuntimeError(f"DGP_DJANGO_BACKEND must be 'ours' or 'stock', got {BACKEND!r}")
+#: Our engine per driver.
+ENGINES = {
+    "psycopg2": "django_gevent_pool.backends.postgresql_psycopg2",
+    "psycopg": "django_gevent_pool.backends.postgresql_psycopg3",
+}
+DRIVER = os.environ.get("DGP_DJANGO_DRIVER", "psycopg2")
+if DRIVER not in ENGINES:
+    raise RuntimeError(f"DGP_DJANGO_DRIVER must be one of {', '.join(ENGINES)}, got {DRIVER!r}")
 
 _dsn, _where = server_dsn()
 _pid = os.getpid()
@@ -28,7 +38,7 @@ def _alias(name: str) -> dict[str, Any]:
         engine = "django.db.backends.postgresql"
         options: dict[str, Any] = {}
     else:
-        engine = "django_gevent_pool.backends.postgresql_psycopg2"
+        engine = ENGINES[DRIVER]
         # Room for the suite's threads (ThreadTests, select_for_update...) to
         # hold a connection each; a checkout that waits this long is a bug.
         options = {"MAX_CONNS": 10, "POOL_TIMEOUT": 10}
