@@ -24,6 +24,7 @@ from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 
 from . import sync
+from .drivers.psycopg2_waiting import ensure_cooperative
 from .options import PoolOptions
 from .pgbouncer import detect_pool_mode
 
@@ -202,6 +203,9 @@ def brief_connection(params: Mapping[str, Any], *, timeout: float = 5.0) -> Iter
     reason) when connecting fails or takes longer than ``timeout``.
     """
     label = server_label(params)
+    # psycopg2 waits in the hub only through its wait callback, which a process
+    # whose pools use psycopg 3 never installed: this connect would block the hub.
+    ensure_cooperative()
     try:
         with _bounded(timeout):
             conn = psycopg2.connect(**params)

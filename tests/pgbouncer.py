@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import re
 import shutil
 import socket
 import subprocess
@@ -196,6 +197,18 @@ def require_binary() -> str:
         pytest.skip(reason)
     assert binary is not None
     return binary
+
+
+def binary_version(binary: str) -> tuple[int, int, int]:
+    """The version of a ``pgbouncer`` binary (``pgbouncer --version``: "PgBouncer 1.18.0")."""
+    out = subprocess.run(
+        [binary, "--version"], capture_output=True, text=True, timeout=10, check=False
+    ).stdout
+    match = re.search(r"PgBouncer (\d+)\.(\d+)\.(\d+)", out)
+    if match is None:
+        raise RuntimeError(f"cannot read the version of {binary}: {out!r}")
+    major, minor, patch = (int(part) for part in match.groups())
+    return major, minor, patch
 
 
 def free_port() -> int:

@@ -33,7 +33,9 @@ from typing import Any
 
 import psycopg2
 
-from django_gevent_pool import ConnectionPool
+from django_gevent_pool import ConnectionPool, PoolError
+
+from .support import DRIVER, connect, db
 
 SCENARIO, PROXIED, DIRECT, APP = sys.argv[1:5]
 WORKERS = 24
@@ -94,7 +96,8 @@ def new_pool(**options: Any) -> ConnectionPool:
     # bounds it (README's recipe). Under gevent the checkout's deadline does.
     extra = {} if MODE == "gevent" else {"connect_timeout": 2}
     return ConnectionPool(
-        lambda: psycopg2.connect(PROXIED, application_name=APP, **extra),
+        lambda: connect(PROXIED, application_name=APP, **extra),
+        driver=DRIVER,
         name=APP,
         options=options,
     )
@@ -110,15 +113,22 @@ def served_after_resume(pool: ConnectionPool) -> float:
                 cur.execute("SELECT 1")
                 cur.fetchone()
             return time.monotonic() - resumed
-        except psycopg2.Error:
+        except db.Error:
             time.sleep(0.02)
     return float("inf")
 
 
 def outcome(exc: BaseException | None) -> str:
+    """The name of what ended a worker: "ok", a pool error's class, "Timeout" (gevent's),
+    or "OperationalError" for any of the driver's (psycopg 3 raises subclasses of it:
+    ``ConnectionTimeout`` for a connect past its connect_timeout)."""
     if exc is not None and type(exc).__name__ not in ("PoolTimeout", "Timeout"):
         print(f"worker error: {exc!r}", file=sys.stderr, flush=True)
-    return "ok" if exc is None else type(exc).__name__
+    if exc is None:
+        return "ok"
+    if isinstance(exc, db.OperationalError) and not isinstance(exc, PoolError):
+        return "OperationalError"
+    return type(exc).__name__
 
 
 def running_sleeps(admin: Any, count: int) -> None:
@@ -206,7 +216,9 @@ def scenario_cancel() -> dict[str, Any]:
             exc = error
         ends.append((outcome(exc), time.monotonic()))
         if bound is not None:
-            pool.putconn(conn)  # closed by psycopg2 when the wait failed: discarded
+            # Broken when the wait failed (psycopg2 closes it; psycopg 3's
+            # interrupted wait cancels the query and cuts it): discarded.
+            pool.putconn(conn)
 
     # Stopped by their own gevent.Timeout (gevent) and returned by somebody
     # else while running (both modes: putconn on an ACTIVE connection).

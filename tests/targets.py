@@ -139,7 +139,7 @@ class Target:
 
 
 def client_port(raw: Any) -> int:
-    """The local TCP port of a psycopg2 connection's socket."""
+    """The local TCP port of a connection's socket (either driver's: both have ``fileno()``)."""
     sock = socket.socket(fileno=os.dup(raw.fileno()))
     try:
         return int(sock.getsockname()[1])

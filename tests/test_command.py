@@ -36,11 +36,9 @@ from django_gevent_pool.management.commands.pool_connections import APPLICATION_
 from django_gevent_pool.serverinfo import configured_databases
 
 from .proxy import Proxy
-from .support import Workers, server, wait_until
+from .support import ENGINE, Workers, connect, server, wait_until
 
 pytestmark = pytest.mark.filterwarnings("ignore:Overriding setting DATABASES")
-
-ENGINE = "django_gevent_pool.backends.postgresql_psycopg2"
 
 
 def alias_settings(app_name: str, max_conns: int) -> dict[str, Any]:
@@ -205,7 +203,7 @@ def test_human_output_ends_with_the_verdict(django_db_blocker: Any, app_name: st
 def test_more_than_the_cap_from_one_host_is_flagged(django_db_blocker: Any, app_name: str) -> None:
     """Another process with the same database, user and application_name counts too."""
     with pooled_alias(django_db_blocker, app_name, max_conns=2, held=2, sleeping=False):
-        other_process = psycopg2.connect(server()["test"], application_name=app_name)
+        other_process = connect(server()["test"], application_name=app_name)
         try:
             report = json.loads(run("--database", "counted", "--json", "--workers", "1"))
         finally:

@@ -37,7 +37,7 @@ from django_gevent_pool.observability import (
     stop_stats_log,
 )
 
-from .support import Workers, sleep, wait_until
+from .support import DRIVER, ENGINE, Workers, connect, sleep, wait_until
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
 
@@ -344,9 +344,9 @@ FORK_SCRIPT = textwrap.dedent(
     from django.conf import settings
     from django_gevent_pool.devserver import django_settings
 
-    dsn, trigger = sys.argv[1], sys.argv[3]
+    dsn, trigger, engine = sys.argv[1], sys.argv[3], sys.argv[4]
     settings.configure(DATABASES={"default": {
-        "ENGINE": "django_gevent_pool.backends.postgresql_psycopg2",
+        "ENGINE": engine,
         **django_settings(dsn), "OPTIONS": {"MAX_CONNS": 2},
     }})
     django.setup()
@@ -408,7 +408,7 @@ def test_a_forked_child_gets_its_own_stats_log(dsn: str, mode: str, trigger: str
     """plain: the parent's thread is gone, the first request restarts it; gevent: the
     greenlet survives the fork and either adopts the child or gives way to the restart."""
     out = subprocess.run(
-        [sys.executable, "-c", FORK_SCRIPT, dsn, mode, trigger],
+        [sys.executable, "-c", FORK_SCRIPT, dsn, mode, trigger, ENGINE],
         capture_output=True,
         text=True,
         timeout=60,
@@ -569,13 +569,14 @@ def test_the_prometheus_collector_exports_gauges_and_monotonic_counters_by_alias
 def test_a_collector_over_bare_pools_and_the_multiprocess_warning(
     dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import psycopg2
     from prometheus_client import CollectorRegistry
 
     from django_gevent_pool import ConnectionPool
     from django_gevent_pool.prometheus import PoolCollector, register_collector
 
-    pool = ConnectionPool(lambda: psycopg2.connect(dsn), name="jobs", options={"MAX_CONNS": 2})
+    pool = ConnectionPool(
+        lambda: connect(dsn), driver=DRIVER, name="jobs", options={"MAX_CONNS": 2}
+    )
     try:
         conn = pool.getconn()
         registry = CollectorRegistry()

@@ -29,6 +29,7 @@ from django.db import (
     Error,
     InterfaceError,
     OperationalError,
+    ProgrammingError,
     connections,
     transaction,
 )
@@ -42,6 +43,7 @@ from .pgbouncer import (  # noqa: F401 - fixtures, found by pytest in this modul
     DEFAULT_POOL_SIZE,
     PLAIN_USER,
     PgBouncer,
+    binary_version,
     free_port,
     pgbouncer_session_fixture,
     pgbouncer_transaction_fixture,
@@ -49,7 +51,7 @@ from .pgbouncer import (  # noqa: F401 - fixtures, found by pytest in this modul
     running_pgbouncer,
 )
 from .proxy import Proxy
-from .support import TEST_DB, Workers, next_app_name, server, wait_until
+from .support import DRIVER, TEST_DB, Workers, connect, db, next_app_name, server, wait_until
 from .targets import forget_alias
 from .testapp.models import Item
 
@@ -191,6 +193,22 @@ def raw_client(pgbouncer: PgBouncer, dbname: str, *, autocommit: bool = True) ->
     return conn
 
 
+#: libpq's transaction status values (PQTRANS_*), the same in psycopg2 and psycopg 3.
+IDLE, ACTIVE, INTRANS, INERROR = 0, 1, 2, 3
+
+
+def transaction_status(conn: Any) -> int:
+    """The connection's transaction status as libpq's number, from either driver."""
+    return int(conn.info.transaction_status)
+
+
+def parse_dsn(dsn: str) -> dict[str, Any]:
+    """A DSN's libpq parameters, parsed by the driver under test."""
+    if DRIVER == "psycopg":
+        return dict(db.conninfo.conninfo_to_dict(dsn))
+    return dict(db.extensions.parse_dsn(dsn))
+
+
 def fetch(conn: Any, sql: str) -> Any:
     with conn.cursor() as cur:
         cur.execute(sql)
@@ -263,7 +281,7 @@ def test_detect_pool_mode_reads_session_mode(pgbouncer_session: PgBouncer) -> No
 
 
 def test_detect_pool_mode_is_none_for_the_plain_server() -> None:
-    params = psycopg2.extensions.parse_dsn(server()["test"])
+    params = parse_dsn(server()["test"])
     assert detect_pool_mode(params) is None
 
 
@@ -299,7 +317,7 @@ def test_detect_pool_mode_follows_user_then_database_then_global_mode() -> None:
         assert detect_pool_mode(pgb.conn_params(TEST_DB)) == "transaction"
         # Once pools exist: read from SHOW POOLS, same answers.
         for dbname in ("dgp_session_db", TEST_DB):
-            conn = psycopg2.connect(pgb.dsn(dbname))
+            conn = connect(pgb.dsn(dbname))
             fetch(conn, "SELECT 1")
             conn.close()
         assert detect_pool_mode(pgb.conn_params("dgp_session_db")) == "session"
@@ -361,7 +379,7 @@ def test_a_database_error_in_atomic_rolls_back_and_the_connection_stays_pooled(
         with connections[ALIAS].cursor() as cur:
             cur.execute("SELECT 1 / 0")
     raw = connections[ALIAS].connection
-    assert raw.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_IDLE
+    assert transaction_status(raw) == IDLE
     assert Item.objects.using(ALIAS).count() == 0, "rolled back, and the connection still works"
     connections[ALIAS].close()
     after = bouncer.stats()
@@ -389,14 +407,15 @@ def test_a_connection_returned_inside_a_transaction_frees_its_server(
         )
 
     pool = ConnectionPool(
-        lambda: psycopg2.connect(pgb.dsn(TEST_DB, application_name=app_name)),
+        lambda: connect(pgb.dsn(TEST_DB, application_name=app_name)),
+        driver=DRIVER,
         name=app_name,
         options={"MAX_CONNS": 2},
     )
     try:
         conn = pool.getconn()
         fetch(conn, "SELECT 1")  # BEGIN: PgBouncer links a server to this client
-        assert conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_INTRANS
+        assert transaction_status(conn) == INTRANS
         assert linked() == 1
         pool.putconn(conn)
         assert linked() == 0, "the rollback ended the transaction at PgBouncer"
@@ -735,7 +754,7 @@ def test_backends_terminated_under_load_never_hand_out_a_broken_connection(
         error: BaseException | None = None
         try:
             with conn.cursor() as cur:
-                cur.execute("SELECT pg_sleep(0.002)")
+                cur.execute("SELECT pg_sleep(0.01)")
         except (OperationalError, InterfaceError) as exc:  # clean failures only
             error = exc
         raw = conn.connection
@@ -750,9 +769,19 @@ def test_backends_terminated_under_load_never_hand_out_a_broken_connection(
 
     for _ in range(20):
         workers.spawn(client, 15)
+
+    def in_flight() -> bool:
+        return any(
+            state == "active" and "pg_sleep" in query
+            for _, state, query in bouncer_backends(admin, bouncer.dbname)
+        )
+
     for _ in range(3):
         target = len(log) + 20
         wait_until(lambda: len(log) >= target, what="requests to go on")  # noqa: B023
+        # Kill while a request runs on a server (a slower driver leaves the
+        # servers idle at PgBouncer more of the time: a kill could miss them all).
+        wait_until(in_flight, what="a request running on a server")
         terminate_bouncer_backends(admin, bouncer.dbname)
     workers.join(60)
     assert workers.errors == [], "no other error, and no request hung"
@@ -813,8 +842,8 @@ def test_server_side_cursors_break_without_the_setting(aliases: None) -> None:
     Item.objects.using("default").bulk_create(Item(name=f"i{i:02}") for i in range(25))
     with fresh_alias(CURSORS_ALIAS) as b:
         # The FETCH fails (a django.db error); closing the cursor in Django's
-        # cursor_iter then fails too, and that one escapes as psycopg2's own.
-        with pytest.raises((Error, psycopg2.Error), match="does not exist"):
+        # cursor_iter then fails too, and that one escapes as the driver's own.
+        with pytest.raises((Error, db.Error), match="does not exist"):
             _iterate_while_another_client_takes_the_server(b)
         connections[b.alias].close_if_unusable_or_obsolete()
         assert Item.objects.using(b.alias).count() == 25, "the connection itself is fine"
@@ -933,3 +962,338 @@ def test_check_w004_names_what_breaks_in_transaction_mode(
     assert all(m.msg.startswith("DATABASES['bad']") for m in ours)
     assert "RESET_QUERY" in texts and "assume_role" in texts
     assert "DISABLE_SERVER_SIDE_CURSORS" in texts and "transaction mode" in texts
+
+
+# ------------------------------------------- prepared statements (psycopg 3)
+
+psycopg_only = pytest.mark.skipif(
+    DRIVER != "psycopg",
+    reason="prepared statements from OPTIONS['prepare_threshold'] are psycopg 3's: "
+    "psycopg2 never prepares at the protocol level",
+)
+#: A parametrized query: psycopg 3 prepares it (server-side binding) by its text and types.
+QUERY = "SELECT %s::int + 1, pg_backend_pid()"
+QUERY_ON_SERVER = "SELECT $1::int + 1, pg_backend_pid()"  # its text in pg_prepared_statements
+#: PgBouncer tracks protocol-level prepared statements from 1.21 (max_prepared_statements > 0)
+#: and the DEALLOCATE ALL / DISCARD ALL psycopg 3 sends from 1.22.
+TRACKING_SINCE = (1, 21, 0)
+DEALLOCATE_ALL_SINCE = (1, 22, 0)
+#: For the tests straight to the server (no PgBouncer alias needed).
+direct_db = pytest.mark.django_db(transaction=True, databases=["default"])
+
+
+def wrapper_for(settings_dict: dict[str, Any], alias: str, **options: Any) -> Any:
+    """A new DatabaseWrapper (another borrower) for ``alias``, with ``options`` in OPTIONS."""
+    merged = {**settings_dict, "OPTIONS": {**settings_dict["OPTIONS"], **options}}
+    return type(connections["default"])(merged, alias=alias)
+
+
+def run_query(wrapper: Any, value: int) -> tuple[int, int]:
+    """QUERY through Django's cursor: (value + 1, backend pid)."""
+    with wrapper.cursor() as cur:
+        cur.execute(QUERY, [value])
+        result, pid = cur.fetchone()
+        return int(result), int(pid)
+
+
+def statements(wrapper: Any) -> dict[str, tuple[str, int]]:
+    """The session's prepared statements: name -> (text, times executed).
+
+    Asked with ``prepare=False``: the look itself is never prepared.
+    """
+    rows = wrapper.connection.execute(
+        "SELECT name, statement, generic_plans + custom_plans FROM pg_prepared_statements",
+        prepare=False,
+    ).fetchall()
+    return {str(name): (str(text), int(runs)) for name, text, runs in rows}
+
+
+def query_statements(wrapper: Any) -> dict[str, int]:
+    """The session's prepared statements of QUERY: name -> times executed."""
+    return {
+        name: runs for name, (text, runs) in statements(wrapper).items() if text == QUERY_ON_SERVER
+    }
+
+
+@psycopg_only
+@direct_db
+@pytest.mark.parametrize(
+    ("options", "prepared_at"),
+    [
+        ({}, None),
+        ({"prepare_threshold": 0}, None),
+        ({"prepare_threshold": 0, "server_side_binding": True}, 1),
+        ({"prepare_threshold": 5, "server_side_binding": True}, 6),
+    ],
+    ids=["django-default", "threshold-0-client-binding", "threshold-0", "threshold-5"],
+)
+def test_psycopg_prepares_only_with_server_side_binding_and_a_threshold(
+    options: dict[str, Any], prepared_at: int | None
+) -> None:
+    """Django's psycopg 3 backend passes ``prepare_threshold=None`` unless OPTIONS sets it,
+    and its default cursor binds on the client, which never prepares: a statement is
+    prepared only with ``server_side_binding`` too, at execution ``threshold + 1``."""
+    alias = "prep_threshold"
+    wrapper = wrapper_for(connections.settings["default"], alias, MAX_CONNS=1, **options)
+    try:
+        seen_at = None
+        for run in range(1, 9):
+            assert run_query(wrapper, run)[0] == run + 1
+            if seen_at is None and query_statements(wrapper):
+                seen_at = run
+        assert seen_at == prepared_at
+        if prepared_at is not None:
+            (runs,) = query_statements(wrapper).values()
+            assert runs == 8 - prepared_at + 1, "every execution since used it"
+    finally:
+        wrapper.close()
+        close_pools(alias)
+
+
+@psycopg_only
+@direct_db
+def test_a_statement_prepared_by_one_borrower_serves_the_next_until_a_rollback(
+    workers: Workers,
+) -> None:
+    """The session outlives the borrower: the next one executes the same prepared
+    statement (psycopg's cache lives on the connection). A connection returned inside a
+    transaction is rolled back by the pool, and psycopg's rollback deallocates them all."""
+    alias = "prep_reuse"
+    settings_dict = connections.settings["default"]
+    options = {"MAX_CONNS": 1, "prepare_threshold": 0, "server_side_binding": True}
+    first = wrapper_for(settings_dict, alias, **options)
+    try:
+        assert run_query(first, 1)[0] == 2
+        raw = first.connection
+        ((name, runs),) = query_statements(first).items()
+        assert runs == 1
+        first.close()
+
+        def second_borrower() -> tuple[Any, dict[str, int]]:
+            wrapper = wrapper_for(settings_dict, alias, **options)
+            try:
+                assert run_query(wrapper, 2)[0] == 3
+                return wrapper.connection, query_statements(wrapper)
+            finally:
+                wrapper.close()
+
+        workers.spawn(second_borrower)
+        workers.join(10)
+        assert workers.errors == []
+        ((conn, seen),) = workers.results
+        assert conn is raw, "the same pooled connection"
+        assert seen == {name: 2}, "the first borrower's statement, executed again"
+
+        third = wrapper_for(settings_dict, alias, **options)
+        third.ensure_connection()
+        third.connection.execute("BEGIN", prepare=False)
+        assert run_query(third, 3)[0] == 4
+        assert query_statements(third) == {name: 3}
+        third.close()  # returned INTRANS: the pool rolls back
+        pool = get_pool(alias)
+        assert pool is not None and pool.get_stats()["returns_rolled_back"] == 1
+
+        fourth = wrapper_for(settings_dict, alias, **options)
+        fourth.ensure_connection()
+        assert fourth.connection is raw
+        assert statements(fourth) == {}, "psycopg's rollback deallocated every statement"
+        assert run_query(fourth, 4)[0] == 5
+        ((again, runs),) = query_statements(fourth).items()
+        assert again != name and runs == 1, "prepared afresh, under a new name"
+        fourth.close()
+        stats = pool.get_stats()
+        assert stats["connections_num"] == 1 and stats["returns_bad"] == 0
+    finally:
+        first.close()
+        close_pools(alias)
+
+
+@psycopg_only
+@direct_db
+@pytest.mark.parametrize("threshold", [0, 5])
+@pytest.mark.parametrize("reset", ["DISCARD ALL", "RESET ALL; DEALLOCATE ALL"])
+def test_reset_query_discard_all_drops_prepared_statements_and_psycopg_copes(
+    threshold: int, reset: str
+) -> None:
+    """``RESET_QUERY: "DISCARD ALL"`` drops the session's prepared statements on every
+    return; the next borrower's identical query is prepared again, never sent to a
+    statement the server no longer has (psycopg itself notices DISCARD ALL only the
+    first time it meets that text, so the pool tells it every time). The reset is
+    never prepared itself (threshold 0 would refuse one of several statements)."""
+    alias = f"prep_discard_{threshold}"
+    options = {
+        "MAX_CONNS": 1,
+        "RESET_QUERY": reset,
+        "prepare_threshold": threshold,
+        "server_side_binding": True,
+    }
+    settings_dict = connections.settings["default"]
+    wrappers = []
+    try:
+        idle = wrapper_for(settings_dict, alias, **options)
+        wrappers.append(idle)
+        idle.ensure_connection()  # a borrower that prepares nothing
+        raw = idle.connection
+        idle.close()
+        names = []
+        for borrower in range(3):
+            wrapper = wrapper_for(settings_dict, alias, **options)
+            wrappers.append(wrapper)
+            wrapper.ensure_connection()
+            assert wrapper.connection is raw
+            assert query_statements(wrapper) == {}, "DISCARD ALL dropped it"
+            pids = set()
+            for run in range(threshold + 1):
+                value, pid = run_query(wrapper, borrower * 10 + run)
+                assert value == borrower * 10 + run + 1
+                pids.add(pid)
+            assert len(pids) == 1
+            ((name, runs),) = query_statements(wrapper).items()
+            assert runs == 1, "prepared at its last execution"
+            names.append(name)
+            wrapper.close()
+        assert len(set(names)) == 3, "a new statement each time"
+        pool = get_pool(alias)
+        assert pool is not None
+        stats = pool.get_stats()
+        assert stats["connections_num"] == 1 and stats["returns_bad"] == 0, stats
+    finally:
+        for wrapper in wrappers:
+            wrapper.close()
+        close_pools(alias)
+
+
+@contextlib.contextmanager
+def prepared_alias(pgb: PgBouncer, threshold: int) -> Iterator[tuple[str, dict[str, Any]]]:
+    """An alias through ``pgb`` with psycopg 3 prepared statements; its pool closed after."""
+    alias = f"prep_bouncer_{threshold}"
+    settings_dict = alias_settings(pgb, next_app_name())
+    settings_dict["OPTIONS"] = {
+        **settings_dict["OPTIONS"],
+        "prepare_threshold": threshold,
+        "server_side_binding": True,
+    }
+    try:
+        yield alias, settings_dict
+    finally:
+        close_pools(alias)
+
+
+def _bouncer_settings(tracking: bool) -> dict[str, str]:
+    version = binary_version(require_binary())
+    if tracking:
+        if version < DEALLOCATE_ALL_SINCE:
+            pytest.skip(
+                f"PgBouncer {'.'.join(map(str, version))} cannot track prepared statements "
+                "with psycopg 3: max_prepared_statements needs 1.21, and the DEALLOCATE ALL "
+                "psycopg sends after a rollback 1.22"
+            )
+        return {"max_prepared_statements": "100"}
+    # 1.24 turns tracking on by default (200): off explicitly where the setting exists.
+    return {"max_prepared_statements": "0"} if version >= TRACKING_SINCE else {}
+
+
+@psycopg_only
+@uses_db
+@pytest.mark.parametrize("threshold", [0, 5])
+def test_prepared_statements_break_through_pgbouncer_transaction_mode_without_tracking(
+    aliases: None, threshold: int
+) -> None:
+    """Without ``max_prepared_statements``, PgBouncer forwards psycopg's statement
+    names (``_pg3_0``...) as they are: every client connection numbers its own from 0,
+    and each transaction may run on another server. A second pooled connection finds
+    the first one's ``_pg3_0`` already on its server; a connection whose next
+    transaction lands on another server finds none there."""
+    settings = _bouncer_settings(tracking=False)
+    with running_pgbouncer("transaction", settings=settings) as pgb:
+        with prepared_alias(pgb, threshold) as (alias, settings_dict):
+            first = wrapper_for(settings_dict, alias)
+            second = wrapper_for(settings_dict, alias)
+            other = None
+            try:
+                for run in range(threshold + 1):  # PgBouncer lends the same server each time
+                    assert run_query(first, run)[0] == run + 1
+                ours = query_statements(first)
+                assert len(ours) == 1, "prepared on the server, under psycopg's own name"
+                (name,) = ours
+                assert name.startswith("_pg3_")
+                # Django's session setup sets the time zone with a parameter: with
+                # threshold 0 that statement is prepared too, when the zone differs.
+                setup_prepared = threshold == 0 and any(
+                    "set_config" in text for text, _ in statements(first).values()
+                )
+                # psycopg numbers a connection's statements from _pg3_0: the first one's.
+                first_name = min(statements(first), key=lambda name: int(name.split("_")[-1]))
+                if setup_prepared:
+                    # The second connection's own session setup collides: it never opens.
+                    with pytest.raises(ProgrammingError, match=_already(first_name)):
+                        second.ensure_connection()
+                    pool = get_pool(alias)
+                    assert pool is not None and pool.get_stats()["connections_errors"] == 1
+                else:
+                    for run in range(threshold):
+                        assert run_query(second, run)[0] == run + 1
+                    with pytest.raises(ProgrammingError, match=_already(first_name)):
+                        run_query(second, threshold)
+                # A plain client takes the server that has the statement (PgBouncer lends
+                # the server used last): the first connection's next run goes elsewhere.
+                other = raw_client(pgb, settings_dict["NAME"], autocommit=False)
+                fetch(other, "SELECT 1")
+                with pytest.raises(ProgrammingError, match=f'prepared statement "{name}" does not'):
+                    run_query(first, 99)
+            finally:
+                if other is not None:
+                    other.rollback()
+                    other.close()
+                first.close()
+                second.close()
+
+
+def _already(name: str) -> str:
+    return f'prepared statement "{name}" already exists'
+
+
+@psycopg_only
+@uses_db
+@pytest.mark.parametrize("threshold", [0, 5])
+def test_prepared_statements_work_through_pgbouncer_transaction_mode_with_tracking(
+    aliases: None, threshold: int
+) -> None:
+    """With ``max_prepared_statements`` (PgBouncer 1.22+), PgBouncer renames each
+    statement (``PGBOUNCER_n``) and prepares it on whichever server runs it: the same
+    steps as without tracking all succeed, a rollback's DEALLOCATE ALL included."""
+    settings = _bouncer_settings(tracking=True)
+    with running_pgbouncer("transaction", settings=settings) as pgb:
+        with prepared_alias(pgb, threshold) as (alias, settings_dict):
+            first = wrapper_for(settings_dict, alias)
+            second = wrapper_for(settings_dict, alias)
+            other = None
+            try:
+                for run in range(threshold + 1):
+                    assert run_query(first, run)[0] == run + 1
+                for run in range(threshold + 1):
+                    assert run_query(second, run)[0] == run + 1
+                assert not any(name.startswith("_pg3_") for name in statements(first)), (
+                    "psycopg's names never reach the server"
+                )
+                other = raw_client(pgb, settings_dict["NAME"], autocommit=False)
+                fetch(other, "SELECT 1")
+                for run in range(3):
+                    assert run_query(first, run)[0] == run + 1
+                first.connection.execute("BEGIN", prepare=False)
+                assert run_query(first, 7)[0] == 8
+                first.close()  # INTRANS: rolled back, psycopg sends DEALLOCATE ALL
+                assert run_query(second, 8)[0] == 9
+                again = wrapper_for(settings_dict, alias)
+                assert run_query(again, 9)[0] == 10
+                again.close()
+                pool = get_pool(alias)
+                assert pool is not None
+                stats = pool.get_stats()
+                assert stats["returns_bad"] == 0 and stats["connections_errors"] == 0, stats
+            finally:
+                if other is not None:
+                    other.rollback()
+                    other.close()
+                first.close()
+                second.close()

@@ -20,14 +20,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import psycopg2
 import pytest
 
 from django_gevent_pool import ConnectionPool, PoolUnavailable
 from django_gevent_pool.devserver import EmbeddedServer
 
 from .proxy import Proxy
-from .support import Workers, backends, sleep, wait_until
+from .support import DRIVER, Workers, backends, connect, db, is_active, sleep, wait_until
 
 WORKERS = 24
 # A noisy, shared 2-core machine: the 1 s promise is asserted with this slack.
@@ -90,13 +89,13 @@ class Load:
             started = time.monotonic()
             try:
                 conn = self.pool.getconn()
-            except psycopg2.OperationalError as exc:
+            except db.OperationalError as exc:
                 self._record(Outcome(started, time.monotonic(), False, "checkout", exc))
                 sleep(0.01)
                 continue
             try:
                 port = self.work(conn)
-            except psycopg2.Error as exc:
+            except db.Error as exc:
                 self._record(Outcome(started, time.monotonic(), False, "query", exc))
             else:
                 self._record(Outcome(started, time.monotonic(), True, "query", port=port))
@@ -126,7 +125,7 @@ class Load:
         for outcome in failed:
             assert outcome.ended - outcome.started < FAILS_WITHIN, outcome
             if isinstance(outcome.error, PoolUnavailable):
-                assert isinstance(outcome.error.__cause__, psycopg2.Error), outcome
+                assert isinstance(outcome.error.__cause__, db.Error), outcome
 
 
 class CountingConnect:
@@ -147,7 +146,7 @@ class CountingConnect:
             if self.pool is not None and self.pool._backoff.failures > 0:
                 self.most_while_failing = max(self.most_while_failing, self.in_flight)
         try:
-            conn = psycopg2.connect(self.dsn)
+            conn = connect(self.dsn)
             conn.autocommit = True
             return conn
         finally:
@@ -156,7 +155,7 @@ class CountingConnect:
 
 
 def make_pool(connect: CountingConnect, name: str, **options: Any) -> ConnectionPool:
-    pool = ConnectionPool(connect, name=name, options={"MAX_CONNS": 20, **options})
+    pool = ConnectionPool(connect, driver=DRIVER, name=name, options={"MAX_CONNS": 20, **options})
     connect.pool = pool
     return pool
 
@@ -223,7 +222,10 @@ def test_a_restart_fails_only_queries_in_flight_and_the_pool_recovers(
 ) -> None:
     dsn = throwaway.dsn()
     pool = ConnectionPool(
-        lambda: psycopg2.connect(dsn), name="restart", options={"MAX_CONNS": 4, "PING_AFTER": None}
+        lambda: connect(dsn),
+        driver=DRIVER,
+        name="restart",
+        options={"MAX_CONNS": 4, "PING_AFTER": None},
     )
     try:
         idle = [pool.getconn() for _ in range(3)]
@@ -237,14 +239,11 @@ def test_a_restart_fails_only_queries_in_flight_and_the_pool_recovers(
                 cur.execute("SELECT pg_sleep(30)")
 
         workers.spawn(in_flight)
-        wait_until(
-            lambda: busy.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_ACTIVE,
-            what="the in-flight query to start",
-        )
+        wait_until(lambda: is_active(busy), what="the in-flight query to start")
         throwaway.restart()  # "fast": every session is terminated, then it comes back
         workers.join(30)
         assert len(workers.errors) == 1, "the query in flight fails"
-        assert isinstance(workers.errors[0], psycopg2.OperationalError)
+        assert isinstance(workers.errors[0], db.OperationalError)
         pool.putconn(busy)  # broken: discarded, its slot freed
         # Every checkout after the restart gets a working connection, none of the
         # three idle ones the restart killed.
@@ -363,9 +362,7 @@ def test_a_three_second_network_outage_is_served_again_within_a_second(
             pool.close()
 
 
-def test_good_idle_connections_keep_serving_while_connects_fail(
-    dsn: str, app_name: str
-) -> None:
+def test_good_idle_connections_keep_serving_while_connects_fail(dsn: str, app_name: str) -> None:
     """A failing connect does not stop the pool from lending the healthy idle ones."""
     with Proxy(dsn) as proxy:
         connect = CountingConnect(proxy.dsn(application_name=app_name, connect_timeout=2))
@@ -376,11 +373,12 @@ def test_good_idle_connections_keep_serving_while_connects_fail(
                 pool.putconn(conn)
             proxy.refuse()  # new connects fail; the two open sessions live on
             more = [pool.getconn() for _ in range(2)]
-            with pytest.raises(psycopg2.OperationalError):
+            with pytest.raises(db.OperationalError):
                 pool.getconn()  # needs a third connection
             with pytest.raises(PoolUnavailable) as err:
                 pool.getconn(timeout=0.3)
-            assert isinstance(err.value.__cause__, psycopg2.OperationalError)
+            assert isinstance(err.value, db.OperationalError), "the driver's flavour"
+            assert isinstance(err.value.__cause__, db.OperationalError)
             for conn in more:
                 assert select_port(conn)
                 pool.putconn(conn)
@@ -399,7 +397,8 @@ def test_min_conns_is_opened_at_first_use_and_refilled_after_losses(
     dsn: str, admin: Any, app_name: str
 ) -> None:
     pool = ConnectionPool(
-        lambda: psycopg2.connect(dsn, application_name=app_name),
+        lambda: connect(dsn, application_name=app_name),
+        driver=DRIVER,
         name=app_name,
         options={"MAX_CONNS": 5, "MIN_CONNS": 3},
     )
@@ -439,7 +438,7 @@ def primary_and_standby() -> Iterator[tuple[EmbeddedServer, EmbeddedServer]]:
     primary.start()
     standby = None
     try:
-        conn = psycopg2.connect(primary.dsn())
+        conn = connect(primary.dsn())
         conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute("CREATE TABLE writes (id serial PRIMARY KEY, at timestamptz DEFAULT now())")
@@ -513,7 +512,7 @@ def test_checkouts_killed_while_waiting_for_a_turn_or_connecting_give_everything
         pool = make_pool(connect, app_name, MAX_CONNS=20)
         try:
             proxy.refuse()
-            with pytest.raises(psycopg2.OperationalError):
+            with pytest.raises(db.OperationalError):
                 pool.getconn()
             assert pool._backoff.failures == 1
             # The next attempt hangs in the proxy: one greenlet connects (the turn),
@@ -558,7 +557,8 @@ def test_housekeeping_killed_while_opening_min_conns_gives_the_slot_back(
     with Proxy(dsn) as proxy:
         proxy.connect_delay = 3.0
         pool = ConnectionPool(
-            lambda: psycopg2.connect(proxy.dsn(application_name=app_name)),
+            lambda: connect(proxy.dsn(application_name=app_name)),
+            driver=DRIVER,
             name=app_name,
             options={"MAX_CONNS": 3, "MIN_CONNS": 2},
             background=False,
@@ -586,7 +586,8 @@ def test_a_killed_housekeeping_greenlet_is_started_again_by_the_next_checkout(
     """Killed, the housekeeping never ran again: no MIN_CONNS refill, no idle timeout."""
 
     pool = ConnectionPool(
-        lambda: psycopg2.connect(dsn, application_name=app_name),
+        lambda: connect(dsn, application_name=app_name),
+        driver=DRIVER,
         name=app_name,
         options={"MAX_CONNS": 4, "MIN_CONNS": 2},
     )

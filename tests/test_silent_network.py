@@ -37,14 +37,13 @@ from typing import Any
 
 import psycopg2
 import psycopg2.errors
-import psycopg2.extensions
 import pytest
 
 from django_gevent_pool import ConnectionPool, cancel, sync
-from django_gevent_pool.drivers.psycopg2_waiting import ensure_cooperative
+from django_gevent_pool.drivers import get_driver
 
 from .proxy import Proxy
-from .support import MODE, Workers, sleep, wait_until
+from .support import DRIVER, MODE, Workers, connect, sleep, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 # A noisy, shared 2-core machine: bounds are asserted with this slack.
@@ -210,8 +209,22 @@ def test_the_readme_recipe_bounds_a_query_on_a_network_gone_silent(
 # ----------------------------------------------- the pieces, on a live network
 
 
+psycopg2_only = pytest.mark.skipif(
+    DRIVER != "psycopg2",
+    reason="psycopg2's cancel goes through ctypes on psycopg2's own libpq "
+    "(PQcancelCreate, or PQcancel in a thread); psycopg 3's own cancel connection "
+    "is the 'psycopg3' case",
+)
+
+
 @pytest.mark.parametrize(
-    "how", ["libpq17-cancel", "PQcancel-thread", "psycopg3"], ids=lambda how: how
+    "how",
+    [
+        pytest.param("libpq17-cancel", marks=psycopg2_only),
+        pytest.param("PQcancel-thread", marks=psycopg2_only),
+        "psycopg3",
+    ],
+    ids=lambda how: how,
 )
 def test_a_cancel_request_stops_the_running_query(
     dsn: str, admin: Any, app_name: str, workers: Workers, how: str
@@ -220,12 +233,14 @@ def test_a_cancel_request_stops_the_running_query(
     non-blocking cancel and with PQcancel in a thread, and psycopg 3's own."""
     lib = cancel.libpq()
     assert lib is not None and lib.nonblocking, "psycopg2-binary ships libpq 17"
-    ensure_cooperative()  # as a pool does: the query must not block the gevent hub
     if how == "psycopg3":
         psycopg = pytest.importorskip("psycopg")
+        # As a pool does: the query must not block the gevent hub.
+        get_driver("psycopg").ensure_cooperative()
         conn = psycopg.connect(dsn, application_name=app_name)
         canceled: type[BaseException] = psycopg.errors.QueryCanceled
     else:
+        get_driver("psycopg2").ensure_cooperative()
         conn = psycopg2.connect(dsn, application_name=app_name)
         canceled = psycopg2.errors.QueryCanceled
     nonblocking = how != "PQcancel-thread"
@@ -294,7 +309,8 @@ def test_the_housekeeping_connect_for_min_conns_is_bounded_on_a_silent_network(
     import gevent
 
     pool = ConnectionPool(
-        lambda: psycopg2.connect(proxy.dsn(application_name=app_name)),
+        lambda: connect(proxy.dsn(application_name=app_name)),
+        driver=DRIVER,
         name=app_name,
         options={"MIN_CONNS": 1, "POOL_TIMEOUT": 0.5},
         background=False,
@@ -317,19 +333,21 @@ def test_the_housekeeping_connect_for_min_conns_is_bounded_on_a_silent_network(
 
 
 class _SlowPingConn:
-    """Just enough of a connection for a ping that takes 0.2 s (a far server)."""
+    """Enough of a connection, for either driver, for a ping that takes 0.2 s (a far server)."""
 
     closed = 0
     autocommit = True
+    transaction_status = 0  # libpq's PQTRANS_IDLE, as psycopg 3's pgconn reports it
 
     def __init__(self) -> None:
         self.sock, self.peer = socket.socketpair()
 
+    # psycopg2's API
     def fileno(self) -> int:
         return self.sock.fileno()
 
     def get_transaction_status(self) -> int:
-        return psycopg2.extensions.TRANSACTION_STATUS_IDLE
+        return 0  # psycopg2.extensions.TRANSACTION_STATUS_IDLE
 
     def cursor(self) -> _SlowPingConn:
         return self
@@ -340,9 +358,20 @@ class _SlowPingConn:
     def __exit__(self, *exc: object) -> None:
         pass
 
+    # psycopg 3's API: conn.pgconn.transaction_status, conn.pgconn.socket
+    @property
+    def pgconn(self) -> _SlowPingConn:
+        return self
+
+    @property
+    def socket(self) -> int:
+        return self.sock.fileno()
+
     def execute(self, sql: str) -> None:
         sleep(0.2)
-        raise psycopg2.ProgrammingError("can't execute an empty query")  # the server answered
+        if DRIVER == "psycopg2":
+            # What psycopg2 says after the server's EmptyQueryResponse: it answered.
+            raise psycopg2.ProgrammingError("can't execute an empty query")
 
     def close(self) -> None:
         self.sock.close()
@@ -351,7 +380,7 @@ class _SlowPingConn:
 
 def test_a_checkout_with_no_time_to_wait_still_gives_its_ping_the_full_bound() -> None:
     """timeout=0 means "don't queue", not "ping in no time": a 0.2 s ping is not cut."""
-    pool = ConnectionPool(_SlowPingConn, options={"MAX_CONNS": 1, "PING_AFTER": 0})
+    pool = ConnectionPool(_SlowPingConn, driver=DRIVER, options={"MAX_CONNS": 1, "PING_AFTER": 0})
     try:
         first = pool.getconn()
         pool.putconn(first)

@@ -69,8 +69,10 @@ class PsycopgDriver:
     def execute(self, conn: Any, sql: str) -> None:
         autocommit = conn.autocommit
         conn.autocommit = True
-        conn.execute(sql)
+        # Never prepared: a reset runs once per return, and may hold several statements.
+        cursor = conn.execute(sql, prepare=False)
         conn.autocommit = autocommit
+        _forget_dropped_statements(conn, cursor)
 
     def cut(self, conn: Any) -> None:
         cancel.cut(conn)
@@ -95,6 +97,29 @@ class PsycopgDriver:
         from .psycopg_waiting import is_psycopg_cooperative
 
         return is_psycopg_cooperative()
+
+
+#: Command tags after which the session has no prepared statement left.
+_DROPS_STATEMENTS = frozenset({"DISCARD ALL", "DEALLOCATE ALL"})
+
+
+def _forget_dropped_statements(conn: Any, cursor: Any) -> None:
+    """After ``DISCARD ALL`` or ``DEALLOCATE ALL``, make psycopg forget its prepared statements.
+
+    psycopg clears its cache on these only the first time it meets their text
+    (it checks new cache entries only): from a connection's second RESET_QUERY
+    on, it would bind statements the server dropped (``prepared statement
+    "_pg3_0" does not exist``) for every later borrower. Sends nothing.
+    """
+    tags = [cursor.statusmessage]
+    while cursor.nextset():
+        tags.append(cursor.statusmessage)
+    if _DROPS_STATEMENTS.isdisjoint(tags):
+        return
+    prepared = conn._prepared  # psycopg's PrepareManager: private, there since 3.0
+    if prepared.clear():  # forgets every statement, and queues a DEALLOCATE ALL...
+        for queue in ("_to_flush", "_maint_commands"):  # ...not needed (3.2+, 3.1)
+            getattr(prepared, queue, []).clear()
 
 
 DRIVER = PsycopgDriver()
