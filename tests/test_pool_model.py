@@ -195,6 +195,38 @@ class FakePsycopgInfo:
         return self._pgconn.transaction_status
 
 
+class FakePsycopgCursor:
+    """What ``psycopg.Connection.execute`` returns: one command tag per statement."""
+
+    def __init__(self, sql: str) -> None:
+        statements = [" ".join(part.split()).upper() for part in sql.split(";")]
+        self._tags = [tag for tag in statements if tag] or [None]
+        self.statusmessage = self._tags[0]
+
+    def nextset(self) -> bool | None:
+        self._tags.pop(0)
+        if not self._tags:
+            return None
+        self.statusmessage = self._tags[0]
+        return True
+
+
+class FakePrepared:
+    """psycopg's PrepareManager, as far as the driver's RESET_QUERY touches it."""
+
+    def __init__(self) -> None:
+        self.names = ["_pg3_0"]  # the session prepared something
+        self.clears = 0
+        self._maint_commands: list[bytes] = []
+
+    def clear(self) -> bool:
+        self.clears += 1
+        had, self.names = bool(self.names), []
+        if had:
+            self._maint_commands.append(b"DEALLOCATE ALL")
+        return had
+
+
 class FakePsycopgConn:
     """Just enough of a ``psycopg.Connection`` for the pool, over a real socketpair."""
 
@@ -209,11 +241,13 @@ class FakePsycopgConn:
         self.fail_rollback = False
         self.queries: list[str] = []
         self.cancelled = False
+        self._prepared = FakePrepared()
+        self.server_prepared = True  # the server holds the session's prepared statements
 
     def fileno(self) -> int:
         return self.pgconn.socket
 
-    def execute(self, sql: str) -> None:
+    def execute(self, sql: str, prepare: bool | None = None) -> FakePsycopgCursor:
         if self.closed:
             raise psycopg.OperationalError("the connection is closed")
         self.queries.append(sql)
@@ -221,6 +255,12 @@ class FakePsycopgConn:
             self.closed = True
             raise psycopg.OperationalError("consuming input failed: server closed the connection")
         # psycopg 3 runs the empty query (";") without complaint.
+        cursor = FakePsycopgCursor(sql)
+        if "DISCARD ALL" in cursor._tags:
+            # The server dropped them; the driver must make psycopg forget them
+            # too (checked in check_prepared_forgotten), and sends nothing more.
+            self.server_prepared = False
+        return cursor
 
     def rollback(self) -> None:
         if self.fail_rollback or self.server_gone:
@@ -621,6 +661,14 @@ class PsycopgMachine(PoolMachine):
     driver = "psycopg"
     make_conn = FakePsycopgConn
     OperationalError = psycopg.OperationalError
+
+    @invariant()
+    def psycopg_forgets_what_the_server_dropped(self) -> None:
+        """After a DISCARD ALL reset, psycopg must not bind a statement the server dropped."""
+        for conn in self.made:
+            if not conn.closed and not conn.server_prepared:
+                assert conn._prepared.names == [], "psycopg still knows dropped statements"
+                assert conn._prepared._maint_commands == [], "nothing left to send"
 
 
 class FakeDriverMachine(PoolMachine):
