@@ -64,6 +64,21 @@ def look(driver: Driver, entry: Any, status: Status) -> Unfit | None:
     return None
 
 
+def closed_while_idle(driver: Driver, conn: Any) -> bool:
+    """Did the server close an idle ``conn`` (or send an error on it)? No round trip.
+
+    The look of :func:`look` with a socket probe of its own, not the entry's:
+    a checkout in another thread may take the entry and poll with that one
+    meanwhile, and one poll object refuses concurrent use.
+    """
+    try:
+        if driver.status(conn) is Status.CLOSED:
+            return True
+        return sync.socket_probe(driver.fileno(conn))()
+    except (OSError, ValueError, driver.Error):
+        return True
+
+
 def ping_bound(remaining: float) -> float:
     """How long a ping may take when the checkout has ``remaining`` seconds left."""
     return max(PING_MIN, min(PING_TIMEOUT, remaining))

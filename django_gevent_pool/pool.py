@@ -587,17 +587,7 @@ class ConnectionPool:
         dead: dict[int, float] = {}
         for entry in idle:
             last_used = entry.last_used
-            try:
-                if self._driver.status(entry.conn) is Status.CLOSED:
-                    readable = True
-                else:
-                    # A probe of its own, not the entry's: a checkout in another
-                    # thread may take the entry and poll with that one meanwhile,
-                    # and one poll object refuses concurrent use.
-                    readable = sync.socket_probe(self._driver.fileno(entry.conn))()
-            except (OSError, ValueError, self._driver.Error):
-                readable = True
-            if readable:
+            if health.closed_while_idle(self._driver, entry.conn):
                 dead[id(entry)] = last_used
         return dead
 
