@@ -39,13 +39,36 @@ RUN_TIMEOUT = 50  # seconds per example run; below the suite's per-test limit
 
 
 @pytest.fixture(scope="module")
-def server_dsn() -> str:
-    """DSN of the server the examples use (any database; each example picks its own)."""
+def server_dsn() -> Iterator[str]:
+    """DSN of the server the examples use (any database; each example picks its own).
+
+    The examples' databases carry this process's pid (two suites on one server,
+    say a test-matrix cell beside a developer's run, must not seed or count each
+    other's orders) and are dropped at the end.
+    """
     dsn, _where = devserver.server_dsn()
-    return dsn
+    yield dsn
+    conn = psycopg2.connect(dsn)
+    try:
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            for name in _MADE:
+                cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        conn.close()
 
 
-def example_env(dsn: str, dbname: str, **extra: str) -> dict[str, str]:
+_MADE: set[str] = set()
+
+
+def dbname(name: str) -> str:
+    """``name`` made unique to this test process (dropped by ``server_dsn`` at the end)."""
+    unique = f"{name}_{os.getpid()}"
+    _MADE.add(unique)
+    return unique
+
+
+def example_env(dsn: str, name: str, **extra: str) -> dict[str, str]:
     """The environment of an example run: this one, minus the suite's Django settings."""
     env = {
         key: value
@@ -53,8 +76,8 @@ def example_env(dsn: str, dbname: str, **extra: str) -> dict[str, str]:
         if key != "DJANGO_SETTINGS_MODULE" and not key.startswith("DGP_")
     }
     env.update(
-        DGP_DSN=devserver.ensure_database(dsn, dbname),
-        DGP_DBNAME=dbname,
+        DGP_DSN=devserver.ensure_database(dsn, name),
+        DGP_DBNAME=name,
         DGP_ENGINE=ENGINE,  # the examples run on the driver under test
         **extra,
     )
@@ -85,7 +108,7 @@ def read_result(path: Path, done: subprocess.CompletedProcess[str]) -> dict[str,
 def test_script_stays_within_max_conns(server_dsn: str, tmp_path: Path) -> None:
     """200 greenlets through a pool of 5: all succeed, the server never sees a sixth."""
     out = tmp_path / "script.json"
-    env = example_env(server_dsn, "dgp_examples_script")
+    env = example_env(server_dsn, dbname("dgp_examples_script"))
     done = run_example("script.py", env, "--greenlets=200", "--max-conns=5", f"--json-out={out}")
     result = read_result(out, done)
 
@@ -112,7 +135,7 @@ def test_demo_serves_without_errors_within_max_conns(server_dsn: str, tmp_path: 
     out = tmp_path / "demo.json"
     env = example_env(
         server_dsn,
-        "dgp_examples_demo",
+        dbname("dgp_examples_demo"),
         DGP_DEMO_SECONDS="2",
         DGP_DEMO_CLIENTS="50",
         DGP_MAX_CONNS="4",
@@ -143,7 +166,7 @@ def test_demo_serves_without_errors_within_max_conns(server_dsn: str, tmp_path: 
 
 def test_bare_pool_example_shares_five_connections(server_dsn: str) -> None:
     """The README's bare-pool example: 50 greenlets, 5 connections, every result right."""
-    done = run_example("bare_pool.py", example_env(server_dsn, "dgp_examples_bare"))
+    done = run_example("bare_pool.py", example_env(server_dsn, dbname("dgp_examples_bare")))
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["sum"] == 2 * sum(range(50))
@@ -339,11 +362,11 @@ def test_pool_connections_counts_three_gunicorn_workers(server_dsn: str, tmp_pat
     must count all 12 from the server's side against the cap 3 x 4 = 12, flag
     them as over the cap with ``--workers 2``, and print what README shows.
     """
-    dbname = "dgp_examples_workers"
+    workers_db = dbname("dgp_examples_workers")
     app_name = f"shop-web-{os.getpid()}"
     env = example_env(
         server_dsn,
-        dbname,
+        workers_db,
         DJANGO_SETTINGS_MODULE="demoproject.settings",
         DGP_MAX_CONNS=str(WORKER_MAX_CONNS),
         DGP_APPNAME=app_name,
@@ -380,7 +403,7 @@ def test_pool_connections_counts_three_gunicorn_workers(server_dsn: str, tmp_pat
         wrong = pool_connections("--workers", str(WORKERS - 1)).stdout
 
     alias = report["aliases"]["default"]
-    assert (alias["database"], alias["application_name"]) == (dbname, app_name)
+    assert (alias["database"], alias["application_name"]) == (workers_db, app_name)
     assert (alias["max_conns"], alias["workers"]) == (WORKER_MAX_CONNS, WORKERS)
     assert alias["expected_max_per_host"] == expected
     assert alias["connections"] == expected
@@ -404,7 +427,7 @@ def test_pool_connections_counts_three_gunicorn_workers(server_dsn: str, tmp_pat
     ) in wrong.splitlines()[-1]
 
     # README shows this output: the same lines, but for its names and this run's numbers.
-    names = {app_name: README_APPNAME, dbname: README_DBNAME, client: "127.0.0.1"}
+    names = {app_name: README_APPNAME, workers_db: README_DBNAME, client: "127.0.0.1"}
     printed = {normalized(line, names) for line in human.splitlines()}
     sample = readme_pool_connections_sample()
     assert sample[-1].startswith("server: "), sample
