@@ -2,9 +2,10 @@
 
 Order: an explicit DSN in the environment (``DGP_DSN``) wins; else a server on
 127.0.0.1:5432 (user ``postgres``, trust auth); else a throwaway embedded
-PostgreSQL from the ``pgserver`` package (the ``embedded`` or ``test`` extra),
-started in a temporary directory, listening on a free loopback TCP port and a
-Unix socket, and deleted when the process exits.
+PostgreSQL from the ``pgserver`` package's binaries (the ``embedded`` or
+``test`` extra), or from the server binaries installed on the machine
+(:func:`postgres_binaries`), started in a temporary directory, listening on a
+free loopback TCP port and a Unix socket, and deleted when the process exits.
 ``DGP_EMBEDDED=1`` (or ``prefer_embedded=True``) skips the local server.
 
 Not used by the pool itself.
@@ -29,6 +30,7 @@ from psycopg2.extensions import parse_dsn
 
 ENV_DSN = "DGP_DSN"
 ENV_EMBEDDED = "DGP_EMBEDDED"
+ENV_PG_BIN = "DGP_PG_BIN"
 LOCAL_DSN = "host=127.0.0.1 port=5432 user=postgres dbname=postgres connect_timeout=3"
 
 _embedded: Any = None
@@ -56,6 +58,38 @@ def server_dsn(*, prefer_embedded: bool = False) -> tuple[str, str]:
     if not prefer_embedded and _reachable(LOCAL_DSN):
         return LOCAL_DSN, "127.0.0.1:5432"
     return _start_embedded(), "embedded pgserver"
+
+
+def postgres_binaries() -> Path | None:
+    """Where the embedded server's ``initdb`` and ``pg_ctl`` are, or None.
+
+    ``$DGP_PG_BIN`` if set; else the ``pgserver`` package's binaries; else a
+    PostgreSQL installed on the machine (``/usr/lib/postgresql/<newest>/bin``
+    on Debian and Ubuntu, or the directory of ``pg_ctl`` on ``PATH``): pgserver
+    has no wheel for every Python (none for 3.13 yet).
+    """
+    explicit = os.environ.get(ENV_PG_BIN)
+    if explicit:
+        return Path(explicit)
+    try:
+        with warnings.catch_warnings():
+            # platformdirs complains when XDG_RUNTIME_DIR is unset (CI, containers).
+            warnings.simplefilter("ignore")
+            from pgserver._commands import POSTGRES_BIN_PATH
+    except ImportError:
+        pass
+    else:
+        return Path(POSTGRES_BIN_PATH)
+    debian = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
+    if debian:
+        return debian[-1].parent
+    found = shutil.which("pg_ctl")
+    if found and (Path(found).parent / "initdb").exists():
+        return Path(found).parent
+    return None
 
 
 def _start_embedded() -> str:
@@ -91,17 +125,15 @@ class EmbeddedServer:
     SYSTEM_USER = "pgserver"
 
     def __init__(self, *, datadir: str | None = None, port: int | None = None) -> None:
-        try:
-            with warnings.catch_warnings():
-                # platformdirs complains when XDG_RUNTIME_DIR is unset (CI, containers).
-                warnings.simplefilter("ignore")
-                from pgserver._commands import POSTGRES_BIN_PATH
-        except ImportError as exc:  # pragma: no cover - depends on the machine
+        bin_dir = postgres_binaries()
+        if bin_dir is None:  # pragma: no cover - depends on the machine
             raise RuntimeError(
                 f"no PostgreSQL: set ${ENV_DSN}, run a server on 127.0.0.1:5432, "
-                "or install the embedded one: pip install 'django-gevent-pool[embedded]'"
-            ) from exc
-        self.bin = Path(POSTGRES_BIN_PATH)
+                "or install the embedded one: pip install 'django-gevent-pool[embedded]' "
+                "(pgserver: wheels for Python up to 3.12), or PostgreSQL's server "
+                f"binaries (initdb, pg_ctl; ${ENV_PG_BIN} names their directory)"
+            )
+        self.bin = bin_dir
         self._owns_dir = datadir is None
         self.root = Path(datadir or tempfile.mkdtemp(prefix="dgp-pg-"))
         self.pgdata = self.root / "data"
