@@ -32,9 +32,10 @@ test-matrix:
 	.ci/matrix
 
 # Django's own test suite (from the sdist of the installed Django, cached in
-# .cache/) through our engine, in both modes: fails on any failure not listed
-# with its reason in tests/django_suite/expected.py. The same apps also run
-# through Django's stock backend, to check which deviations it shares.
+# .cache/) through our engine, with psycopg2 and psycopg 3, in both modes (the
+# stock backend on the same driver beside it, two runs at a time, to check which
+# deviations it shares): fails on any failure not listed with its reason in
+# tests/django_suite/expected.py.
 test-django: $(STAMP)
 	$(PY) tests/django_suite/run.py --backend both
 
