@@ -535,6 +535,44 @@ def test_w002_gevent_patched_but_psycopg2_not_cooperative(
         assert found == [], out.stdout
 
 
+W002_PSYCOPG3_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import psycopg  # before gevent patches: psycopg picks its C wait (gunicorn --preload)
+    from gevent import monkey
+    monkey.patch_all()
+    os.environ["DJANGO_SETTINGS_MODULE"] = "tests.settings"
+    import django
+    django.setup()
+    import django_gevent_pool
+    django_gevent_pool.patch_psycopg2()  # only psycopg 3's state is under test
+    if sys.argv[1] == "patched":
+        django_gevent_pool.patch_drivers()
+    from django.core.checks import run_checks
+    for message in run_checks():
+        print(message.id, message.msg, sep="|")
+    """
+)
+
+
+@pytest.mark.parametrize(("case", "fires"), [("imported first", True), ("patched", False)])
+def test_w002_psycopg3_imported_before_gevent_patched(case: str, fires: bool) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", W002_PSYCOPG3_SCRIPT, case],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": os.getcwd(), "DGP_TEST_DRIVER": "psycopg"},
+    )
+    assert out.returncode == 0, out.stderr
+    found = [line for line in out.stdout.splitlines() if line.startswith("django_gevent_pool.")]
+    if fires:
+        assert len(found) == 1 and found[0].startswith("django_gevent_pool.W002|"), out.stdout
+        assert "psycopg 3 was imported before and still waits in C" in found[0]
+    else:
+        assert found == [], out.stdout
+
+
 # ---------------------------------------------------------------- database
 
 
