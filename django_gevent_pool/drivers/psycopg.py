@@ -16,24 +16,13 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
-from psycopg import pq
 
-from .. import cancel
 from ..errors import flavoured
 from .base import Status
-from .sockets import detach
-
-_TS = pq.TransactionStatus
-_STATUS = {
-    _TS.IDLE: Status.IDLE,
-    _TS.ACTIVE: Status.ACTIVE,
-    _TS.INTRANS: Status.INTRANS,
-    _TS.INERROR: Status.INERROR,
-    _TS.UNKNOWN: Status.UNKNOWN,
-}
+from .libpq import STATUS, LibpqDriver
 
 
-class PsycopgDriver:
+class PsycopgDriver(LibpqDriver):
     """:class:`~django_gevent_pool.drivers.base.Driver` for psycopg 3 connections."""
 
     name = "psycopg"
@@ -45,7 +34,7 @@ class PsycopgDriver:
             if conn.closed:
                 return Status.CLOSED
             # The libpq attribute: no lock, no round trip.
-            return _STATUS.get(conn.pgconn.transaction_status, Status.UNKNOWN)
+            return STATUS.get(int(conn.pgconn.transaction_status), Status.UNKNOWN)
         except Exception:  # a broken object: not reusable
             return Status.UNKNOWN
 
@@ -63,9 +52,6 @@ class PsycopgDriver:
             if not conn.closed and not autocommit:
                 conn.autocommit = False
 
-    def rollback(self, conn: Any) -> None:
-        conn.rollback()
-
     def execute(self, conn: Any, sql: str) -> None:
         autocommit = conn.autocommit
         conn.autocommit = True
@@ -73,20 +59,6 @@ class PsycopgDriver:
         cursor = conn.execute(sql, prepare=False)
         conn.autocommit = autocommit
         _forget_dropped_statements(conn, cursor)
-
-    def cut(self, conn: Any) -> None:
-        cancel.cut(conn)
-
-    def sever(self, conn: Any) -> None:
-        send = cancel.start_cancel(conn)
-        cancel.cut(conn)
-        cancel.finish_cancel(send)
-
-    def close(self, conn: Any) -> None:
-        conn.close()
-
-    def detach(self, conn: Any) -> None:
-        detach(conn)
 
     def ensure_cooperative(self) -> bool:
         from .psycopg_waiting import ensure_psycopg_cooperative

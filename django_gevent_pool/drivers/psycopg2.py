@@ -10,23 +10,14 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg2
-import psycopg2.extensions as ext
 
-from .. import cancel
 from ..errors import flavoured
 from . import psycopg2_waiting
 from .base import Status
-
-_STATUS = {
-    ext.TRANSACTION_STATUS_IDLE: Status.IDLE,
-    ext.TRANSACTION_STATUS_ACTIVE: Status.ACTIVE,
-    ext.TRANSACTION_STATUS_INTRANS: Status.INTRANS,
-    ext.TRANSACTION_STATUS_INERROR: Status.INERROR,
-    ext.TRANSACTION_STATUS_UNKNOWN: Status.UNKNOWN,
-}
+from .libpq import STATUS, LibpqDriver
 
 
-class Psycopg2Driver:
+class Psycopg2Driver(LibpqDriver):
     """:class:`~django_gevent_pool.drivers.base.Driver` for psycopg2 connections."""
 
     name = "psycopg2"
@@ -37,7 +28,7 @@ class Psycopg2Driver:
         try:
             if conn.closed:
                 return Status.CLOSED
-            return _STATUS.get(conn.get_transaction_status(), Status.UNKNOWN)
+            return STATUS.get(conn.get_transaction_status(), Status.UNKNOWN)
         except Exception:  # a broken object: not reusable
             return Status.UNKNOWN
 
@@ -59,29 +50,12 @@ class Psycopg2Driver:
             if not conn.closed and not autocommit:
                 conn.autocommit = False
 
-    def rollback(self, conn: Any) -> None:
-        conn.rollback()
-
     def execute(self, conn: Any, sql: str) -> None:
         autocommit = conn.autocommit
         conn.autocommit = True
         with conn.cursor() as cur:
             cur.execute(sql)
         conn.autocommit = autocommit
-
-    def cut(self, conn: Any) -> None:
-        cancel.cut(conn)
-
-    def sever(self, conn: Any) -> None:
-        send = cancel.start_cancel(conn)
-        cancel.cut(conn)
-        cancel.finish_cancel(send)
-
-    def close(self, conn: Any) -> None:
-        conn.close()
-
-    def detach(self, conn: Any) -> None:
-        psycopg2_waiting.detach(conn)
 
     def ensure_cooperative(self) -> bool:
         return psycopg2_waiting.ensure_cooperative()
