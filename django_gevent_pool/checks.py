@@ -67,7 +67,8 @@ from django.core import checks
 from django.core.checks import CheckMessage, Error, Info, Tags, Warning
 from django.core.exceptions import ImproperlyConfigured
 
-from .drivers.psycopg2_waiting import gevent_patched_socket, is_psycopg2_cooperative
+from . import sync
+from .drivers.psycopg2_waiting import is_psycopg2_cooperative
 from .options import PoolOptions
 from .serverinfo import (
     ServerLimits,
@@ -237,7 +238,7 @@ def check_psycopg2_cooperative(app_configs: Any = None, **kwargs: Any) -> list[C
     ``django.setup()``, a check run inside a gunicorn gevent worker), never in
     a plain ``manage.py check``, which gevent does not patch.
     """
-    if not gevent_patched_socket() or not pooled_databases():
+    if not sync.patched("socket") or not pooled_databases():
         return []
     messages = _psycopg3_not_cooperative()
     if is_psycopg2_cooperative():

@@ -167,7 +167,7 @@ def socket_probe(fd: int) -> Callable[[], bool]:
     made and registered once, here: a pool keeps one probe per connection.
     An invalid descriptor reads as readable (``POLLNVAL``).
     """
-    poll_cls = original("select", "poll") if hasattr(select, "poll") or _patched("select") else None
+    poll_cls = original("select", "poll") if hasattr(select, "poll") or patched("select") else None
     if poll_cls is not None:
         poller = poll_cls()
         poller.register(fd, select.POLLIN | select.POLLERR | select.POLLHUP)
@@ -185,7 +185,8 @@ def socket_probe(fd: int) -> Callable[[], bool]:
     return readable_select
 
 
-def _patched(module: str) -> bool:
+def patched(module: str) -> bool:
+    """True when gevent has monkey-patched ``module`` (never imports gevent)."""
     monkey = sys.modules.get("gevent.monkey")
     return monkey is not None and bool(monkey.is_module_patched(module))
 
@@ -373,7 +374,7 @@ def wait_fd(fd: int, *, write: bool, timeout: float) -> bool:
         except _FdTimeout:
             return False
         return True
-    if hasattr(select, "poll") or _patched("select"):
+    if hasattr(select, "poll") or patched("select"):
         poller = original("select", "poll")()
         poller.register(fd, (select.POLLOUT if write else select.POLLIN) | select.POLLERR)
         return bool(poller.poll(timeout * 1000.0))

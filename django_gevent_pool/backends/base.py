@@ -341,8 +341,7 @@ class PooledDatabaseWrapperMixin:
         )
 
     def _make_pool(self, pool_options: PoolOptions) -> ConnectionPool:
-        driver = get_driver(self.pool_driver)
-        driver.ensure_cooperative()
+        driver = get_driver(self.pool_driver)  # the pool makes it cooperative
         # A snapshot: the test runner mutates settings_dict in place later, and
         # this pool must keep connecting where its fingerprint says.
         settings_dict = {**self.settings_dict, "OPTIONS": dict(self.settings_dict["OPTIONS"])}

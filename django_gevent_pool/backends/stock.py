@@ -97,9 +97,4 @@ def import_stock(module: str, driver: str) -> ModuleType:
             del sys.modules["psycopg"]
 
 
-def import_with_psycopg2(module: str) -> ModuleType:
-    """``import_stock(module, "psycopg2")``."""
-    return import_stock(module, PSYCOPG2)
-
-
 _NAMES = {PSYCOPG2: "psycopg2", PSYCOPG: "psycopg 3"}

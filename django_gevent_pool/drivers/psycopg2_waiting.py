@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import os
-import sys
 import weakref
 from typing import Any
 
@@ -20,6 +19,7 @@ import psycopg2
 import psycopg2.extensions
 
 from ..cancel import request_cancel
+from ..sync import patched
 from .sockets import detach
 
 logger = logging.getLogger("django_gevent_pool")
@@ -126,19 +126,13 @@ def patch_psycopg2() -> None:
     psycopg2.extensions.set_wait_callback(gevent_wait_callback)
 
 
-def gevent_patched_socket() -> bool:
-    """True when gevent has monkey-patched the ``socket`` module."""
-    monkey = sys.modules.get("gevent.monkey")
-    return monkey is not None and bool(monkey.is_module_patched("socket"))
-
-
 def ensure_cooperative() -> bool:
     """Patch psycopg2 if gevent has patched sockets and nobody else did; return the result.
 
     Leaves an unpatched process alone: there, a wait callback would only add
     overhead to OS-thread users.
     """
-    if gevent_patched_socket() and not is_psycopg2_cooperative():
+    if patched("socket") and not is_psycopg2_cooperative():
         patch_psycopg2()
         logger.debug("psycopg2 made cooperative: gevent has patched socket")
     return is_psycopg2_cooperative()

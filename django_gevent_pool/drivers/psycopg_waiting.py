@@ -54,7 +54,7 @@ import psycopg
 from psycopg import errors as e
 from psycopg import waiting
 
-from ..sync import hub_in_this_thread, original
+from ..sync import hub_in_this_thread, original, patched
 
 logger = logging.getLogger("django_gevent_pool")
 
@@ -386,11 +386,6 @@ def patch_psycopg() -> None:
         psycopg.Connection.wait = _wrap_connection_wait(psycopg.Connection.wait)
 
 
-def _select_patched() -> bool:
-    monkey = sys.modules.get("gevent.monkey")
-    return monkey is not None and bool(monkey.is_module_patched("select"))
-
-
 def _from_gevent(obj: Any) -> bool:
     return str(getattr(obj, "__module__", "") or "").startswith("gevent")
 
@@ -409,7 +404,7 @@ def is_psycopg_cooperative() -> bool:
         getattr(waiting, name, None) for name in ("wait_poll", "wait_select", "wait_selector")
     }
     waits = (
-        _select_patched()
+        patched("select")
         and waiting.wait in python_waits
         and _is_psycopg_own(waiting.wait_conn)
         and _from_gevent(getattr(waiting, "DefaultSelector", None))
@@ -427,12 +422,6 @@ def is_psycopg_patched() -> bool:
     )
 
 
-def gevent_patched_socket() -> bool:
-    """True when gevent has monkey-patched the ``socket`` module."""
-    monkey = sys.modules.get("gevent.monkey")
-    return monkey is not None and bool(monkey.is_module_patched("socket"))
-
-
 def ensure_psycopg_cooperative() -> bool:
     """Patch psycopg 3 if gevent has patched sockets; return :func:`is_psycopg_cooperative`.
 
@@ -442,7 +431,7 @@ def ensure_psycopg_cooperative() -> bool:
     unless :func:`patch_psycopg` was called explicitly): there psycopg's C
     wait is right for OS threads.
     """
-    if not gevent_patched_socket():
+    if not patched("socket"):
         return is_psycopg_patched()
     if not is_psycopg_patched():
         patch_psycopg()
@@ -479,7 +468,6 @@ __all__ = [
     "connection_lock",
     "detach_connects_after_fork",
     "ensure_psycopg_cooperative",
-    "gevent_patched_socket",
     "green_wait",
     "green_wait_conn",
     "is_psycopg_cooperative",
