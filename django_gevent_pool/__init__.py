@@ -35,6 +35,7 @@ __all__ = [
     "patch_drivers",
     "patch_psycopg",
     "patch_psycopg2",
+    "pinned",
 ]
 
 
@@ -61,6 +62,11 @@ def is_cooperative(driver: str = "psycopg2") -> bool:
 
 
 def __getattr__(name: str) -> object:
+    # The Django part, imported on first use: the pool itself needs no Django.
+    if name == "pinned":
+        from .backends.base import pinned
+
+        return pinned
     # psycopg 3's functions, imported on first use: psycopg 3 may not be installed.
     if name in ("patch_psycopg", "is_psycopg_cooperative"):
         from .drivers import psycopg_waiting

@@ -25,6 +25,9 @@ DEFAULT_MAX_LIFETIME = 3600.0
 DEFAULT_IDLE_TIMEOUT = 600.0
 DEFAULT_PING_AFTER = 5.0
 
+#: The values of ``POOL_MODE``: how long a Django connection holds a pooled one.
+POOL_MODES = ("session", "transaction")
+
 # Names that other pools use for their settings. Written in OPTIONS they would
 # reach libpq as connection parameters and fail there with a confusing error,
 # or worse be silently ignored; refuse them and say what we call them.
@@ -47,6 +50,7 @@ _FOREIGN_NAMES = {
     "ping_after": "PING_AFTER",
     "leak_timeout": "LEAK_TIMEOUT",
     "reset_query": "RESET_QUERY",
+    "pool_mode": "POOL_MODE",
     "reconnect_timeout": "POOL_TIMEOUT",
     "CONN_MAX_AGE": "CONN_MAX_AGE (a top-level DATABASES key, not an OPTIONS key)",
     "POOL_SIZE": "MAX_CONNS",
@@ -74,6 +78,7 @@ class PoolOptions:
     PING_AFTER: float | None = DEFAULT_PING_AFTER
     LEAK_TIMEOUT: float | None = None
     RESET_QUERY: str | None = None
+    POOL_MODE: str = "session"
 
     @property
     def reuse_conns(self) -> int:
@@ -173,6 +178,9 @@ class PoolOptions:
         reset = raw.get("RESET_QUERY")
         if reset is not None and (not isinstance(reset, str) or not reset.strip()):
             raise fail("RESET_QUERY", "a non-empty SQL string or None")
+        mode = raw.get("POOL_MODE", "session")
+        if not isinstance(mode, str) or mode not in POOL_MODES:
+            raise fail("POOL_MODE", " or ".join(repr(m) for m in POOL_MODES))
         return cls(
             MAX_CONNS=max_conns,
             REUSE_CONNS=reuse,
@@ -184,6 +192,7 @@ class PoolOptions:
             PING_AFTER=seconds("PING_AFTER", DEFAULT_PING_AFTER, nullable=True, zero=True),
             LEAK_TIMEOUT=seconds("LEAK_TIMEOUT", None, nullable=True, zero=False),
             RESET_QUERY=reset,
+            POOL_MODE=mode,
         )
 
 

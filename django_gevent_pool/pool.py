@@ -288,8 +288,20 @@ class ConnectionPool:
             entry.borrower = leaks.borrower_stack(__file__)
         return entry
 
-    def putconn(self, conn: Any, *, discard: bool = False, lease: int | None = None) -> None:
+    def putconn(
+        self,
+        conn: Any,
+        *,
+        discard: bool = False,
+        lease: int | None = None,
+        reset: bool | None = None,
+    ) -> None:
         """Give ``conn`` back. ``discard=True`` closes it instead of reusing it.
+
+        ``reset`` says whether ``RESET_QUERY`` runs on it (when one is set):
+        None, the default, runs it on every return; False skips it (a borrower
+        that knows it left no session state: transaction mode's early
+        returns); True runs it (one that knows it did).
 
         The connection is kept only if its transaction status is IDLE; INTRANS
         and INERROR are rolled back first (and discarded if the rollback fails);
@@ -304,6 +316,7 @@ class ConnectionPool:
         pool did not lend, one already returned, or another checkout's.
         """
         now = self._clock()
+        held = 0.0
         with self._lock:  # critical section: find and flag the entry
             entry = self._in_use.get(id(conn))
             if entry is None and id(conn) in self._inherited:
@@ -324,7 +337,10 @@ class ConnectionPool:
             else:
                 entry.returning = True
                 entry.holder = None
-                self._counters["usage_ms"] += (now - entry.borrowed_at) * 1000.0
+                held = now - entry.borrowed_at
+                self._counters["usage_ms"] += held * 1000.0
+        if held:
+            timing.record_held(held)
         if entry is None:
             # Lent before a fork and returned in the child: its socket points at
             # /dev/null already, so closing it cannot end the parent's session.
@@ -344,7 +360,7 @@ class ConnectionPool:
                     self._driver.sever(conn)
                     reason = _SEVERED
             else:
-                reason = self._clean_for_reuse(entry)
+                reason = self._clean_for_reuse(entry, reset)
         except BaseException:
             # Killed (GreenletExit, gevent.Timeout) in the middle of a rollback or
             # a log call: the connection's state is unknown; drop it and free the
@@ -678,6 +694,21 @@ class ConnectionPool:
     def closed(self) -> bool:
         return self._closed
 
+    def note_session(self) -> None:
+        """Count one unit of work (a request, a task) served by this pool's connections.
+
+        ``requests_num / sessions_num`` is then the checkouts per unit of work:
+        1 in session mode, one per statement or transaction in transaction mode.
+        """
+        with self._lock:  # critical section: count
+            self._counters["sessions_num"] += 1
+
+    def note_pin(self, reason: str) -> None:
+        """Count a connection pinned to its borrower for ``reason`` (``pinning.REASONS``)."""
+        key = "pins_" + reason
+        with self._lock:  # critical section: count
+            self._counters[key] += 1
+
     @property
     def driver(self) -> Driver:
         """The driver of this pool's connections."""
@@ -695,7 +726,10 @@ class ConnectionPool:
         (time spent connecting, failed attempts included), ``connections_errors``,
         ``connections_lost``, ``connections_closed``, ``returns_bad``,
         ``returns_rolled_back``, ``pings``, ``usage_ms`` (time connections spent
-        lent, counted when they come back); and ``requests_wait_p50_ms``,
+        lent, counted when they come back), ``sessions_num`` (units of work
+        the Django layer served: requests, tasks), ``pins_<reason>`` (a
+        transaction-mode connection kept by its borrower, by reason: see
+        :data:`~django_gevent_pool.pinning.REASONS`); and ``requests_wait_p50_ms``,
         ``requests_wait_p95_ms``, ``requests_wait_p99_ms``: percentiles of the
         time the latest checkouts (up to 2048) took to get their connection or
         to fail, waiting or not (0 when there were none).
@@ -1129,7 +1163,7 @@ class ConnectionPool:
 
     # ----------------------------------------------------------- return path
 
-    def _clean_for_reuse(self, entry: _Entry) -> str | None:
+    def _clean_for_reuse(self, entry: _Entry, reset: bool | None = None) -> str | None:
         """Bring a returned connection back to IDLE; return why not, or None.
 
         The rollback and ``RESET_QUERY`` each get ``health.RETURN_TIMEOUT``
@@ -1160,9 +1194,9 @@ class ConnectionPool:
             return _SEVERED
         elif status is not Status.IDLE:
             return f"it was returned with transaction status {status.value}"
-        reset = self.options.RESET_QUERY
-        if unfit is None and reset is not None:
-            unfit = health.reset(driver, conn, reset, self._after_reset)
+        reset_query = self.options.RESET_QUERY
+        if unfit is None and reset_query is not None and reset is not False:
+            unfit = health.reset(driver, conn, reset_query, self._after_reset)
         now = self._clock()
         if unfit is not None:
             if unfit.lost:

@@ -10,6 +10,8 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
+from .pinning import REASONS
+
 #: Counters, reset by ``pop_stats()``.
 COUNTERS = (
     "requests_num",
@@ -28,6 +30,8 @@ COUNTERS = (
     "returns_rolled_back",
     "pings",
     "usage_ms",
+    "sessions_num",
+    *("pins_" + reason for reason in REASONS),
 )
 
 #: The wait percentiles cover this many of the latest checkouts.

@@ -11,6 +11,16 @@ Every *physical* connection goes through Django's own ``get_new_connection``
 and ``init_connection_state`` exactly once, when the pool opens it, so
 ``isolation_level``, ``assume_role``, the time zone, the JSON adapters and
 PostGIS's adapters are set up as by the stock backend.
+
+``POOL_MODE = "transaction"``: the wrapper stays logically connected for its
+unit of work (a request, a task: Django's ``connect()`` ran once) while the
+physical connection goes back to the pool after each statement outside
+``atomic()``, in autocommit, and after the outermost ``atomic()`` ends
+(``_pool_detach``); the next statement takes one again (``_pool_reattach``)
+without Django's ``connect()``. Statements that leave session state behind,
+named cursors and :func:`pinned` keep it (pins); a connection that comes back
+pinned is reset (``RESET_QUERY``) or discarded. The cursor side is in
+``transaction.py``.
 """
 
 from __future__ import annotations
@@ -21,22 +31,26 @@ import logging
 import os
 import time
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS
 from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
+from django.db.backends.signals import connection_created
 from django.db.backends.utils import CursorWrapper
 
-from .. import checks, sync
+from .. import checks, sync, timing
 from ..copying import guarded
 from ..drivers import get_driver
+from ..drivers.base import Status
 from ..errors import PoolConfigError
 from ..options import PoolOptions
 from ..pool import ConnectionPool
 from ..registry import PoolRegistry
+from .transaction import transactional
 
 logger = logging.getLogger("django_gevent_pool")
 
@@ -95,6 +109,37 @@ def drain_pools(timeout: float = 30.0) -> bool:
     return drained
 
 
+@contextmanager
+def pinned(using: str | None = None) -> Iterator[Any]:
+    """Keep the alias's connection with the caller for the block; for transaction mode.
+
+    ``with pinned():`` takes a connection now and keeps it through every
+    statement and transaction of the block, for session state that the
+    statement text does not show (a driver's ``connection.connection``
+    used directly, a ``LISTEN`` made through ``psycopg``, state a stored
+    function sets). When the outermost block ends, the connection goes back
+    reset (``RESET_QUERY``) or, with none set, closed: what the block set up
+    reaches nobody else. Ending inside ``atomic()``, it is reset when the
+    request ends instead. Nests; works as a decorator too. Yields the
+    Django connection (``django.db.connections[using]``).
+
+    In session mode the connection is the caller's until the request ends
+    anyway: this only makes sure there is one.
+    """
+    from django.db import connections
+
+    wrapper = connections[using or DEFAULT_DB_ALIAS]
+    if not isinstance(wrapper, PooledDatabaseWrapperMixin):
+        wrapper.ensure_connection()
+        yield wrapper
+        return
+    wrapper._pool_enter_pinned()
+    try:
+        yield wrapper
+    finally:
+        wrapper._pool_exit_pinned()
+
+
 def pool_options_for(
     alias: str, options: dict[str, Any], driver: str | None = None
 ) -> tuple[PoolOptions, dict[str, Any]]:
@@ -139,6 +184,15 @@ class PooledDatabaseWrapperMixin:
         # instead of running in the next borrower's session.
         self._pool_cursors: list[Any] = []
         self._pool_lease = 0  # the pool's number for the current checkout
+        # Transaction mode (POOL_MODE "transaction"): see the module docstring.
+        self._pool_tx = False  # the current session runs in transaction mode
+        self._pool_home: ConnectionPool | None = None  # set while the session has no connection
+        self._pool_session = 0  # the session's number: cursors of an ended one are dead
+        self._pool_hold = 0  # > 0 inside connect() and connection_created: no early return
+        self._pool_dirty: str | None = None  # why the session's state must not reach others
+        self._pool_pins: set[str] = set()  # the pin reasons counted in this session
+        self._pool_cursor_pins = 0  # named cursors open
+        self._pool_explicit_pins = 0  # pinned() blocks open
         self._checked_key: tuple[Any, ...] | None = None  # settings key from check_settings
         # OPTIONS are not validated here but in check_settings(), at connect
         # time, as Django does with its own settings: model classes build the
@@ -231,6 +285,10 @@ class PooledDatabaseWrapperMixin:
         conn, self._pool_lease = pool.checkout()
         self._pool = pool
         self._pool_discard = False
+        pool.note_session()
+        self._pool_tx = pool.options.POOL_MODE == "transaction"
+        if self._pool_tx:
+            self._pool_session += 1
         # allow_thread_sharing, without its lock: an int read, on every checkout.
         if not self._thread_sharing_count:  # type: ignore[attr-defined]
             self._watch(pool, conn)
@@ -287,6 +345,220 @@ class PooledDatabaseWrapperMixin:
             and self._thread_ident == _thread.get_ident()  # type: ignore[attr-defined]
         ):
             self._watch(pool, conn)
+
+    # ---------------------------------------------------- transaction mode
+
+    def connect(self) -> None:
+        """Django's ``connect()``; in transaction mode, ``connection_created`` once per connection.
+
+        In session mode Django's own. In transaction mode the same steps,
+        but the signal fires for a physical connection only the first time a
+        wrapper gets it (here or when a statement takes one again), and again
+        after a reset wiped its session; its receivers' statements are
+        session setup: they neither pin nor give the connection back.
+        """
+        if self.settings_dict["OPTIONS"].get("POOL_MODE") != "transaction":
+            super().connect()  # type: ignore[misc]
+            return
+        self._pool_hold += 1
+        try:
+            # BaseDatabaseWrapper.connect() of Django 5.2 to 6.1, its signal
+            # aside (tests/test_transaction_mode.py pins its source).
+            self.check_settings()
+            self.in_atomic_block = False
+            self.savepoint_ids = []
+            self.atomic_blocks = []
+            self.needs_rollback = False
+            self.health_check_enabled = self.settings_dict["CONN_HEALTH_CHECKS"]
+            max_age = self.settings_dict["CONN_MAX_AGE"]
+            self.close_at = None if max_age is None else time.monotonic() + max_age
+            self.closed_in_transaction = False
+            self.errors_occurred = False
+            self.health_check_done = True
+            conn_params = self.get_connection_params()
+            self.connection = self.get_new_connection(conn_params)
+            self.set_autocommit(self.settings_dict["AUTOCOMMIT"])
+            self.init_connection_state()
+            self._pool_greet()
+            self.run_on_commit = []
+        finally:
+            self._pool_hold -= 1
+
+    def _pool_greet(self) -> None:
+        """Send ``connection_created`` for the current connection unless it had it."""
+        conn = self.connection
+        if self._pool is None:  # not pooled (NO_DB_ALIAS): sent as by Django
+            connection_created.send(sender=self.__class__, connection=self)
+            return
+        if conn in _greeted:
+            return
+        self._pool_hold += 1
+        try:
+            connection_created.send(sender=self.__class__, connection=self)
+        finally:
+            self._pool_hold -= 1
+        _greeted.add(conn)
+
+    def ensure_connection(self) -> None:
+        """Django's; a transaction-mode session without a connection takes one again."""
+        if self.connection is None and self._pool_home is not None:
+            self._pool_reattach()
+        else:
+            super().ensure_connection()  # type: ignore[misc]
+
+    def get_autocommit(self) -> bool:
+        """Django's; no connection is taken just to read it."""
+        if self.connection is None and self._pool_home is not None:
+            return bool(self.autocommit)  # type: ignore[attr-defined]
+        return bool(super().get_autocommit())  # type: ignore[misc]
+
+    def set_autocommit(
+        self, autocommit: bool, force_begin_transaction_with_broken_autocommit: bool = False
+    ) -> None:
+        """Django's; back in autocommit after a transaction, the connection goes back."""
+        if (
+            autocommit
+            and self.connection is None
+            and self._pool_home is not None
+            and self.autocommit  # type: ignore[attr-defined]
+        ):
+            return  # already in autocommit, and no connection to set it on
+        super().set_autocommit(  # type: ignore[misc]
+            autocommit, force_begin_transaction_with_broken_autocommit
+        )
+        if autocommit and self._pool_tx and self._pool_may_release():
+            self._pool_detach()
+
+    def _pool_reattach(self) -> None:
+        """Take a connection from the session's pool for the next statement."""
+        pool = self._pool_home
+        assert pool is not None
+        resolved = _resolved.get(self.alias)
+        if pool.closed or resolved is None or resolved[1] is not pool:
+            # The pool was closed or replaced (settings changed, the test
+            # database swapped in): a new session, through Django's connect().
+            self._pool_end_session()
+            super().ensure_connection()  # type: ignore[misc]
+            return
+        with self.wrap_database_errors:  # type: ignore[attr-defined]
+            conn, lease = pool.checkout()
+        self.connection = conn
+        self._pool = pool
+        self._pool_lease = lease
+        self._pool_home = None
+        self._pool_discard = False
+        self.errors_occurred = False  # another physical connection
+        if not self._thread_sharing_count:  # type: ignore[attr-defined]
+            self._watch(pool, conn)
+        if conn not in _greeted:
+            self._pool_greet()
+
+    def _pool_status(self) -> Status:
+        """The current connection's transaction status, without a round trip."""
+        assert self._pool is not None
+        return self._pool.driver.status(self.connection)
+
+    def _pool_may_release(self, *, check_status: bool = True) -> bool:
+        """True when the connection may go back now: transaction mode, no transaction, no pin."""
+        if (
+            not self._pool_tx
+            or self._pool is None
+            or self.connection is None
+            or self._pool_hold
+            or self.in_atomic_block  # type: ignore[attr-defined]
+            or not self.autocommit  # type: ignore[attr-defined]
+            or self._pool_dirty is not None
+            or self._pool_cursor_pins
+            or self._pool_explicit_pins
+            or self._thread_sharing_count  # type: ignore[attr-defined]
+        ):
+            return False
+        # A BEGIN sent by hand leaves it in a transaction: kept until it ends.
+        return not check_status or self._pool_status() is Status.IDLE
+
+    def _pool_detach(self, *, discard: bool = False, reset: bool = False) -> None:
+        """Give the connection back; the session goes on without one until the next statement."""
+        pool, conn, lease = self._pool, self.connection, self._pool_lease
+        assert pool is not None
+        self._pool = None
+        self._pool_home = pool
+        self._stop_watching()
+        self.connection = None
+        self._close_lease_cursors()
+        if reset:
+            _greeted.discard(conn)
+        with self.wrap_database_errors:  # type: ignore[attr-defined]
+            pool.putconn(conn, discard=discard, lease=lease, reset=reset)
+
+    def _pool_pin(self, reason: str, *, sticky: bool = True) -> None:
+        """Keep the connection with this session: ``reason`` is one of ``pinning.REASONS``.
+
+        A sticky pin (session state) lasts until the session ends, when the
+        connection goes back reset or discarded; a named cursor's until it
+        is closed; ``pinned()``'s until its block ends.
+        """
+        if reason == "cursor" and not sticky:
+            self._pool_cursor_pins += 1
+            count = True
+        elif reason == "explicit":
+            self._pool_explicit_pins += 1
+            count = self._pool_explicit_pins == 1
+        else:
+            if self._pool_dirty is None:
+                self._pool_dirty = reason
+            count = reason not in self._pool_pins
+            self._pool_pins.add(reason)
+        pool = self._pool or self._pool_home
+        if count and pool is not None:
+            pool.note_pin(reason)
+            timing.record_pin()
+
+    def _pool_unpin_cursor(self) -> None:
+        if self._pool_cursor_pins:
+            self._pool_cursor_pins -= 1
+
+    def _pool_end_session(self) -> None:
+        """Forget the session: its pins, its pool, its cursors (dead from now on)."""
+        self._pool_home = None
+        self._pool_dirty = None
+        self._pool_pins = set()
+        self._pool_cursor_pins = 0
+        self._pool_explicit_pins = 0
+        if self._pool_tx:
+            self._pool_session += 1
+
+    def _pool_return_kind(self) -> tuple[bool, bool | None]:
+        """``(discard, reset)`` for ``putconn`` at the end of a session."""
+        if not self._pool_tx:
+            return False, None
+        if self._pool_dirty is None and not self._pool_cursor_pins and not self._pool_explicit_pins:
+            return False, False  # no session state: no RESET_QUERY either
+        return self._pool_wipe()
+
+    def _pool_wipe(self) -> tuple[bool, bool]:
+        """``(discard, reset)`` for a connection whose session state must not reach anyone."""
+        pool = self._pool
+        if pool is not None and pool.options.RESET_QUERY is not None:
+            return False, True
+        return True, False  # nothing can wipe its state: closed, not reused
+
+    def _pool_enter_pinned(self) -> None:
+        self.ensure_connection()
+        if self._pool_tx:
+            self._pool_pin("explicit")
+
+    def _pool_exit_pinned(self) -> None:
+        if not self._pool_tx or not self._pool_explicit_pins:
+            return
+        self._pool_explicit_pins -= 1
+        if self._pool_explicit_pins or self._pool is None or self.connection is None:
+            return
+        # What the block did to the session is unknown: it must reach nobody.
+        if self._pool_may_release():  # no transaction, no other pin
+            discard, reset = self._pool_wipe()
+            self._pool_detach(discard=discard, reset=reset)
+        elif self._pool_dirty is None:
+            self._pool_dirty = "explicit"  # reset when the session ends
 
     def _set_autocommit(self, autocommit: bool) -> None:
         # connect() sets it on every checkout; a pooled connection comes back
@@ -358,16 +630,28 @@ class PooledDatabaseWrapperMixin:
 
     def make_cursor(self, cursor: Any) -> Any:
         """Django's ``CursorWrapper``; with psycopg2, its COPY under gevent says to use
-        ``blocking_copy()`` (psycopg 3's COPY is cooperative: no guard)."""
+        ``blocking_copy()`` (psycopg 3's COPY is cooperative: no guard). In
+        transaction mode, one that gives the connection back between statements."""
         if self.pool_driver != "psycopg2":
-            return super().make_cursor(cursor)  # type: ignore[misc]
-        return _GuardedCursorWrapper(cursor, self)
+            if not self._pool_tx or self._pool is None:
+                return super().make_cursor(cursor)  # type: ignore[misc]
+            wrapped = _TransactionCursorWrapper(cursor, self)
+        elif not self._pool_tx or self._pool is None:
+            return _GuardedCursorWrapper(cursor, self)
+        else:
+            wrapped = _GuardedTransactionCursorWrapper(cursor, self)
+        wrapped._pool_bind()
+        return wrapped
 
     def make_debug_cursor(self, cursor: Any) -> Any:
-        """The stock debug wrapper (it logs COPY), with psycopg2's COPY guard in front."""
+        """The stock debug wrapper (it logs COPY), with psycopg2's COPY guard in front
+        (and transaction mode's wrapper)."""
         wrapped = super().make_debug_cursor(cursor)  # type: ignore[misc]
         if self.pool_driver == "psycopg2":
             wrapped.__class__ = guarded(type(wrapped))
+        if self._pool_tx and self._pool is not None:
+            wrapped.__class__ = transactional(type(wrapped))
+            wrapped._pool_bind()
         return wrapped
 
     # ---------------------------------------------------------- return
@@ -378,14 +662,24 @@ class PooledDatabaseWrapperMixin:
             super()._close()  # type: ignore[misc]
             return
         conn, discard = self.connection, self._pool_discard
+        wipe, reset = self._pool_return_kind()
         self._pool, self._pool_discard = None, False
         self._stop_watching()
+        self._pool_end_session()
         # The connection is the pool's again: this wrapper must not touch it,
         # even when close() was called inside an atomic block.
         self.connection = None
         self._close_lease_cursors()
+        if reset:
+            _greeted.discard(conn)
         with self.wrap_database_errors:  # type: ignore[attr-defined]
-            pool.putconn(conn, discard=discard, lease=self._pool_lease)
+            pool.putconn(conn, discard=discard or wipe, lease=self._pool_lease, reset=reset)
+
+    def close(self) -> None:
+        """Django's ``close()``; also ends a transaction-mode session that has no connection."""
+        if self.connection is None and self._pool_home is not None:
+            self._pool_end_session()
+        super().close()  # type: ignore[misc]
 
     def create_cursor(self, name: str | None = None) -> Any:
         """Django's cursor, remembered until the connection goes back to the pool."""
@@ -438,6 +732,10 @@ class PooledDatabaseWrapperMixin:
         greenlet that happened to serve a request, keeps connections alive.
         """
         if self._pool is None or self.connection is None:
+            if self._pool_home is not None:  # a transaction-mode session ends
+                self.health_check_done = False
+                self.close()  # type: ignore[attr-defined]
+                return
             super().close_if_unusable_or_obsolete()  # type: ignore[misc]
             return
         self.health_check_done = False
@@ -449,6 +747,12 @@ class PooledDatabaseWrapperMixin:
 
 
 _GuardedCursorWrapper = guarded(CursorWrapper)
+_TransactionCursorWrapper = transactional(CursorWrapper)
+_GuardedTransactionCursorWrapper = transactional(_GuardedCursorWrapper)
+
+# The physical connections connection_created was sent for (transaction mode),
+# until a reset wipes what its receivers set up.
+_greeted: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
 def _return_orphan(
@@ -466,17 +770,28 @@ def _return_orphan(
     if wrapper is not None:
         if wrapper.connection is not conn or wrapper._pool_watch is not token:
             return  # given back, replaced, or shared (inc_thread_sharing) meanwhile
+        wipe, reset = wrapper._pool_return_kind()
         wrapper.connection = None
         wrapper._pool = None
         wrapper._pool_unwatch = None
         wrapper._pool_watch = None
+        wrapper._pool_end_session()
         wrapper._close_lease_cursors()
-        discard = wrapper._pool_discard
+        discard = wrapper._pool_discard or wipe
     else:
-        discard = False
+        # The wrapper is gone with its greenlet: what its session did is
+        # unknown; a transaction-mode connection may carry session state.
+        discard, reset = False, None
+        if pool.options.POOL_MODE == "transaction":
+            if pool.options.RESET_QUERY is None:
+                discard = True
+            else:
+                reset = True
+    if reset:
+        _greeted.discard(conn)
     logger.debug("pool %r: a greenlet ended holding a connection; giving it back", pool.name)
     try:
-        pool.putconn(conn, discard=discard, lease=lease)
+        pool.putconn(conn, discard=discard, lease=lease, reset=reset)
     except pool.driver.errors.ProgrammingError:
         pass  # it was returned meanwhile (and perhaps lent again: not ours to take)
 
@@ -491,11 +806,14 @@ def _forget_connections_after_fork() -> None:
     from django.db import connections
 
     for wrapper in connections.all(initialized_only=True):
-        if isinstance(wrapper, PooledDatabaseWrapperMixin) and wrapper._pool is not None:
+        if isinstance(wrapper, PooledDatabaseWrapperMixin) and (
+            wrapper._pool is not None or wrapper._pool_home is not None
+        ):
             wrapper.connection = None
             wrapper._pool = None
             wrapper._pool_unwatch = None
             wrapper._pool_watch = None
+            wrapper._pool_end_session()
 
 
 os.register_at_fork(after_in_child=_forget_connections_after_fork)
