@@ -15,7 +15,8 @@
    no HTTP) then **http**: for each competitor in turn, its own gunicorn (gevent
    workers; PgBouncer started in front for that competitor), its pools filled
    (``/warm/``), one warm-up second of wrk, then wrk on the primary-key view,
-   the ``pg_sleep(50 ms)`` view and the transaction view, while a thread
+   the ``pg_sleep(50 ms)`` view, the transaction view and the wait view (a
+   query, 50 ms waiting on another service, a query), while a thread
    samples ``pg_stat_activity`` every 20 ms. The competitor is stopped (by PID)
    and its server connections drained before the next one starts. The order of
    the competitors rotates from round to round.
@@ -52,7 +53,7 @@ if str(BENCH_DIR) not in sys.path:
 
 # These import with the stdlib and psycopg2 only, which both environments have;
 # matplotlib, Django and the competitors are used only after the re-exec.
-from benchapp.competitors import COMPETITORS, DBNAME, ITEMS  # noqa: E402
+from benchapp.competitors import COMPETITORS, DBNAME, ITEMS, VIEWS  # noqa: E402
 from benchkit import env as bench_env  # noqa: E402
 from benchkit import report  # noqa: E402
 from benchkit.runner import GUARD_MARGIN, TMP, Config, Run  # noqa: E402
@@ -74,13 +75,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="one short round (about 2.5 minutes)")
     parser.add_argument("--rounds", type=int, help="repetitions of every measurement")
     parser.add_argument("--http-seconds", type=float, help="seconds of wrk per view")
-    parser.add_argument("--sleep-seconds", type=float, help="seconds of wrk on the sleep view")
+    parser.add_argument(
+        "--sleep-seconds", type=float, help="seconds of wrk on the sleep and wait views"
+    )
     parser.add_argument("--micro-seconds", type=float, help="seconds of the micro query loop")
     parser.add_argument("--workers", type=int, default=1, help="gunicorn workers (1)")
     parser.add_argument("--max-conns", type=int, default=20, help="MAX_CONNS per worker (20)")
     parser.add_argument("--clients", type=int, default=200, help="wrk connections (200)")
     parser.add_argument("--greenlets", type=int, default=200, help="micro greenlets (200)")
     parser.add_argument("--competitors", help="comma-separated subset (raw is always run)")
+    parser.add_argument("--views", help=f"comma-separated subset of {','.join(VIEWS)} (all)")
     parser.add_argument("--scenarios", default="micro,http", help="micro,http (both)")
     parser.add_argument("--output", help="results/<name>.{json,md,png} (latest, or quick)")
     parser.add_argument(
@@ -107,6 +111,10 @@ def config_from_args(args: argparse.Namespace) -> Config:
         raise SystemExit(f"unknown competitors {unknown}; known: {', '.join(known)}")
     if "raw" not in chosen:
         chosen = ("raw", *chosen)  # every ratio needs the limit of the same round
+    views = tuple(args.views.split(",")) if args.views else VIEWS
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown:
+        raise SystemExit(f"unknown views {unknown}; known: {', '.join(VIEWS)}")
     return Config(
         quick=args.quick,
         rounds=int(base["rounds"]),
@@ -120,6 +128,7 @@ def config_from_args(args: argparse.Namespace) -> Config:
         clients=args.clients,
         micro_greenlets=args.greenlets,
         competitors=chosen,
+        views=tuple(v for v in VIEWS if v in views),
         scenarios=tuple(args.scenarios.split(",")),
         output=args.output or ("quick" if args.quick else "latest"),
         profile=args.profile,
@@ -251,7 +260,7 @@ def main(argv: list[str]) -> int:
     run.sampler.start()
     try:
         run.execute()
-        summary = report.summarize(run.records, asdict(config))
+        summary = report.summarize(run.records, asdict(config), run.skipped)
         found = report.targets(summary, asdict(config))
         profiles = []
         missed = any(t.passed is False for t in found)

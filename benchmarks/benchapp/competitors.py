@@ -13,7 +13,11 @@ once per process -- is made per competitor: ``hide_psycopg`` ones run with
 Ours runs twice: on psycopg2 (``ours``, beside django-db-geventpool and the
 psycopg2 stock backend) and on psycopg 3 (``ours-psycopg3``, beside Django's
 native pool, which needs psycopg 3): each pool is measured against the others
-on the same driver, in the same run.
+on the same driver, in the same run. A third time on psycopg2 with
+``POOL_MODE = "transaction"`` (``ours-transaction``): the connection goes
+back to the pool after each statement outside ``atomic()``. Its reference is
+``raw-per-query``: the same Django app whose ``/wait/`` view takes a raw
+connection only for each of its two queries.
 """
 
 from __future__ import annotations
@@ -24,6 +28,13 @@ from typing import Any
 
 #: Seconds the ``/sleep/`` view holds its connection on the server.
 SLEEP_SECONDS = 0.05
+
+#: Seconds the ``/wait/`` view waits between its two queries, off the database
+#: (a cooperative sleep standing for a call to another service: HTTP, an LLM).
+WAIT_SECONDS = 0.05
+
+#: The views every competitor is measured on, in order (the path is ``/<view>/``).
+VIEWS = ("item", "sleep", "tx", "wait")
 
 #: Items seeded with primary keys 1..ITEMS (``/item/<pk>/`` and ``/tx/`` pick from them).
 ITEMS = 1000
@@ -37,10 +48,23 @@ APPNAME_PREFIX = "dgpb"
 #: Our pool on psycopg 3 (the ``postgresql_psycopg3`` engine).
 OURS_PSYCOPG3 = "ours-psycopg3"
 
+#: Our pool on psycopg2 in transaction mode (``POOL_MODE = "transaction"``).
+OURS_TRANSACTION = "ours-transaction"
+
+#: The reference of transaction mode: Django serving ``/wait/`` with a raw
+#: connection taken for each query only (``benchapp/views.py``: ``wait_raw``).
+RAW_PER_QUERY = "raw-per-query"
+
 #: Our engine per competitor that is ours.
 OUR_ENGINES = {
     "ours": "django_gevent_pool.backends.postgresql_psycopg2",
     OURS_PSYCOPG3: "django_gevent_pool.backends.postgresql_psycopg3",
+    OURS_TRANSACTION: "django_gevent_pool.backends.postgresql_psycopg2",
+}
+
+#: OPTIONS of ours beyond MAX_CONNS, REUSE_CONNS and POOL_TIMEOUT, per competitor.
+OUR_EXTRA_OPTIONS: dict[str, dict[str, Any]] = {
+    OURS_TRANSACTION: {"POOL_MODE": "transaction"},
 }
 
 
@@ -67,6 +91,11 @@ class Competitor:
     ours: bool = False
     in_micro: bool = False
     notes: str = ""
+    views: tuple[str, ...] = VIEWS  # the views it serves; the others are skipped for it
+
+    def serves(self, view: str) -> bool:
+        """True when this competitor is measured on ``view``."""
+        return view in self.views
 
 
 COMPETITORS: tuple[Competitor, ...] = (
@@ -151,6 +180,31 @@ COMPETITORS: tuple[Competitor, ...] = (
             " ours on psycopg2; to compare with Django's native pool on the same driver"
         ),
     ),
+    Competitor(
+        OURS_TRANSACTION,
+        "django-gevent-pool (ours, transaction mode)",
+        "psycopg2",
+        hide_psycopg=False,
+        ours=True,
+        in_micro=True,
+        notes=(
+            'the same as ours on psycopg2 plus POOL_MODE="transaction": the connection goes'
+            " back to the pool after each statement outside atomic(), and after each"
+            " outermost atomic()"
+        ),
+    ),
+    Competitor(
+        RAW_PER_QUERY,
+        "Django + raw conn. per query (reference)",
+        "psycopg2",
+        hide_psycopg=True,
+        notes=(
+            "the wait view only: the same Django app, each of its two queries on a psycopg2"
+            " connection taken for that query alone from MAX_CONNS in a plain gevent Queue"
+            " (no pool logic), same SQL as the ORM's; the best transaction mode can do"
+        ),
+        views=("wait",),
+    ),
 )
 
 BY_KEY: dict[str, Competitor] = {c.key: c for c in COMPETITORS}
@@ -183,7 +237,8 @@ def database(
         "PORT": port,
     }
     name = appname(key)
-    if key == "stock-age0":
+    if key in ("stock-age0", RAW_PER_QUERY):
+        # The reference's views never use Django's connection (only /info/ does).
         return {
             **common,
             "ENGINE": "django.db.backends.postgresql",
@@ -234,6 +289,7 @@ def database(
                 "MAX_CONNS": max_conns,
                 "REUSE_CONNS": max_conns,
                 "POOL_TIMEOUT": pool_timeout,
+                **OUR_EXTRA_OPTIONS.get(key, {}),
                 "application_name": name,
             },
         }
@@ -253,7 +309,7 @@ def make_psycopg2_cooperative(key: str) -> None:
     competitor = BY_KEY.get(key)
     if competitor is not None and competitor.driver == "psycopg":
         return
-    if key in ("ours", MICRO_BARE):
+    if key == MICRO_BARE or (competitor is not None and competitor.ours):
         import django_gevent_pool
 
         django_gevent_pool.patch_psycopg2()
@@ -261,6 +317,26 @@ def make_psycopg2_cooperative(key: str) -> None:
     from psycogreen.gevent import patch_psycopg
 
     patch_psycopg()
+
+
+def unavailable(key: str) -> str | None:
+    """Why competitor ``key`` cannot run with the working tree's package, or None if it can.
+
+    Ours with an option the installed package does not know yet (``POOL_MODE``
+    before it exists) is refused at its first connection with
+    ``ImproperlyConfigured``: the orchestrator asks here first and skips it
+    with this message instead of failing the whole run.
+    """
+    extra = OUR_EXTRA_OPTIONS.get(key)
+    if not extra:
+        return None
+    from django_gevent_pool import PoolConfigError, PoolOptions
+
+    try:
+        PoolOptions.from_mapping({"MAX_CONNS": 1, **extra}, name=f"{key} (DATABASES['default'])")
+    except PoolConfigError as exc:
+        return f"this django_gevent_pool refuses {extra}: {exc}"
+    return None
 
 
 def env_settings() -> dict[str, Any]:

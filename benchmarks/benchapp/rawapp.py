@@ -6,7 +6,12 @@ opened on first need and kept open for the life of the worker, in a plain
 runs the same SQL as the Django view, and puts it back. No health check, no
 state check, no accounting: nothing a pool does is done here, so no pool can
 be faster on the same server, and every competitor is reported as a fraction
-of this.
+of this. Its ``/wait/`` takes a connection for each of its two queries only,
+as the best transaction-mode pool would, and gives it back during the wait.
+
+The same connections serve the ``raw-per-query`` reference: Django's request
+handling around the same SQL on a connection taken for each query
+(``views.wait_raw``).
 """
 
 from __future__ import annotations
@@ -23,7 +28,14 @@ import gevent
 import gevent.queue
 import psycopg2
 
-from benchapp.competitors import DBNAME, ITEMS, SLEEP_SECONDS, appname, env_settings
+from benchapp.competitors import (
+    DBNAME,
+    ITEMS,
+    SLEEP_SECONDS,
+    WAIT_SECONDS,
+    appname,
+    env_settings,
+)
 
 _ITEM_SQL = (
     "SELECT id, name, price, stock FROM bench_item WHERE id = %s LIMIT 21"  # as Django's .get()
@@ -37,9 +49,12 @@ StartResponse = Callable[[str, list[tuple[str, str]]], Any]
 
 
 class FixedConnections:
-    """At most ``size`` open connections in a FIFO queue; opened lazily, never closed."""
+    """At most ``size`` open connections in a FIFO queue; opened lazily, never closed.
 
-    def __init__(self, size: int) -> None:
+    ``key`` is the competitor they are counted for (``application_name``).
+    """
+
+    def __init__(self, size: int, key: str = "raw") -> None:
         self._size = size
         self._opened = 0
         self._queue: gevent.queue.Queue[Any] = gevent.queue.Queue()
@@ -50,7 +65,7 @@ class FixedConnections:
             "user": params["user"],
             "password": params["password"],
             "dbname": DBNAME,
-            "application_name": appname("raw"),
+            "application_name": appname(key),
         }
 
     def get(self) -> Any:
@@ -78,7 +93,8 @@ def connections() -> FixedConnections:
     """This worker's connections (made after the fork, on the first request)."""
     global _connections
     if _connections is None:
-        _connections = FixedConnections(env_settings()["max_conns"])
+        key = os.environ.get("DGPB_COMPETITOR", "raw")
+        _connections = FixedConnections(env_settings()["max_conns"], key)
     return _connections
 
 
@@ -90,7 +106,8 @@ def _json(start_response: StartResponse, status: str, body: dict[str, Any]) -> l
     return [data]
 
 
-def _run(work: Callable[[Any], dict[str, Any] | None]) -> dict[str, Any] | None:
+def run(work: Callable[[Any], dict[str, Any] | None]) -> dict[str, Any] | None:
+    """``work(cursor)`` on a connection taken for it alone, given back right after."""
     pool = connections()
     conn = pool.get()
     try:
@@ -100,7 +117,8 @@ def _run(work: Callable[[Any], dict[str, Any] | None]) -> dict[str, Any] | None:
         pool.put(conn)
 
 
-def _item(cursor: Any, pk: int) -> dict[str, Any] | None:
+def item(cursor: Any, pk: int) -> dict[str, Any] | None:
+    """The item view's query: one row by primary key, as a dict (None if missing)."""
     cursor.execute(_ITEM_SQL, [pk])
     row = cursor.fetchone()
     if row is None:
@@ -108,7 +126,16 @@ def _item(cursor: Any, pk: int) -> dict[str, Any] | None:
     return {"id": row[0], "name": row[1], "price": row[2], "stock": row[3]}
 
 
-def _sleep(cursor: Any) -> dict[str, Any]:
+def wait() -> dict[str, Any]:
+    """The wait view's work: a query, a cooperative wait, a query; no connection held between."""
+    first = run(lambda cursor: item(cursor, random.randint(1, ITEMS)))
+    gevent.sleep(WAIT_SECONDS)  # another service (HTTP, an LLM) answering
+    second = run(lambda cursor: item(cursor, random.randint(1, ITEMS)))
+    return {"first": first, "second": second, "waited": WAIT_SECONDS}
+
+
+def sleep(cursor: Any) -> dict[str, Any]:
+    """The sleep view's query: ``pg_sleep`` for SLEEP_SECONDS."""
     cursor.execute("SELECT pg_sleep(%s)", [SLEEP_SECONDS])
     return {"slept": SLEEP_SECONDS}
 
@@ -130,35 +157,42 @@ def _tx(cursor: Any, pk: int) -> dict[str, Any] | None:
     return {"order": order, "item": pk}
 
 
+def warm() -> int:
+    """Open every connection of this worker: MAX_CONNS greenlets each hold one at once."""
+    count = env_settings()["max_conns"]
+    greenlets = [gevent.spawn(run, sleep) for _ in range(count)]
+    gevent.joinall(greenlets, timeout=30, raise_error=True)
+    return count
+
+
 def application(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-    """The WSGI app: the three views, and ``/warm/``, ``/collect/``, ``/info/``."""
+    """The WSGI app: the four views, and ``/warm/``, ``/collect/``, ``/info/``."""
     path = environ.get("PATH_INFO", "")
     if path.startswith("/item/"):
         try:
             pk = int(path.strip("/").split("/")[1])
         except (IndexError, ValueError):
             return _json(start_response, "404 Not Found", {"error": "bad path"})
-        row = _run(lambda cursor: _item(cursor, pk))
+        row = run(lambda cursor: item(cursor, pk))
         if row is None:
             return _json(start_response, "404 Not Found", {"error": f"no item {pk}"})
         return _json(start_response, "200 OK", row)
     if path == "/sleep/":
-        return _json(start_response, "200 OK", _run(_sleep) or {})
+        return _json(start_response, "200 OK", run(sleep) or {})
+    if path == "/wait/":
+        return _json(start_response, "200 OK", wait())
     if path == "/tx/":
         pk = random.randint(1, ITEMS)
-        result = _run(lambda cursor: _tx(cursor, pk))
+        result = run(lambda cursor: _tx(cursor, pk))
         if result is None:
             return _json(start_response, "404 Not Found", {"error": f"no item {pk}"})
         return _json(start_response, "200 OK", result)
     if path == "/warm/":
-        count = env_settings()["max_conns"]
-        greenlets = [gevent.spawn(_run, _sleep) for _ in range(count)]
-        gevent.joinall(greenlets, timeout=30, raise_error=True)
-        return _json(start_response, "200 OK", {"pid": os.getpid(), "warmed": count})
+        return _json(start_response, "200 OK", {"pid": os.getpid(), "warmed": warm()})
     if path == "/collect/":
         return _json(start_response, "200 OK", {"pid": os.getpid(), "collected": gc.collect()})
     if path == "/info/":
-        wait = psycopg2.extensions.get_wait_callback()
+        callback = psycopg2.extensions.get_wait_callback()
         return _json(
             start_response,
             "200 OK",
@@ -168,7 +202,7 @@ def application(environ: dict[str, Any], start_response: StartResponse) -> Itera
                 "engine": "raw WSGI app",
                 "driver": "psycopg2",
                 "psycopg2_wait_callback": (
-                    None if wait is None else f"{wait.__module__}.{wait.__qualname__}"
+                    None if callback is None else f"{callback.__module__}.{callback.__qualname__}"
                 ),
             },
         )

@@ -1,7 +1,12 @@
 """The demo's views (``examples/demoproject/shop/views.py``), without its pool-specific imports.
 
 None of them knows about the pool: the first query of a request takes a
-connection, and Django gives it back (or closes it) when the request finishes.
+connection, and Django gives it back (or closes it) when the request finishes
+(or, with our ``POOL_MODE = "transaction"``, after each statement).
+
+``wait_raw`` and ``warm_raw`` replace ``wait`` and ``warm`` for the
+``raw-per-query`` reference (``urls.py``): the same work on raw psycopg2
+connections taken for each query only.
 """
 
 from __future__ import annotations
@@ -9,20 +14,32 @@ from __future__ import annotations
 import os
 import random
 import sys
+from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import F
 from django.http import HttpRequest, JsonResponse
 
-from benchapp.competitors import SLEEP_SECONDS, env_settings
+from benchapp.competitors import SLEEP_SECONDS, WAIT_SECONDS, env_settings
 from benchapp.models import Item, Order
+
+_ITEM_FIELDS = ("id", "name", "price", "stock")
+
+#: Requests of the measured views this process began since the last ``/poolstats/``.
+_served = 0
+
+
+def _count() -> None:
+    global _served
+    _served += 1  # no switch here: greenlet-safe; the workers have one OS thread
 
 
 def item(request: HttpRequest, pk: int) -> JsonResponse:
     """``/item/<pk>/``: one primary-key lookup."""
+    _count()
     try:
-        row = Item.objects.values("id", "name", "price", "stock").get(pk=pk)
+        row = Item.objects.values(*_ITEM_FIELDS).get(pk=pk)
     except Item.DoesNotExist:
         return JsonResponse({"error": f"no item {pk}"}, status=404)
     return JsonResponse(row)
@@ -30,6 +47,7 @@ def item(request: HttpRequest, pk: int) -> JsonResponse:
 
 def sleep(request: HttpRequest) -> JsonResponse:
     """``/sleep/``: a slow query, holding a connection for SLEEP_SECONDS."""
+    _count()
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_sleep(%s)", [SLEEP_SECONDS])
     return JsonResponse({"slept": SLEEP_SECONDS})
@@ -37,6 +55,7 @@ def sleep(request: HttpRequest) -> JsonResponse:
 
 def tx(request: HttpRequest) -> JsonResponse:
     """``/tx/``: take one unit of a random item's stock and record an order, atomically."""
+    _count()
     pk = random.randint(1, settings.SHOP_ITEMS)
     with transaction.atomic():
         updated = Item.objects.filter(pk=pk).update(stock=F("stock") - 1)
@@ -44,6 +63,42 @@ def tx(request: HttpRequest) -> JsonResponse:
             return JsonResponse({"error": f"no item {pk}"}, status=404)
         order = Order.objects.create(item_id=pk, quantity=1)
     return JsonResponse({"order": order.pk, "item": pk})
+
+
+def wait(request: HttpRequest) -> JsonResponse:
+    """``/wait/``: a query, WAIT_SECONDS waiting on another service, a second query.
+
+    The wait is a cooperative sleep standing for an HTTP or LLM call: no
+    query runs meanwhile, but a pool that lends a connection per request
+    keeps it lent (idle in the server) for the whole wait.
+    """
+    import gevent
+
+    _count()
+    first = Item.objects.values(*_ITEM_FIELDS).get(pk=random.randint(1, settings.SHOP_ITEMS))
+    gevent.sleep(WAIT_SECONDS)
+    second = Item.objects.values(*_ITEM_FIELDS).get(pk=random.randint(1, settings.SHOP_ITEMS))
+    return JsonResponse({"first": first, "second": second, "waited": WAIT_SECONDS})
+
+
+def wait_raw(request: HttpRequest) -> JsonResponse:
+    """``/wait/`` of the reference: each query on a raw connection taken for it alone.
+
+    The same SQL as the ORM's, on MAX_CONNS psycopg2 connections in a plain
+    gevent queue (``rawapp.FixedConnections``: no pool logic), given back as
+    soon as the row is fetched, so none is held during the wait.
+    """
+    from benchapp import rawapp
+
+    _count()
+    return JsonResponse(rawapp.wait())
+
+
+def warm_raw(request: HttpRequest) -> JsonResponse:
+    """``/warm/`` of the reference: open its MAX_CONNS raw connections."""
+    from benchapp import rawapp
+
+    return JsonResponse({"pid": os.getpid(), "warmed": rawapp.warm()})
 
 
 def warm(request: HttpRequest) -> JsonResponse:
@@ -109,5 +164,50 @@ def info(request: HttpRequest) -> JsonResponse:
             "driver": connection.Database.__name__,
             "psycopg2_wait_callback": callback,
             "psycopg_wait": psycopg_wait,
+            "pool_mode": settings.DATABASES["default"]["OPTIONS"].get("POOL_MODE"),
+            "lent_after_statement": lent_after_statement(),
+        }
+    )
+
+
+def _our_pool() -> Any:
+    """Our pool of the default alias in this process (None for the other competitors)."""
+    if "django_gevent_pool" not in settings.DATABASES["default"]["ENGINE"]:
+        return None
+    from django_gevent_pool.backends.base import get_pool
+
+    return get_pool()
+
+
+def lent_after_statement() -> int | None:
+    """Connections our pool has lent right after one ORM statement in autocommit.
+
+    In session mode this request still holds its connection (1); in
+    transaction mode it went back when the statement ended (0). None for the
+    other competitors. Read from the pool's own counts, whatever the
+    transaction mode is made of.
+    """
+    if "django_gevent_pool" not in settings.DATABASES["default"]["ENGINE"]:
+        return None
+    Item.objects.filter(pk=1).exists()
+    pool = _our_pool()
+    return None if pool is None else int(pool.get_stats()["pool_in_use"])
+
+
+def pool_stats(request: HttpRequest) -> JsonResponse:
+    """``/poolstats/``: since the last call, our pool's counters (``pop_stats()``) and requests.
+
+    ``stats`` is None for the other competitors; ``served`` counts the
+    requests of the measured views this process began, so checkouts per
+    request come from one process's own counts over one window.
+    """
+    global _served
+    pool = _our_pool()
+    served, _served = _served, 0
+    return JsonResponse(
+        {
+            "pid": os.getpid(),
+            "stats": None if pool is None else pool.pop_stats(),
+            "served": served,
         }
     )

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchapp.competitors import ITEMS
+from benchapp.competitors import ITEMS, OURS_TRANSACTION
 
 from .loads import MICRO, run_wrk
 from .report import plural
@@ -167,10 +167,10 @@ def _record(pid: int, seconds: float, output: Path, subprocesses: bool) -> str:
     return output.read_text()
 
 
-def profile_http(run: Run, view: str, seconds: float) -> Profile:
-    """Our gunicorn under wrk on ``view``; py-spy on the master and its workers."""
+def profile_http(run: Run, view: str, seconds: float, key: str = "ours") -> Profile:
+    """Our gunicorn (competitor ``key``) under wrk on ``view``; py-spy on master and workers."""
     config = run.config
-    with run.serving("ours", f"profile-ours-{view}") as (gunicorn, clients):
+    with run.serving(key, f"profile-{key}-{view}") as (gunicorn, clients):
         results: dict[str, Any] = {}
 
         def load() -> None:
@@ -181,11 +181,11 @@ def profile_http(run: Run, view: str, seconds: float) -> Profile:
         driver = threading.Thread(target=load, name="dgpb-profile-wrk")
         driver.start()
         time.sleep(1.0)
-        raw = _record(gunicorn.proc.pid, seconds, TMP / f"profile-http-{view}.raw", True)
+        raw = _record(gunicorn.proc.pid, seconds, TMP / f"profile-http-{key}-{view}.raw", True)
         driver.join(timeout=seconds + 60)
     profile = parse_raw(
         raw,
-        f"HTTP /{view}/, ours, {plural(config.workers, 'gevent worker')}, "
+        f"HTTP /{view}/, {key}, {plural(config.workers, 'gevent worker')}, "
         f"{clients} wrk connections, "
         f"{seconds:g} s",
     )
@@ -234,11 +234,17 @@ def profile_micro(run: Run, seconds: float) -> Profile:
 
 
 def profile_ours(run: Run, seconds: float) -> list[Profile]:
-    """Profiles of the loads whose targets concern us: pk and transaction views, micro."""
+    """Profiles of the loads whose targets concern us: pk, transaction and wait views, micro.
+
+    The wait view is profiled in transaction mode, when that mode was measured.
+    """
     out = []
-    for view in ("item", "tx"):
-        print(f"  profiling ours on /{view}/ ({seconds:g} s)...", flush=True)
-        out.append(profile_http(run, view, seconds))
+    loads = [("ours", "item"), ("ours", "tx")]
+    if OURS_TRANSACTION in run.config.competitors and OURS_TRANSACTION not in run.skipped:
+        loads.append((OURS_TRANSACTION, "wait"))
+    for key, view in loads:
+        print(f"  profiling {key} on /{view}/ ({seconds:g} s)...", flush=True)
+        out.append(profile_http(run, view, seconds, key))
     print(f"  profiling ours in the micro loop ({seconds:g} s)...", flush=True)
     out.append(profile_micro(run, seconds))
     return out

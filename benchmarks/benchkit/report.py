@@ -14,19 +14,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchapp.competitors import BY_KEY, MICRO_BARE, OURS_PSYCOPG3, SLEEP_SECONDS
+from benchapp.competitors import (
+    BY_KEY,
+    MICRO_BARE,
+    OURS_PSYCOPG3,
+    OURS_TRANSACTION,
+    RAW_PER_QUERY,
+    SLEEP_SECONDS,
+    VIEWS,
+    WAIT_SECONDS,
+)
 
-VIEWS = ("item", "sleep", "tx")
 VIEW_TITLES = {
     "item": "primary key (/item/<pk>/)",
     "sleep": "pg_sleep 50 ms (/sleep/)",
     "tx": "transaction (/tx/)",
+    "wait": "query, 50 ms wait on another service, query (/wait/)",
 }
 MICRO_LABELS = {
     "raw": "raw psycopg2 (limit)",
     MICRO_BARE: "our bare ConnectionPool",
     "ours": "django-gevent-pool (ours, psycopg2)",
     OURS_PSYCOPG3: "django-gevent-pool (ours, psycopg 3)",
+    OURS_TRANSACTION: "django-gevent-pool (ours, transaction mode)",
     "django-pool": "Django native pool (psycopg 3)",
     "geventpool": "django-db-geventpool 4.0.8",
     "django-queue": "Django on a bare queue (no pool)",
@@ -37,6 +47,14 @@ PK_VS_GEVENTPOOL = 1.3
 TX_VS_GEVENTPOOL = 1.3
 SLEEP_OF_CEILING = 0.98
 MICRO_VS_GEVENTPOOL = 1.4
+#: Wait view: ours in transaction mode against the raw-connection-per-query reference...
+WAIT_OF_REFERENCE = 0.8
+#: ... and against every other competitor (not the raw limit, not the reference).
+WAIT_VS_OTHERS = 3.0
+#: Transaction mode on the views that hold one connection anyway: at most 5 % below session.
+TRANSACTION_OF_SESSION = 0.95
+#: Not among the wait view's "every other competitor": the raw limit, the reference, itself.
+NOT_COMPARED_ON_WAIT = ("raw", RAW_PER_QUERY, OURS_TRANSACTION)
 
 
 def label(key: str) -> str:
@@ -63,7 +81,42 @@ def spread(values: Sequence[float]) -> float:
 # ------------------------------------------------------------------ summary
 
 
-def summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[str, Any]:
+def _optional_median(values: Iterable[float | None]) -> float | None:
+    """Median of the values that are not None (None if there are none)."""
+    data = [v for v in values if v is not None]
+    return median(data) if data else None
+
+
+def pool_counters(mine: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Our pool's counters during one view's measurements (None: not ours, or not reported).
+
+    ``checkouts_per_request``: pool checkouts over the requests the workers
+    began in the same window (median of the rounds). The other counters are
+    summed over the rounds.
+    """
+    rows = [r for r in mine if r.get("pool")]
+    if not rows:
+        return None
+    per_request = [
+        r["pool"].get("requests_num", 0.0) / r["pool"]["served"]
+        for r in rows
+        if r["pool"].get("served")
+    ]
+    totals: dict[str, float] = {}
+    for row in rows:
+        for name, value in row["pool"].items():
+            if "_max_" in name or "_wait_p" in name:
+                totals[name] = max(totals.get(name, 0.0), value)
+            else:
+                totals[name] = totals.get(name, 0.0) + value
+    return {"checkouts_per_request": median(per_request), **totals}
+
+
+def summarize(
+    records: list[dict[str, Any]],
+    config: dict[str, Any],
+    skipped: dict[str, str] | None = None,
+) -> dict[str, Any]:
     """Medians, spreads and per-round ratios to ``raw``, by scenario, view and competitor."""
     http: dict[str, dict[str, Any]] = {}
     for view in VIEWS:
@@ -96,6 +149,7 @@ def summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[str
                 "peak_per_worker": (
                     None if BY_KEY[key].pgbouncer else max(r["peak_per_worker"] for r in mine)
                 ),
+                "pool": pool_counters(mine),
             }
         http[view] = per_competitor
     micro_rows = [r for r in records if r["scenario"] == "micro"]
@@ -135,6 +189,8 @@ def summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[str
             "overhead_us_vs_raw": median(overhead) if overhead else None,
             "noop_us": median(r["noop_us"] for r in mine),
             "noop_spread": spread([r["noop_us"] for r in mine]),
+            "statement_us": _optional_median(r.get("statement_us") for r in mine),
+            "statement_busy_us": _optional_median(r.get("statement_busy_us") for r in mine),
             "errors": sum(r["errors"] for r in mine),
             "peak_server_conns": max(r["peak_total"] for r in mine),
         }
@@ -146,7 +202,11 @@ def summarize(records: list[dict[str, Any]], config: dict[str, Any]) -> dict[str
         "http": http,
         "micro": micro,
         "psycopg3": psycopg3_comparison(http, micro),
+        "pool_mode": pool_mode_comparison(http, micro),
+        "skipped": dict(skipped or {}),
         "sleep_ceiling_rps": config["workers"] * config["max_conns"] / SLEEP_SECONDS,
+        # What a pool lending one connection per request can serve on /wait/ at most.
+        "wait_session_ceiling_rps": config["workers"] * config["max_conns"] / WAIT_SECONDS,
         "sleep_server_rps": median(server_sleep) if server_sleep else None,
         "noise": {
             "median_spread": median(spreads),
@@ -217,6 +277,117 @@ def psycopg3_lines(summary: dict[str, Any]) -> list[str]:
             )
         lines.append(f"ours on psycopg 3 / {label(base)}: " + "; ".join(parts))
     return lines
+
+
+def _versus(results: dict[str, Any], a: str, b: str) -> float | None:
+    """``a`` / ``b`` in throughput: through the raw limit of each round when both have it."""
+    through_raw = _ratio_of(results, a, b)
+    if through_raw is not None:
+        return through_raw
+    return _ratio_of(results, a, b, "rps")
+
+
+def pool_mode_comparison(http: dict[str, Any], micro: dict[str, Any]) -> dict[str, Any]:
+    """Ours in transaction mode against ours in session mode (psycopg2 both).
+
+    Per view: throughput (through the raw limit of each round) and p99,
+    transaction / session, and the pool checkouts per request of each mode.
+    Micro: microseconds per ORM statement of each mode, their ratio and the
+    difference (the checkout + return transaction mode adds to a statement).
+    Empty when ours in transaction mode was not run.
+    """
+    out: dict[str, Any] = {}
+    for view in VIEWS:
+        results = http.get(view, {})
+        if OURS_TRANSACTION not in results:
+            continue
+        row: dict[str, Any] = {
+            "transaction_rps": results[OURS_TRANSACTION]["rps"],
+            "transaction_checkouts_per_request": (results[OURS_TRANSACTION]["pool"] or {}).get(
+                "checkouts_per_request"
+            ),
+        }
+        if "ours" in results:
+            row.update(
+                session_rps=results["ours"]["rps"],
+                throughput=_versus(results, OURS_TRANSACTION, "ours"),
+                p99=_ratio_of(results, OURS_TRANSACTION, "ours", "p99_ms"),
+                session_checkouts_per_request=(results["ours"]["pool"] or {}).get(
+                    "checkouts_per_request"
+                ),
+            )
+        out[view] = row
+    session, transaction = micro.get("ours", {}), micro.get(OURS_TRANSACTION, {})
+    for loop in ("statement_us", "statement_busy_us"):
+        a, b = session.get(loop), transaction.get(loop)
+        if a and b:
+            out.setdefault("micro", {})[loop] = {
+                "session": a,
+                "transaction": b,
+                "ratio": b / a,
+                "added_us": b - a,
+            }
+    return out
+
+
+def pool_mode_lines(summary: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """Transaction mode against session mode, in a few lines (none if not measured)."""
+    found = summary.get("pool_mode", {})
+    lines = []
+    micro = found.get("micro", {})
+    for loop, how in (
+        ("statement_us", "one greenlet"),
+        ("statement_busy_us", f"{config['max_conns']} greenlets, the process busy"),
+    ):
+        if loop in micro:
+            row = micro[loop]
+            lines.append(
+                f"micro, one ORM pk lookup through Django ({how}): session {row['session']:.1f}"
+                f" us, transaction {row['transaction']:.1f} us per statement = "
+                f"{row['ratio']:.2f}x ({row['added_us']:+.1f} us: the checkout + return "
+                "around each statement)"
+            )
+    parts = []
+    for view in VIEWS:
+        row = found.get(view)
+        if not row:
+            continue
+        text = f"{view} {row['transaction_rps']:.0f} req/s"
+        if row.get("throughput") is not None:
+            text += f" = {row['throughput']:.3f}x session's {row['session_rps']:.0f}"
+        if row.get("p99") is not None:
+            text += f" (p99 {row['p99']:.2f}x)"
+        parts.append(text)
+    if parts:
+        lines.append("ours, transaction mode / session mode: " + "; ".join(parts))
+    checkouts = []
+    for view in VIEWS:
+        row = found.get(view)
+        if not row or row.get("transaction_checkouts_per_request") is None:
+            continue
+        text = f"{view} {row['transaction_checkouts_per_request']:.2f}"
+        if row.get("session_checkouts_per_request") is not None:
+            text += f" (session {row['session_checkouts_per_request']:.2f})"
+        checkouts.append(text)
+    if checkouts:
+        lines.append("pool checkouts per request, transaction mode: " + "; ".join(checkouts))
+    pins: dict[str, float] = {}
+    for view in VIEWS:
+        pool = summary["http"].get(view, {}).get(OURS_TRANSACTION, {}).get("pool") or {}
+        for name, value in pool.items():
+            if name.startswith("pins_") and value:
+                pins[f"{view} {name[5:]}"] = value
+    if found and any(view in found for view in VIEWS):
+        lines.append(
+            "transaction mode, connections pinned to a request (session state): "
+            + (", ".join(f"{k} {v:.0f}" for k, v in pins.items()) or "none")
+        )
+    return lines
+
+
+def skipped_lines(summary: dict[str, Any]) -> list[str]:
+    """Competitors left out of the run, and why."""
+    return [f"{key} skipped: {why}" for key, why in summary.get("skipped", {}).items()]
 
 
 # ------------------------------------------------------------------ targets
@@ -347,8 +518,12 @@ def targets(summary: dict[str, Any], config: dict[str, Any]) -> list[Target]:
             )
         )
 
-    peaks = [view["ours"]["peak_per_worker"] for view in http.values() if "ours" in view]
-    peaks += [micro[k]["peak_server_conns"] for k in ("ours", MICRO_BARE) if k in micro]
+    out.append(wait_target(summary))
+    out += transaction_targets(summary)
+
+    ours_keys = ("ours", OURS_TRANSACTION)
+    peaks = [view[k]["peak_per_worker"] for view in http.values() for k in ours_keys if k in view]
+    peaks += [micro[k]["peak_server_conns"] for k in (*ours_keys, MICRO_BARE) if k in micro]
     if not peaks:
         out.append(Target("peak server connections", None, "ours not run"))
     else:
@@ -356,8 +531,78 @@ def targets(summary: dict[str, Any], config: dict[str, Any]) -> list[Target]:
             Target(
                 "peak server connections",
                 max(peaks) <= config["max_conns"] and max(peaks) > 0,
-                f"ours: at most {max(peaks)} per process (MAX_CONNS={config['max_conns']}), "
-                "sampled every 20 ms from pg_stat_activity by application_name",
+                f"ours (session and transaction mode): at most {max(peaks)} per process "
+                f"(MAX_CONNS={config['max_conns']}), sampled every 20 ms from "
+                "pg_stat_activity by application_name",
+            )
+        )
+    return out
+
+
+def _not_run(summary: dict[str, Any], key: str) -> str:
+    why = summary.get("skipped", {}).get(key)
+    return f"{key} not run" + (f" ({why})" if why else "")
+
+
+def wait_target(summary: dict[str, Any]) -> Target:
+    """Wait view: ours in transaction mode near the reference and far ahead of everyone else."""
+    name = "wait view, transaction mode"
+    wait = summary["http"].get("wait", {})
+    mine = wait.get(OURS_TRANSACTION)
+    if mine is None:
+        return Target(name, None, _not_run(summary, OURS_TRANSACTION))
+    of_reference = _versus(wait, OURS_TRANSACTION, RAW_PER_QUERY)
+    if of_reference is None:
+        return Target(name, None, _not_run(summary, RAW_PER_QUERY))
+    others = {
+        key: _versus(wait, OURS_TRANSACTION, key) for key in wait if key not in NOT_COMPARED_ON_WAIT
+    }
+    measured = {key: vs for key, vs in others.items() if vs is not None}
+    worst = min(measured, key=lambda k: measured[k]) if measured else None
+    passed = of_reference >= WAIT_OF_REFERENCE and all(
+        vs >= WAIT_VS_OTHERS for vs in measured.values()
+    )
+    detail = (
+        f"ours in transaction mode {mine['rps']:.0f} req/s = {of_reference:.3f} of the "
+        f"reference's {wait[RAW_PER_QUERY]['rps']:.0f} (a raw connection per query; target >= "
+        f"{WAIT_OF_REFERENCE})"
+    )
+    if worst is None:
+        detail += "; no other competitor in this run"
+    else:
+        detail += (
+            f"; {measured[worst]:.2f}x the best other, {label(worst)} "
+            f"{wait[worst]['rps']:.0f} req/s (target >= {WAIT_VS_OTHERS}x each: "
+            + ", ".join(f"{key} {vs:.2f}x" for key, vs in measured.items())
+            + ")"
+        )
+    detail += f"; {mine['errors']} errors"
+    return Target(name, passed, detail)
+
+
+def transaction_targets(summary: dict[str, Any]) -> list[Target]:
+    """pk, sleep and tx views: transaction mode no more than 5 % below session mode."""
+    out = []
+    for view in ("item", "sleep", "tx"):
+        name = f"{'pk' if view == 'item' else view} view, transaction vs session mode"
+        results = summary["http"].get(view, {})
+        missing = [k for k in (OURS_TRANSACTION, "ours") if k not in results]
+        if missing:
+            out.append(Target(name, None, "; ".join(_not_run(summary, k) for k in missing)))
+            continue
+        vs = _versus(results, OURS_TRANSACTION, "ours")
+        if vs is None:
+            out.append(Target(name, None, "no throughput measured"))
+            continue
+        mine, session = results[OURS_TRANSACTION], results["ours"]
+        out.append(
+            Target(
+                name,
+                vs >= TRANSACTION_OF_SESSION,
+                f"transaction {mine['rps']:.0f} req/s = {vs:.3f}x session's "
+                f"{session['rps']:.0f} (target >= {TRANSACTION_OF_SESSION}: within "
+                f"{(1 - TRANSACTION_OF_SESSION) * 100:.0f} %); p99 {mine['p99_ms']:.1f} ms vs "
+                f"{session['p99_ms']:.1f} ms",
             )
         )
     return out
@@ -368,6 +613,10 @@ def targets(summary: dict[str, Any], config: dict[str, Any]) -> list[Target]:
 
 def _fmt_ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
+
+
+def _fmt_us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
 
 
 def _fmt_spread(row: dict[str, Any]) -> str:
@@ -411,6 +660,8 @@ MICRO_HEADER = (
     "uncontended ops/s",
     "x raw",
     "checkout+return us",
+    "stmt us",
+    "stmt us busy",
     "errors",
     "server conns",
 )
@@ -452,6 +703,8 @@ def micro_rows(summary: dict[str, Any]) -> list[tuple[str, ...]]:
                 f"{row['uncontended_ops_per_s']:.0f}",
                 _fmt_ratio(row["uncontended_ratio_to_raw"]),
                 f"{row['noop_us']:.1f}",
+                _fmt_us(row.get("statement_us")),
+                _fmt_us(row.get("statement_busy_us")),
                 str(row["errors"]),
                 str(row["peak_server_conns"]),
             )
@@ -492,28 +745,47 @@ def noise_text(summary: dict[str, Any], config: dict[str, Any]) -> str:
     )
 
 
+def _view_note(summary: dict[str, Any], view: str, sep: str) -> str:
+    """A view's ceiling, after its title."""
+    if view == "sleep":
+        return f"{sep}ceiling {summary['sleep_ceiling_rps']:.0f} req/s"
+    if view == "wait":
+        return (
+            f"{sep}at most {summary['wait_session_ceiling_rps']:.0f} req/s for a pool lending "
+            "a connection per request"
+        )
+    return ""
+
+
 def text_report(summary: dict[str, Any], found: list[Target], config: dict[str, Any]) -> str:
     """The terminal report: one table per view, the micro table, noise, targets."""
     out = []
     for view in VIEWS:
         if not summary["http"].get(view):
             continue
-        title = f"HTTP {VIEW_TITLES[view]}"
-        if view == "sleep":
-            title += f" -- ceiling {summary['sleep_ceiling_rps']:.0f} req/s"
+        title = f"HTTP {VIEW_TITLES[view]}{_view_note(summary, view, ' -- ')}"
         out += ["", title, *_plain_table(HTTP_HEADER, http_rows(summary, view))]
     if summary["micro"]:
         out += [
             "",
             f"micro: checkout + SELECT 1 + return in {config['micro_greenlets']} greenlets "
             f"(uncontended: {config['max_conns']}), MAX_CONNS={config['max_conns']}, one "
-            "process, no HTTP; checkout+return: one greenlet, no query",
+            "process, no HTTP; checkout+return: one greenlet, no query; stmt us: one ORM pk "
+            f"lookup through Django, one greenlet (busy: {config['max_conns']} greenlets), "
+            "the request kept open",
             *_plain_table(MICRO_HEADER, micro_rows(summary)),
         ]
     comparison = psycopg3_lines(summary)
     if comparison:
         out += ["", "psycopg 3 (throughput > 1x and p99 < 1x: ours on psycopg 3 better):"]
         out += ["  " + line for line in comparison]
+    modes = pool_mode_lines(summary, config)
+    if modes:
+        out += ["", "POOL_MODE (transaction mode / session mode, ours on psycopg2):"]
+        out += ["  " + line for line in modes]
+    skipped = skipped_lines(summary)
+    if skipped:
+        out += ["", *skipped]
     out += [
         "",
         "x raw: req/s / the raw limit's of the same round; server conns: peak in "
@@ -558,16 +830,15 @@ def rst_report(
     for view in VIEWS:
         if not summary["http"].get(view):
             continue
-        title = VIEW_TITLES[view]
-        if view == "sleep":
-            title += f", ceiling {summary['sleep_ceiling_rps']:.0f} req/s"
+        title = VIEW_TITLES[view] + _view_note(summary, view, ", ")
         out += [f"**{title}**", "", *_rst_table(HTTP_HEADER, http_rows(summary, view)), ""]
     if summary["micro"]:
         out += [
             f"**micro: checkout + SELECT 1 + return in {config['micro_greenlets']} greenlets, "
             f"MAX_CONNS={config['max_conns']}, one process, no HTTP** (``uncontended``: "
             f"{config['max_conns']} greenlets, nobody waits; ``checkout+return us``: one "
-            "greenlet, no query)",
+            "greenlet, no query; ``stmt us``: one ORM primary-key lookup through Django, "
+            f"one greenlet, the request kept open; ``busy``: {config['max_conns']} greenlets)",
             "",
             *_rst_table(MICRO_HEADER, micro_rows(summary)),
             "",
@@ -580,6 +851,17 @@ def rst_report(
             *(f"- {line}" for line in comparison),
             "",
         ]
+    modes = pool_mode_lines(summary, config)
+    if modes:
+        out += [
+            "``POOL_MODE`` (transaction mode / session mode, ours on psycopg2):",
+            "",
+            *(f"- {line}" for line in modes),
+            "",
+        ]
+    skipped = skipped_lines(summary)
+    if skipped:
+        out += [*(f"- {line}" for line in skipped), ""]
     out += ["Notes:", ""]
     notes = {k: c.notes for k, c in BY_KEY.items()}
     for key, note in notes.items():
@@ -631,6 +913,10 @@ def chart(summary: dict[str, Any], path: Path, title: str) -> None:
         ax.set_title(f"{VIEW_TITLES[view]}\nrequests/s (median, min-max)", fontsize=9)
         if view == "sleep":
             ax.axvline(summary["sleep_ceiling_rps"], color="black", linestyle="--", linewidth=1)
+        if view == "wait":  # what a pool lending a connection per request can reach
+            ax.axvline(
+                summary["wait_session_ceiling_rps"], color="black", linestyle=":", linewidth=1
+            )
         ax.tick_params(labelsize=8)
         ax = axes[1][col]
         ax.barh(names, [row["p99_ms"] for _, row in rows], color=colors)
@@ -661,8 +947,8 @@ def chart(summary: dict[str, Any], path: Path, title: str) -> None:
 
 
 def _color(key: str) -> str:
-    if key in ("ours", OURS_PSYCOPG3, MICRO_BARE):
+    if key in ("ours", OURS_PSYCOPG3, OURS_TRANSACTION, MICRO_BARE):
         return "tab:green"
-    if key == "raw":
+    if key in ("raw", RAW_PER_QUERY):
         return "tab:gray"
     return "tab:blue"

@@ -31,6 +31,7 @@ from benchapp.competitors import (
     OURS_PSYCOPG3,
     SLEEP_SECONDS,
     Competitor,
+    unavailable,
 )
 
 from . import env as bench_env
@@ -47,8 +48,10 @@ from .servers import (
 
 BENCH_DIR = Path(__file__).resolve().parent.parent
 TMP = BENCH_DIR / "results" / "tmp"
-VIEWS = ("item", "sleep", "tx")
 LOOPS = ("query", "query_uncontended", "noop")  # the loops of micro.py
+STATEMENT_LOOPS = ("statement", "statement_busy")  # micro.py's, through Django only
+#: The views that wait 50 ms (on the server, or off it): measured for ``sleep_seconds``.
+LONG_VIEWS = ("sleep", "wait")
 #: Server connections a competitor may show beyond workers x MAX_CONNS before the guard fires.
 GUARD_MARGIN = 10
 
@@ -60,7 +63,7 @@ class Config:
     quick: bool
     rounds: int
     http_seconds: float
-    sleep_seconds: float  # the sleep view runs longer: wrk drops the requests in flight at the end
+    sleep_seconds: float  # sleep and wait views run longer: wrk drops the requests in flight
     http_warmup: float
     micro_seconds: float
     micro_warmup: float
@@ -69,17 +72,29 @@ class Config:
     clients: int
     micro_greenlets: int
     competitors: tuple[str, ...]
+    views: tuple[str, ...]
     scenarios: tuple[str, ...]
     output: str
     profile: str  # "auto" (when a target is missed, full runs only), "always" or "never"
     profile_seconds: float
 
+    def view_seconds(self, view: str) -> float:
+        """Seconds of wrk on ``view``."""
+        return self.sleep_seconds if view in LONG_VIEWS else self.http_seconds
+
+    def served(self, key: str) -> list[str]:
+        """The views of this run that competitor ``key`` serves, in order."""
+        return [v for v in self.views if BY_KEY[key].serves(v)]
+
     def estimate_seconds(self) -> float:
         """A rough duration of the run, for the user's patience."""
-        views = 2 * (self.http_seconds + 0.6) + self.sleep_seconds + 0.6
-        http = len(self.competitors) * (2.5 + self.http_warmup + views)
+        http = sum(
+            2.5 + self.http_warmup + sum(self.view_seconds(v) + 0.6 for v in self.served(k))
+            for k in self.competitors
+            if self.served(k)
+        )
         micro_keys = sum(1 for k in self.competitors if BY_KEY[k].in_micro) + 1
-        micro = micro_keys * (1.5 + self.micro_warmup * 2 + self.micro_seconds * 2)
+        micro = micro_keys * (1.5 + self.micro_warmup * 3 + self.micro_seconds * 3)
         per_round = ("http" in self.scenarios) * http + ("micro" in self.scenarios) * micro
         return self.rounds * per_round
 
@@ -95,6 +110,8 @@ class Run:
         self.records: list[dict[str, Any]] = []
         self.guard_limit = config.workers * config.max_conns + GUARD_MARGIN
         self.guard_tripped: list[str] = []
+        #: Competitors left out of this run, and why (an option this package refuses).
+        self.skipped: dict[str, str] = {}
         self._active: list[subprocess.Popen[Any]] = []
         self._active_gunicorn: Gunicorn | None = None
         self.sampler = ConnectionSampler(server, DBNAME)
@@ -161,7 +178,7 @@ class Run:
     def micro_round(self, round_no: int, keys: list[str]) -> None:
         """Every micro competitor once, each in its own process."""
         for key in keys:
-            print(f"  micro  {key:<13}", end="", flush=True)
+            print(f"  micro  {key:<16}", end="", flush=True)
             try:
                 with self.sampler.window() as peaks:
                     result = run_micro(
@@ -178,6 +195,8 @@ class Run:
                 self.settle()
             self._check_guard(key)
             check_micro_wait(key, result)
+            check_pool_mode(f"micro {key}", result)
+            loops = [k for k in (*LOOPS, *STATEMENT_LOOPS) if k in result]
             record = {
                 "scenario": "micro",
                 "round": round_no,
@@ -185,19 +204,28 @@ class Run:
                 "query_ops_per_s": result["query"]["ops_per_s"],
                 "uncontended_ops_per_s": result["query_uncontended"]["ops_per_s"],
                 "noop_us": result["noop"]["us_per_op"],
-                "errors": sum(result[k]["errors"] for k in LOOPS),
+                # Through Django only: one ORM statement per op, the "request" kept open.
+                "statement_us": _us_per_op(result, "statement"),
+                "statement_busy_us": _us_per_op(result, "statement_busy"),
+                "errors": sum(result[k]["errors"] for k in loops),
                 "first_error": next(
-                    (result[k]["first_error"] for k in LOOPS if result[k]["first_error"]), None
+                    (result[k]["first_error"] for k in loops if result[k]["first_error"]), None
                 ),
                 "peak_total": peaks.total,
                 "samples": peaks.samples,
                 "detail": result,
             }
             self.records.append(record)
+            statement = ""
+            if record["statement_us"] is not None:
+                statement = (
+                    f"  pk statement {record['statement_us']:>6.1f} us"
+                    f" ({record['statement_busy_us'] or 0:>5.1f} busy)"
+                )
             print(
                 f"{record['query_ops_per_s']:>9.0f} ops/s  uncontended "
                 f"{record['uncontended_ops_per_s']:>6.0f} ops/s  checkout+return "
-                f"{record['noop_us']:>6.1f} us  errors {record['errors']}  "
+                f"{record['noop_us']:>6.1f} us{statement}  errors {record['errors']}  "
                 f"server conns {peaks.total}",
                 flush=True,
             )
@@ -269,19 +297,23 @@ class Run:
         self._check_guard(key)
 
     def http_competitor(self, round_no: int, key: str) -> None:
-        """One competitor: start it, fill it, drive the three views, stop it."""
+        """One competitor: start it, fill it, drive the views it serves, stop it."""
         competitor = BY_KEY[key]
         config = self.config
         wrk = self.tools["wrk"]
-        line = [f"  http   {key:<13}"]
+        views = config.served(key)
+        if not views:
+            return
+        line = [f"  http   {key:<16}"]
         with self.serving(key, f"gunicorn-{key}-{round_no}") as (gunicorn, clients):
             port = gunicorn.port
-            run_wrk(wrk, port, "item", clients, config.http_warmup, ITEMS)
+            run_wrk(wrk, port, views[0], clients, config.http_warmup, ITEMS)
             self.between_measurements(port, competitor)
-            for view in VIEWS:
-                seconds = config.sleep_seconds if view == "sleep" else config.http_seconds
+            for view in views:
+                if competitor.ours:
+                    pool_counters(port, config.workers)  # from now on
                 with self.sampler.window() as peaks:
-                    result = run_wrk(wrk, port, view, clients, seconds, ITEMS)
+                    result = run_wrk(wrk, port, view, clients, config.view_seconds(view), ITEMS)
                 result.update(
                     scenario="http",
                     round=round_no,
@@ -293,8 +325,12 @@ class Run:
                     states=peaks.states,
                     samples=peaks.samples,
                 )
-                self.records.append(result)
                 self.between_measurements(port, competitor)
+                if competitor.ours:
+                    # Once the requests wrk gave up on ended too: checkouts and requests
+                    # begun, both counted by the workers over the same window.
+                    result["pool"] = pool_counters(port, config.workers)
+                self.records.append(result)
                 line.append(
                     f"{view} {result['rps']:>6.0f}/s p99 {result['p99_ms']:>6.1f}ms "
                     f"err {result['errors']} conns {peaks.total}"
@@ -327,7 +363,12 @@ class Run:
     def execute(self) -> None:
         """All rounds of all scenarios."""
         config = self.config
-        http_keys = list(config.competitors)
+        for key in config.competitors:
+            why = unavailable(key)
+            if why is not None:
+                self.skipped[key] = why
+                print(f"  skipped {key}: {why}", flush=True)
+        http_keys = [k for k in config.competitors if k not in self.skipped]
         micro_keys = [k for k in http_keys if BY_KEY[k].in_micro]
         if "ours" in micro_keys:
             micro_keys.insert(micro_keys.index("ours"), MICRO_BARE)
@@ -337,7 +378,7 @@ class Run:
                 self.micro_round(round_no, rotate(micro_keys, round_no))
             if "http" in config.scenarios:
                 self.server_sleep_rate(round_no)
-                for key in rotate(http_keys, round_no):
+                for key in rotate([k for k in http_keys if config.served(k)], round_no):
                     self.http_competitor(round_no, key)
 
     def server_sleep_rate(self, round_no: int) -> None:
@@ -374,6 +415,9 @@ def check_workers(competitor: Competitor, infos: list[dict[str, Any]]) -> None:
             problems.append(f"psycopg 3 waits with {wait}, not ours")
         if competitor.ours and "django_gevent_pool" not in info["engine"]:
             problems.append(f"engine {info['engine']}")
+        problem = pool_mode_problem(info)
+        if problem:
+            problems.append(problem)
         if problems:
             raise RuntimeError(f"{competitor.key}, worker {info['pid']}: " + ", ".join(problems))
 
@@ -388,6 +432,65 @@ def check_micro_wait(key: str, result: dict[str, Any]) -> None:
         raise RuntimeError(f"micro {key}: psycopg 3 waits with {wait} (not gevent-friendly)")
     if key == OURS_PSYCOPG3 and "django_gevent_pool" not in wait:
         raise RuntimeError(f"micro {key}: psycopg 3 waits with {wait}, not ours")
+
+
+def pool_mode_problem(info: dict[str, Any]) -> str | None:
+    """What is wrong with a transaction-mode pool that kept a connection after a statement.
+
+    ``info`` has ``pool_mode`` (the OPTIONS asked for) and ``lent_after_statement``
+    (our pool's connections in use right after one ORM statement in
+    autocommit, in the same request): transaction mode gives the connection
+    back when the statement ends, so it must be 0.
+    """
+    if info.get("pool_mode") != "transaction":
+        return None
+    lent = info.get("lent_after_statement")
+    if lent != 0:
+        return (
+            f'POOL_MODE="transaction" accepted, but {lent} connection(s) still lent after one '
+            "statement in autocommit (expected 0: given back when the statement ends)"
+        )
+    return None
+
+
+def check_pool_mode(where: str, info: dict[str, Any]) -> None:
+    """Refuse a transaction-mode measurement whose pool does not give connections back."""
+    problem = pool_mode_problem(info)
+    if problem:
+        raise RuntimeError(f"{where}: {problem}")
+
+
+def _us_per_op(result: dict[str, Any], loop: str) -> float | None:
+    value = result.get(loop, {}).get("us_per_op")
+    return None if value is None else float(value)
+
+
+def pool_counters(port: int, workers: int) -> dict[str, float] | None:
+    """Our pools' counters since the last call, summed over every worker (None if not ours).
+
+    ``served`` is the requests the workers began over the same window.
+    """
+    seen: dict[int, dict[str, Any]] = {}
+    for _ in range(60):
+        try:
+            answer = get_json(port, "/poolstats/", timeout=30)
+        except (OSError, urllib.error.URLError, ValueError) as exc:
+            raise RuntimeError(f"/poolstats/ failed: {exc!r}") from exc
+        seen.setdefault(int(answer["pid"]), answer)
+        if len(seen) >= workers:
+            break
+    if all(answer["stats"] is None for answer in seen.values()):
+        return None
+    total: dict[str, float] = {"served": float(sum(a["served"] for a in seen.values()))}
+    for answer in seen.values():
+        for name, value in (answer["stats"] or {}).items():
+            if not name.startswith(("requests_", "connections_", "returns_", "pins_", "sessions_")):
+                continue
+            if "_max_" in name or "_wait_p" in name:  # maxima and percentiles: the worst worker
+                total[name] = max(total.get(name, 0.0), value)
+            else:  # counters: all workers together
+                total[name] = total.get(name, 0.0) + value
+    return total
 
 
 def in_every_worker(port: int, path: str, workers: int, attempts: int = 60) -> None:
