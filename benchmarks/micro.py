@@ -2,9 +2,11 @@
 
     .bench-venv/bin/python benchmarks/micro.py --competitor ours --greenlets 200 --seconds 2
     .bench-venv/bin/python benchmarks/micro.py --competitor ours-psycopg3 --seconds 2
+    .bench-venv/bin/python benchmarks/micro.py --competitor ours-transaction --seconds 2
 
 Run by ``benchmarks/run.py`` (which sets the ``DGPB_*`` environment and, for
-psycopg2 competitors, ``PYTHONPATH=benchmarks/psycopg2_only``). Three loops:
+psycopg2 competitors, ``PYTHONPATH=benchmarks/psycopg2_only``). Three loops,
+and two more through Django:
 
 ``query``
     ``--greenlets`` greenlets, each repeating: check out a connection, run
@@ -25,6 +27,17 @@ psycopg2 competitors, ``PYTHONPATH=benchmarks/psycopg2_only``). Three loops:
     whole Django connect/close path around it for the Django competitors.
     One greenlet, because a checkout of an idle connection does no I/O and so
     never yields: many greenlets would just run one after the other.
+``statement`` (Django competitors only)
+    One greenlet repeating one ORM statement, a primary-key lookup
+    (``Item.objects.values(...).get(pk=...)``), inside one long "request"
+    (no ``close_old_connections()`` in between): microseconds per statement.
+    A session-mode pool checks out once for all of them; ours with
+    ``POOL_MODE = "transaction"`` checks out and gives back around each one,
+    so the difference between the two is that per-statement cost.
+``statement_busy``
+    The same in MAX_CONNS greenlets (nobody waits for a connection): the
+    process is busy, so microseconds per statement (1 / throughput) are its
+    CPU per statement, where the per-statement checkout weighs the most.
 
 Before both, MAX_CONNS greenlets each hold a connection for 50 ms at once, so
 every pool is full (MAX_CONNS open) before the load starts: django-db-geventpool
@@ -45,6 +58,7 @@ import argparse  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
+import random  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -58,6 +72,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from benchapp.competitors import (  # noqa: E402
     BY_KEY,
     DBNAME,
+    ITEMS,
     MICRO_BARE,
     appname,
     env_settings,
@@ -71,6 +86,23 @@ Op = Callable[[], None]
 
 
 @dataclass
+class Ops:
+    """What one competitor's loops repeat.
+
+    ``statement`` (None where there is no Django) runs one ORM statement with
+    the connection left as the statement leaves it; ``finish`` ends the
+    "request" of a greenlet that ran statements (gives its connection back).
+    """
+
+    query: Op
+    noop: Op
+    hold: Op
+    extra: dict[str, Any]
+    statement: Op | None = None
+    finish: Op | None = None
+
+
+@dataclass
 class Loop:
     """Counts the operations finished inside ``[start, end)`` by all its greenlets."""
 
@@ -81,28 +113,37 @@ class Loop:
     first_error: str | None = None
     done: list[float] = field(default_factory=list)
 
-    def run(self, op: Op) -> None:
-        """One greenlet: repeat ``op`` until the deadline, counting those inside the window."""
-        while True:
-            try:
-                op()
-            except Exception as exc:
-                self.errors += 1
-                if self.first_error is None:
-                    self.first_error = repr(exc)
-                gevent.sleep(0.001)
-            now = time.perf_counter()
-            if now >= self.end or self.ops >= MAX_OPS:
-                return
-            if now >= self.start:
-                self.ops += 1
+    def run(self, op: Op, finish: Op | None = None) -> None:
+        """One greenlet: repeat ``op`` until the deadline, counting those inside the window.
+
+        ``finish``, if any, runs once at the end, whatever happened.
+        """
+        try:
+            while True:
+                try:
+                    op()
+                except Exception as exc:
+                    self.errors += 1
+                    if self.first_error is None:
+                        self.first_error = repr(exc)
+                    gevent.sleep(0.001)
+                now = time.perf_counter()
+                if now >= self.end or self.ops >= MAX_OPS:
+                    return
+                if now >= self.start:
+                    self.ops += 1
+        finally:
+            if finish is not None:
+                finish()
 
 
-def measure(op: Op, greenlets: int, warmup: float, seconds: float) -> dict[str, Any]:
+def measure(
+    op: Op, greenlets: int, warmup: float, seconds: float, finish: Op | None = None
+) -> dict[str, Any]:
     """Run ``op`` in ``greenlets`` greenlets; operations/s over ``seconds`` after ``warmup``."""
     start = time.perf_counter() + warmup
     loop = Loop(start=start, end=start + seconds)
-    workers = [gevent.spawn(loop.run, op) for _ in range(greenlets)]
+    workers = [gevent.spawn(loop.run, op, finish) for _ in range(greenlets)]
     gevent.joinall(workers, timeout=warmup + seconds + 30)
     gevent.killall(workers, block=True, timeout=5)
     ops_per_s = loop.ops / seconds
@@ -152,13 +193,14 @@ def warm(hold: Op, max_conns: int) -> None:
     gevent.joinall(workers, timeout=30, raise_error=True)
 
 
-def django_ops(key: str) -> tuple[Op, Op, Op, dict[str, Any]]:
-    """The query and noop operations through Django, with competitor ``key``'s backend."""
+def django_ops(key: str) -> Ops:
+    """The operations through Django, with competitor ``key``'s backend."""
     os.environ["DGPB_COMPETITOR"] = key
     os.environ["DJANGO_SETTINGS_MODULE"] = "benchapp.settings"
     import django
 
     django.setup()
+    from benchapp.models import Item
     from django.db import close_old_connections, connection
 
     def query() -> None:
@@ -176,10 +218,40 @@ def django_ops(key: str) -> tuple[Op, Op, Op, dict[str, Any]]:
             cursor.execute("SELECT pg_sleep(0.05)")
         close_old_connections()
 
-    return query, noop, hold, {"engine": connection.settings_dict["ENGINE"]}
+    def statement() -> None:
+        Item.objects.values("id", "name", "price", "stock").get(pk=random.randint(1, ITEMS))
+
+    return Ops(
+        query,
+        noop,
+        hold,
+        {
+            "engine": connection.settings_dict["ENGINE"],
+            "pool_mode": connection.settings_dict["OPTIONS"].get("POOL_MODE"),
+        },
+        statement=statement,
+        finish=close_old_connections,
+    )
 
 
-def bare_ops(max_conns: int) -> tuple[Op, Op, Op, dict[str, Any]]:
+def lent_after_statement() -> int | None:
+    """Our pool's lent connections right after one ORM statement (None: not ours, or no Django).
+
+    Run in the main greenlet after the pool is full; its connection, if it
+    still has one, is given back before the loops start.
+    """
+    if "django" not in sys.modules:
+        return None
+    from benchapp.views import lent_after_statement as lent
+    from django.db import connection
+
+    try:
+        return lent()
+    finally:
+        connection.close()
+
+
+def bare_ops(max_conns: int) -> Ops:
     """The operations on our pool without Django (``getconn``/``putconn``)."""
     from django_gevent_pool import ConnectionPool
 
@@ -203,10 +275,10 @@ def bare_ops(max_conns: int) -> tuple[Op, Op, Op, dict[str, Any]]:
         with pool.connection() as conn, conn.cursor() as cursor:
             cursor.execute("SELECT pg_sleep(0.05)")
 
-    return query, noop, hold, {"engine": "django_gevent_pool.ConnectionPool"}
+    return Ops(query, noop, hold, {"engine": "django_gevent_pool.ConnectionPool"})
 
 
-def raw_ops(max_conns: int) -> tuple[Op, Op, Op, dict[str, Any]]:
+def raw_ops(max_conns: int) -> Ops:
     """The operations on MAX_CONNS connections in a plain gevent queue (no pool at all)."""
     import gevent.queue
 
@@ -239,11 +311,11 @@ def raw_ops(max_conns: int) -> tuple[Op, Op, Op, dict[str, Any]]:
         finally:
             queue.put(conn)
 
-    return query, noop, hold, {"engine": "gevent.queue.Queue of psycopg2 connections"}
+    return Ops(query, noop, hold, {"engine": "gevent.queue.Queue of psycopg2 connections"})
 
 
 def main() -> int:
-    """Parse the arguments, run both loops, print the results as one JSON line."""
+    """Parse the arguments, run the loops, print the results as one JSON line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--competitor", required=True, choices=[*BY_KEY, MICRO_BARE])
     parser.add_argument("--greenlets", type=int, default=200)
@@ -254,26 +326,32 @@ def main() -> int:
     max_conns = env_settings()["max_conns"]
     make_psycopg2_cooperative(key)
     if key == MICRO_BARE:
-        query, noop, hold, extra = bare_ops(max_conns)
+        ops = bare_ops(max_conns)
     elif key == "raw":
-        query, noop, hold, extra = raw_ops(max_conns)
+        ops = raw_ops(max_conns)
     else:
-        query, noop, hold, extra = django_ops(key)
-    warm(hold, max_conns)
+        ops = django_ops(key)
+    warm(ops.hold, max_conns)
     waiting = sys.modules.get("psycopg.waiting")
     result = {
         "competitor": key,
         "max_conns": max_conns,
         "psycopg_importable": "psycopg" not in sys.modules or sys.modules["psycopg"] is not None,
-        **extra,
+        **ops.extra,
         # psycopg 3's wait function once the pool is made (None: psycopg 3 unused).
         "psycopg_wait": (
             None if waiting is None else f"{waiting.wait.__module__}.{waiting.wait.__qualname__}"
         ),
-        "query": measure(query, args.greenlets, args.warmup, args.seconds),
-        "query_uncontended": measure(query, max_conns, args.warmup / 2, args.seconds / 2),
-        "noop": measure(noop, 1, args.warmup / 2, args.seconds / 2),
+        # Ours: 0 in transaction mode (given back after the statement), 1 in session mode.
+        "lent_after_statement": lent_after_statement(),
+        "query": measure(ops.query, args.greenlets, args.warmup, args.seconds),
+        "query_uncontended": measure(ops.query, max_conns, args.warmup / 2, args.seconds / 2),
+        "noop": measure(ops.noop, 1, args.warmup / 2, args.seconds / 2),
     }
+    if ops.statement is not None:
+        half = (args.warmup / 2, args.seconds / 2)
+        result["statement"] = measure(ops.statement, 1, *half, finish=ops.finish)
+        result["statement_busy"] = measure(ops.statement, max_conns, *half, finish=ops.finish)
     print(json.dumps(result), flush=True)
     return 0
 
