@@ -213,7 +213,7 @@ class _StatsLog:
                 "pool %r: size=%d/%d in_use=%d idle=%d opening=%d waiting=%d | last %.1f s: "
                 "checkouts=%d queued=%d wait_ms=%.3f timeouts=%d too_many=%d errors=%d "
                 "opened=%d connect_errors=%d lost=%d closed=%d bad_returns=%d rolled_back=%d "
-                "pings=%d | wait_p50_ms=%.3f wait_p99_ms=%.3f",
+                "pings=%d sessions=%d pins=%d | wait_p50_ms=%.3f wait_p99_ms=%.3f",
                 alias,
                 stats["pool_size"],
                 stats["pool_max"],
@@ -235,6 +235,8 @@ class _StatsLog:
                 deltas.get("returns_bad", 0),
                 deltas.get("returns_rolled_back", 0),
                 deltas.get("pings", 0),
+                deltas.get("sessions_num", 0),
+                sum(v for k, v in deltas.items() if k.startswith("pins_")),
                 stats.get("requests_wait_p50_ms", 0.0),
                 stats.get("requests_wait_p99_ms", 0.0),
                 extra={
@@ -457,12 +459,19 @@ def stats_view(request: HttpRequest) -> HttpResponseBase:
 
 
 class ServerTimingMiddleware:
-    """Add the time the request waited for database connections as a ``Server-Timing`` metric.
+    """Add the time the request waited for (and held) database connections as ``Server-Timing``.
 
     ``Server-Timing: db-pool;dur=12.345;desc="3 checkouts"``: ``dur`` is the
     milliseconds this request's checkouts spent getting a connection (queueing
     behind a busy pool, plus connecting or pinging when that was needed) and
-    ``desc`` how many checkouts it made, on every pool. A checkout that failed
+    ``desc`` how many checkouts it made, on every pool; then
+    ``db-held;dur=4.567;desc="0 pins"``: the milliseconds its connections were
+    held, counted as they came back before the response was made, and how
+    many times transaction mode pinned one. In transaction mode
+    (``POOL_MODE``) that is nearly all of them, one checkout per statement or
+    transaction outside pins; in session mode a request makes one checkout
+    per alias and gives it back at ``request_finished``, after the response:
+    ``db-held`` is then 0. A checkout that failed
     counts too, with all the time it waited: the 500 of a request whose
     checkout timed out says ``dur`` = the timeout. A ``Server-Timing``
     header set by the view or an inner middleware is kept: the metric is
@@ -493,9 +502,10 @@ class ServerTimingMiddleware:
             # Also when the view raised through Django's handler (or was killed):
             # the tally must not leak into what this greenlet or thread does next.
             timing.stop_tally(token)
-        n = tally.checkouts
+        n, pins = tally.checkouts, tally.pins
         metric = (
-            f'db-pool;dur={tally.seconds * 1000.0:.3f};desc="{n} checkout{"" if n == 1 else "s"}"'
+            f'db-pool;dur={tally.seconds * 1000.0:.3f};desc="{n} checkout{"" if n == 1 else "s"}", '
+            f'db-held;dur={tally.held * 1000.0:.3f};desc="{pins} pin{"" if pins == 1 else "s"}"'
         )
         existing = response.headers.get("Server-Timing")
         response.headers["Server-Timing"] = f"{existing}, {metric}" if existing else metric

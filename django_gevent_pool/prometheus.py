@@ -40,9 +40,10 @@ except ImportError as exc:  # pragma: no cover - exercised by a test that hides 
 
 from . import sync
 from .observability import _Deltas
+from .pinning import REASONS
 from .pool import ConnectionPool
 
-__all__ = ["COUNTERS", "GAUGES", "QUANTILES", "PoolCollector", "register_collector"]
+__all__ = ["COUNTERS", "GAUGES", "PINS", "QUANTILES", "PoolCollector", "register_collector"]
 
 logger = logging.getLogger("django_gevent_pool")
 
@@ -116,7 +117,19 @@ COUNTERS: dict[str, tuple[str, str, float]] = {
         "Seconds connections spent lent out, counted when they are given back.",
         0.001,
     ),
+    "sessions_num": (
+        "sessions",
+        "Units of work served (requests, tasks); checkouts per unit = requests / sessions.",
+        1.0,
+    ),
 }
+
+#: The pins of transaction mode, one counter labelled by reason (``pins_<reason>`` keys).
+PINS = (
+    "pins",
+    "Transaction-mode connections kept by their borrower, by reason (session state, "
+    "open named cursor, pinned()).",
+)
 
 
 def _django_pools() -> Mapping[str, ConnectionPool]:
@@ -148,14 +161,15 @@ class PoolCollector(Collector):
 
     def describe(self) -> Iterator[Metric]:
         """The metric families, without samples (lets the registry check names at once)."""
-        gauges, quantiles, counters = self._families()
+        gauges, quantiles, counters, pins = self._families()
         yield from gauges.values()
         yield quantiles
         yield from counters.values()
+        yield pins
 
     def collect(self) -> Iterator[Metric]:
         """One sample per alias for every metric."""
-        gauges, quantiles, counters = self._families()
+        gauges, quantiles, counters, pins = self._families()
         with self._lock:  # critical section: snapshot the pools, add to the totals
             if self._pid != os.getpid():
                 self._reset()  # a forked child: its pools started afresh
@@ -177,13 +191,23 @@ class PoolCollector(Collector):
             for key, (_name, _help, scale) in COUNTERS.items():
                 if key in totals:
                     counters[key].add_metric([alias], totals[key] * scale)
+            for reason in REASONS:
+                key = "pins_" + reason
+                if key in totals:
+                    pins.add_metric([alias, reason], totals[key])
         yield from gauges.values()
         yield quantiles
         yield from counters.values()
+        yield pins
 
     def _families(
         self,
-    ) -> tuple[dict[str, GaugeMetricFamily], GaugeMetricFamily, dict[str, CounterMetricFamily]]:
+    ) -> tuple[
+        dict[str, GaugeMetricFamily],
+        GaugeMetricFamily,
+        dict[str, CounterMetricFamily],
+        CounterMetricFamily,
+    ]:
         gauges = {
             key: GaugeMetricFamily(_PREFIX + name, doc, labels=["alias"])
             for key, (name, doc, _scale) in GAUGES.items()
@@ -197,7 +221,8 @@ class PoolCollector(Collector):
             key: CounterMetricFamily(_PREFIX + name, doc, labels=["alias"])
             for key, (name, doc, _scale) in COUNTERS.items()
         }
-        return gauges, quantiles, counters
+        pins = CounterMetricFamily(_PREFIX + PINS[0], PINS[1], labels=["alias", "reason"])
+        return gauges, quantiles, counters, pins
 
 
 _registered: weakref.WeakKeyDictionary[CollectorRegistry, PoolCollector] = (

@@ -530,7 +530,7 @@ def test_an_exhausted_pool_fails_a_statement_with_the_pool_error(tx: str) -> Non
     assert one("SELECT 1") == 1
 
 
-def test_server_timing_counts_checkouts_time_held_and_pins(tx: str) -> None:
+def test_server_timing_and_prometheus_count_checkouts_time_held_and_pins(tx: str) -> None:
     from django_gevent_pool import timing
 
     with timing.tally_waits() as tally:
@@ -542,6 +542,16 @@ def test_server_timing_counts_checkouts_time_held_and_pins(tx: str) -> None:
     assert tally.checkouts == 3
     assert tally.pins == 1
     assert tally.held > 0
+    pytest.importorskip("prometheus_client")
+    from django_gevent_pool.prometheus import PoolCollector
+
+    pool = get_pool(ALIAS)
+    assert pool is not None
+    families = {f.name: f for f in PoolCollector(lambda: {ALIAS: pool}).collect()}
+    pins = {s.labels["reason"]: s.value for s in families["django_gevent_pool_pins"].samples}
+    assert pins["set"] == 1 and pins["listen"] == 0
+    sessions = families["django_gevent_pool_sessions"].samples
+    assert [s.value for s in sessions if s.name.endswith("_total")] == [1]
 
 
 @pytest.mark.skipif(not is_gevent(), reason="greenlet-local wrappers")
