@@ -134,7 +134,7 @@ def check_pool_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
                         "alias raises ImproperlyConfigured until then. Pool options are "
                         "upper case (MAX_CONNS, REUSE_CONNS, MIN_CONNS, POOL_TIMEOUT, "
                         "MAX_WAITING, MAX_LIFETIME, IDLE_TIMEOUT, PING_AFTER, LEAK_TIMEOUT, "
-                        "RESET_QUERY); lower-case keys go to libpq."
+                        "RESET_QUERY, POOL_MODE); lower-case keys go to libpq."
                     ),
                     id=_id("E001"),
                 )
@@ -192,8 +192,28 @@ def _conflicts(
       rollback goes back to the pool inside a transaction; the pool rolls it
       back (uncommitted work is lost, as when stock Django closes it) and logs
       a warning on every such return.
+    - ``POOL_MODE = "transaction"`` with ``ATOMIC_REQUESTS = True`` or
+      ``AUTOCOMMIT = False``: every statement runs inside a transaction, so
+      nothing goes back before the request ends (session mode, plus the cost
+      of watching for pins).
     """
     issues: list[CheckMessage] = []
+    if options.POOL_MODE == "transaction":
+        for key, value in (("ATOMIC_REQUESTS", True), ("AUTOCOMMIT", False)):
+            if settings_dict.get(key, not value) is value:
+                issues.append(
+                    Warning(
+                        f"DATABASES[{alias!r}]: OPTIONS['POOL_MODE'] = 'transaction' with "
+                        f"{key} = {value}: every statement runs inside a transaction, so no "
+                        "connection goes back before the request ends; transaction mode "
+                        "gives nothing here.",
+                        hint=(
+                            f"Set {key} = {not value} and wrap the views that need it in "
+                            "transaction.atomic(), or keep POOL_MODE = 'session'."
+                        ),
+                        id=_id("W003"),
+                    )
+                )
     ping, idle = options.PING_AFTER, options.IDLE_TIMEOUT
     if ping is not None and idle is not None and options.MIN_CONNS == 0 and ping >= idle:
         issues.append(

@@ -436,6 +436,24 @@ def test_w003_ping_after_not_below_idle_timeout_never_pings() -> None:
     assert all("PING_AFTER" in m.msg and "IDLE_TIMEOUT" in m.msg for m in issues)
 
 
+def test_w003_transaction_mode_under_atomic_requests_or_without_autocommit() -> None:
+    tx = {"POOL_MODE": "transaction"}
+    issues = our_issues(
+        {
+            "default": alias_settings(OPTIONS=tx, ATOMIC_REQUESTS=True),
+            "fine": alias_settings(OPTIONS=tx),
+            "session": alias_settings(ATOMIC_REQUESTS=True),
+        }
+    )
+    assert ids(issues) == ["django_gevent_pool.W003"]
+    assert issues[0].msg.startswith(
+        "DATABASES['default']: OPTIONS['POOL_MODE'] = 'transaction' with ATOMIC_REQUESTS = True"
+    )
+    issues = our_issues({"default": alias_settings(OPTIONS=tx, AUTOCOMMIT=False)})
+    assert ids(issues) == ["django_gevent_pool.W003"] * 2
+    assert any("'transaction' with AUTOCOMMIT = False" in m.msg for m in issues)
+
+
 @pytest.mark.parametrize("min_conns", [0, 1])
 def test_w003_premise_idle_connections_close_before_ping_after(dsn: str, min_conns: int) -> None:
     """What W003 says, on a real pool: with MIN_CONNS=0 no ping happens, with 1 it does."""

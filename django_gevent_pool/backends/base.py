@@ -450,6 +450,11 @@ class PooledDatabaseWrapperMixin:
         self.errors_occurred = False  # another physical connection
         if not self._thread_sharing_count:  # type: ignore[attr-defined]
             self._watch(pool, conn)
+        self._pool_hold += 1  # setup, not a statement of the session
+        try:
+            self._pool_fix_time_zone()
+        finally:
+            self._pool_hold -= 1
         if conn not in _greeted:
             self._pool_greet()
 
@@ -574,6 +579,10 @@ class PooledDatabaseWrapperMixin:
         # The PostgreSQL part (time zone, role) ran once when the pool opened
         # this connection; only Django's once-per-alias version check is left.
         BaseDatabaseWrapper.init_connection_state(self)  # type: ignore[arg-type]
+        self._pool_fix_time_zone()
+
+    def _pool_fix_time_zone(self) -> None:
+        """Set the session's time zone back if a borrower changed it; no round trip otherwise."""
         # What the stock setup leaves cached on the wrapper, as it leaves it
         # (code and tests read or reset it: `del connection.timezone_name`).
         timezone_name = self.timezone_name  # type: ignore[attr-defined]
