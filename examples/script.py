@@ -1,6 +1,7 @@
 """A gevent monkey-patched script: many greenlets, a small pool, never more connections.
 
     python examples/script.py [--greenlets 200] [--max-conns 5]
+                              [--pool-mode session|transaction] [--wait SECONDS]
 
 It configures the demo project's Django settings (``demoproject.settings``),
 migrates and seeds the database if needed, then spawns the greenlets at once.
@@ -9,6 +10,14 @@ is decorated with ``close_connection``, so its connection goes back to the
 pool as soon as it is done (the way Celery tasks and spawned greenlets should
 do it). Meanwhile a sampler counts, in ``pg_stat_activity``, the server
 connections that carry this run's ``application_name``.
+
+``--wait`` makes each visit wait that long on "another service" (a
+cooperative sleep, as an HTTP call would) between its first queries and its
+transaction. In session mode it holds its connection meanwhile; with
+``--pool-mode transaction`` it does not, so the greenlets share the few
+connections while they wait. In transaction mode the script also waits for a
+``NOTIFY`` on a connection of its own, inside ``pinned()`` (the ``LISTEN``
+goes through the driver, where the pool cannot see it).
 
 The server comes from ``$DGP_DSN``, else 127.0.0.1:5432, else an embedded
 PostgreSQL (see ``django_gevent_pool.devserver``); the database from
@@ -34,6 +43,7 @@ import warnings  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
+import gevent.select  # noqa: E402
 
 import django_gevent_pool  # noqa: E402
 from django_gevent_pool import devserver  # noqa: E402
@@ -64,13 +74,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=int(os.environ.get("DGP_MAX_CONNS", "5")),
         help="MAX_CONNS of the pool (5)",
     )
+    parser.add_argument(
+        "--pool-mode",
+        choices=("session", "transaction"),
+        default=os.environ.get("DGP_POOL_MODE", "session"),
+        help="POOL_MODE of the pool (session)",
+    )
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=0.0,
+        help="seconds each visit waits on another service between its queries (0)",
+    )
     parser.add_argument("--json-out", metavar="PATH", help="also write the results as JSON to PATH")
     return parser.parse_args(argv)
 
 
-def configure_django(db_dsn: str, dbname: str, max_conns: int, appname: str) -> None:
+def configure_django(
+    db_dsn: str, dbname: str, max_conns: int, appname: str, pool_mode: str = "session"
+) -> None:
     """Point the demo project's settings at ``db_dsn`` and set Django up."""
     os.environ["DJANGO_SETTINGS_MODULE"] = "demoproject.settings"
+    os.environ["DGP_POOL_MODE"] = pool_mode
     os.environ["DGP_DSN"] = db_dsn
     os.environ["DGP_DBNAME"] = dbname
     os.environ["DGP_MAX_CONNS"] = str(max_conns)
@@ -99,7 +124,7 @@ def prepare_database() -> tuple[list[int], int]:
 
 
 @close_connection
-def shop_visit(item_id: int) -> None:
+def shop_visit(item_id: int, wait: float = 0.0) -> None:
     """A few queries as one unit of work; its connection goes back to the pool at the end."""
     from demoproject.shop.models import Item, Order
     from django.db import connection, transaction
@@ -111,9 +136,50 @@ def shop_visit(item_id: int) -> None:
         # Hold the connection a little, as real work would, so that the
         # greenlets really have to queue for the pool's few connections.
         cursor.execute("SELECT pg_sleep(0.01)")
+    if wait:
+        gevent.sleep(wait)  # another service: in transaction mode, no connection held
     with transaction.atomic():
         Item.objects.filter(pk=item_id).update(stock=F("stock") - 1)
         Order.objects.create(item_id=item_id, quantity=1)
+
+
+@close_connection
+def listen_once(channel: str, notify: Any, timeout: float) -> str | None:
+    """LISTEN on ``channel``, call ``notify()``, return the first payload (None: none came)."""
+    from django_gevent_pool import pinned
+
+    with pinned() as connection:  # one connection for the whole block
+        raw = connection.connection
+        with raw.cursor() as cursor:  # the driver's own cursor: the pool cannot see it
+            cursor.execute(f"LISTEN {channel}")
+        notify()
+        return next_notification(raw, timeout)
+    # Out of the block, the connection went back closed (no RESET_QUERY):
+    # its LISTEN reaches nobody else.
+
+
+def next_notification(raw: Any, timeout: float) -> str | None:
+    """The payload of the next notification on ``raw`` (psycopg2 or psycopg 3), or None."""
+    if hasattr(raw, "poll"):  # psycopg2: wait for the socket, then read
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            gevent.select.select([raw], [], [], deadline - time.monotonic())
+            raw.poll()
+            if raw.notifies:
+                return str(raw.notifies.pop(0).payload)
+        return None
+    for notification in raw.notifies(timeout=timeout, stop_after=1):  # psycopg 3
+        return str(notification.payload)
+    return None
+
+
+@close_connection
+def notify(channel: str, payload: str) -> None:
+    """NOTIFY through the ORM's connection (any one of the pool's)."""
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_notify(%s, %s)", [channel, payload])
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -128,7 +194,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dbname = os.environ.get("DGP_DBNAME", "dgp_demo")
     db_dsn = devserver.ensure_database(dsn, dbname)
     appname = f"dgp-script-{os.getpid()}"
-    configure_django(db_dsn, dbname, args.max_conns, appname)
+    configure_django(db_dsn, dbname, args.max_conns, appname, args.pool_mode)
     # The backend would also do it on its own (gevent has patched socket):
     # explicit is clearer in a script.
     django_gevent_pool.patch_drivers()
@@ -145,9 +211,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sampler = ServerConnectionSampler(db_dsn, appname).start()
     try:
         started = time.perf_counter()
-        greenlets = [gevent.spawn(shop_visit, rng.choice(item_ids)) for _ in range(args.greenlets)]
+        greenlets = [
+            gevent.spawn(shop_visit, rng.choice(item_ids), args.wait)
+            for _ in range(args.greenlets)
+        ]
         gevent.joinall(greenlets, timeout=RUN_LIMIT)
         elapsed = time.perf_counter() - started
+        notified = None
+        if args.pool_mode == "transaction":
+            channel = f"dgp_script_{os.getpid()}"
+            notified = listen_once(channel, lambda: gevent.spawn(notify, channel, "hello"), 10.0)
         stragglers = [g for g in greenlets if not g.dead]
         gevent.killall(stragglers, block=True, timeout=10)
         orders = Order.objects.count() - orders_before
@@ -165,6 +238,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "errors": len(failures) + len(stragglers),
         "error_samples": sorted({repr(exc)[:300] for exc in failures})[:5],
         "elapsed": elapsed,
+        "pool_mode": args.pool_mode,
+        "wait": args.wait,
+        "notified": notified,
         "orders": orders,
         "max_conns": args.max_conns,
         "peak": peak,
@@ -182,6 +258,9 @@ def report(result: dict[str, Any]) -> list[str]:
     for sample in result["error_samples"]:
         print(f"    {sample}")
     print(f"elapsed:               {result['elapsed']:.2f} s")
+    print(f"pool mode:             {result['pool_mode']} (each visit waits {result['wait']:g} s)")
+    if result["pool_mode"] == "transaction":
+        print(f"notification:          {result['notified']!r}")
     print(f"orders written:        {result['orders']}")
     print("pool stats:")
     for key, value in stats.items():
@@ -201,6 +280,8 @@ def report(result: dict[str, Any]) -> list[str]:
         problems.append(f"the server saw {result['peak']} connections > MAX_CONNS")
     if result["peak"] == 0:
         problems.append("the sampler never saw a connection: nothing was measured")
+    if result["pool_mode"] == "transaction" and result["notified"] != "hello":
+        problems.append(f"the LISTEN inside pinned() got {result['notified']!r}, not 'hello'")
     return problems
 
 

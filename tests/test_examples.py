@@ -130,6 +130,37 @@ def test_script_stays_within_max_conns(server_dsn: str, tmp_path: Path) -> None:
     assert done.stdout.rstrip().endswith("OK")
 
 
+def test_script_in_transaction_mode_shares_connections_while_visits_wait(
+    server_dsn: str, tmp_path: Path
+) -> None:
+    """100 visits that wait 0.2 s on another service, 5 connections: session vs transaction.
+
+    In session mode the visits queue for the connections they hold while
+    waiting (100 x 0.2 s / 5 = 4 s at least); in transaction mode they hold
+    none while waiting, so the run takes about one wait. Same run, same
+    machine: the ratio, not a time, is asserted.
+    """
+    results = {}
+    for mode in ("session", "transaction"):
+        out = tmp_path / f"script-{mode}.json"
+        env = example_env(server_dsn, dbname("dgp_examples_script_tx"))
+        args = ("--greenlets=100", "--max-conns=5", f"--pool-mode={mode}", "--wait=0.2")
+        done = run_example("script.py", env, *args, f"--json-out={out}")
+        results[mode] = read_result(out, done)
+        assert results[mode]["errors"] == 0
+        assert 1 <= results[mode]["peak"] <= 5
+        assert results[mode]["pool_stats"]["pool_in_use"] == 0
+    session, tx = results["session"], results["transaction"]
+    assert session["elapsed"] >= 100 * 0.2 / 5
+    assert tx["elapsed"] < session["elapsed"] / 3, (tx["elapsed"], session["elapsed"])
+    assert tx["notified"] == "hello", "the LISTEN inside pinned() got its notification"
+    stats = tx["pool_stats"]
+    assert stats["pins_explicit"] == 1
+    # Each visit: its statements outside atomic() and one transaction, one checkout each.
+    assert stats["requests_num"] >= 3 * 100
+    assert stats["requests_timeouts"] == 0
+
+
 def test_demo_serves_without_errors_within_max_conns(server_dsn: str, tmp_path: Path) -> None:
     """gunicorn with a gevent worker, 50 keep-alive clients on a pool of 4: no errors, <= 4."""
     out = tmp_path / "demo.json"
@@ -156,7 +187,10 @@ def test_demo_serves_without_errors_within_max_conns(server_dsn: str, tmp_path: 
     assert stats["requests_timeouts"] == 0
     assert "peak server connections: " in done.stdout
     # The observability the demo turns on: Server-Timing, the guarded view, the log.
-    assert re.fullmatch(r'db-pool;dur=\d+\.\d{3};desc="1 checkout"', result["server_timing"])
+    assert re.fullmatch(
+        r'db-pool;dur=\d+\.\d{3};desc="1 checkout", db-held;dur=\d+\.\d{3};desc="0 pins"',
+        result["server_timing"],
+    )
     assert result["ops_view"].startswith("302 /login/?next=")
     assert "pool 'default': size=" in result["stats_log"]
     # The worker that served (and the master with it) is gone once the demo has exited.

@@ -10,6 +10,7 @@ project serves ``make demo``, ``examples/script.py`` and the benchmarks:
 - ``DGP_APPNAME``: the ``application_name`` the server sees (default
   ``dgp-demo``), which lets a test count this pool's connections in
   ``pg_stat_activity``.
+- ``DGP_POOL_MODE``: ``session`` (the default) or ``transaction``.
 """
 
 from __future__ import annotations
@@ -63,6 +64,9 @@ DATABASES = {
             # A request waits at most this many seconds for a connection, then
             # fails with django.db.OperationalError instead of hanging.
             "POOL_TIMEOUT": 10,
+            # "transaction": a request holds a connection only while a statement
+            # or an atomic() block runs, not while it waits on anything else.
+            "POOL_MODE": os.environ.get("DGP_POOL_MODE", "session"),
             # Anything lower case goes to libpq untouched.
             "application_name": os.environ.get("DGP_APPNAME", "dgp-demo"),
         },
