@@ -279,3 +279,66 @@ def test_a_fork_with_a_checkout_queued_and_one_connecting(dsn: str) -> None:
     assert child["size_after"] == 0
     assert child["third"] == "PoolTimeout", "the child's cap is MAX_CONNS, not one more"
     assert parent == {"connecting_ok": True, "queued_ok": True, "second_works": True}
+
+
+TX_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    if sys.argv[2] == "gevent":
+        from gevent import monkey
+        monkey.patch_all()
+
+    import json, os
+    import django
+    from django.conf import settings
+    from django_gevent_pool.devserver import django_settings
+
+    dsn, engine = sys.argv[1], sys.argv[3]
+    settings.configure(DATABASES={"default": {
+        "ENGINE": engine, **django_settings(dsn),
+        "OPTIONS": {"MAX_CONNS": 2, "POOL_MODE": "transaction",
+                    "application_name": f"dgp-fork-tx-{os.getpid()}"},
+    }})
+    django.setup()
+    from django.db import connection
+
+    def one(sql):
+        with connection.cursor() as cur:
+            cur.execute(sql)
+            return cur.fetchone()[0] if cur.description else None
+
+    one("SELECT 1")                              # a statement: the connection went back
+    one("SET statement_timeout = '3333ms'")      # pinned: held, with session state
+    parent = one("SELECT pg_backend_pid()")
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        out = {"held": connection.connection is not None, "pid": one("SELECT pg_backend_pid()"),
+               "timeout": one("SHOW statement_timeout")}
+        connection.close()
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    got = json.loads(os.read(r, 4096))
+    print(json.dumps({"parent": parent, "child": got, "pid": one("SELECT pg_backend_pid()"),
+                      "timeout": one("SHOW statement_timeout")}))
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["plain", "gevent"])
+def test_a_fork_in_a_pinned_transaction_mode_session(dsn: str, mode: str) -> None:
+    """The child starts a session of its own; the parent's pinned one keeps its state."""
+    out = subprocess.run(
+        [sys.executable, "-c", TX_SCRIPT, dsn, mode, ENGINE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["child"]["held"] is False
+    assert result["child"]["pid"] != result["parent"]
+    assert result["child"]["timeout"] == "0"
+    assert result["pid"] == result["parent"]
+    assert result["timeout"] == "3333ms"

@@ -287,6 +287,62 @@ def test_a_cursor_kept_past_the_request_fails_loudly(tx: str) -> None:
     assert one("SELECT 3") == 3  # the next session is fine
 
 
+def test_set_autocommit_false_holds_until_it_is_set_back(tx: str) -> None:
+    transaction.set_autocommit(False, using=ALIAS)
+    pid = one("SELECT pg_backend_pid()")
+    Item.objects.using(ALIAS).create(name="m")
+    assert one("SELECT pg_backend_pid()") == pid
+    assert conn().connection is not None
+    transaction.commit(using=ALIAS)
+    assert conn().connection is not None, "still not in autocommit"
+    transaction.set_autocommit(True, using=ALIAS)
+    assert conn().connection is None
+    assert Item.objects.using(ALIAS).filter(name="m").count() == 1
+
+
+def test_a_shared_wrapper_keeps_its_connection_until_sharing_ends(tx: str) -> None:
+    wrapper = conn()
+    wrapper.inc_thread_sharing()
+    try:
+        pid = one("SELECT pg_backend_pid()")
+        seen = []
+        worker = Workers()
+        worker.spawn(lambda: seen.append(_pid_through(wrapper)))
+        worker.join(10)
+        assert worker.errors == []
+        assert seen == [pid], "another thread used the same connection"
+        assert wrapper.connection is not None
+    finally:
+        wrapper.dec_thread_sharing()
+    one("SELECT 1")
+    assert wrapper.connection is None
+
+
+def _pid_through(wrapper: Any) -> int:
+    with wrapper.cursor() as cur:
+        cur.execute("SELECT pg_backend_pid()")
+        return int(cur.fetchone()[0])
+
+
+def test_closing_twice_and_cursors_closed_twice_change_nothing(tx: str) -> None:
+    cur = conn().cursor()
+    cur.execute("SELECT 1")
+    cur.close()
+    cur.close()
+    named = conn().chunked_cursor()
+    named.execute("SELECT generate_series(1, 3)")
+    assert conn().connection is not None
+    named.close()
+    named.close()
+    assert conn().connection is None
+    assert conn()._pool_cursor_pins == 0
+    conn().close()
+    conn().close()
+    assert one("SELECT 2") == 2
+    assert conn().connection is None
+    assert stats()["pool_in_use"] == 0
+
+
 # ------------------------------------------------------------ pins
 
 
