@@ -178,6 +178,7 @@ def pool_stats() -> dict[str, Any]:
         "pid": os.getpid(),
         "gevent_patched": monkey is not None and bool(monkey.is_module_patched("socket")),
         "driver": connection.pool_driver,
+        "pool_mode": connection.settings_dict["OPTIONS"].get("POOL_MODE", "session"),
         "cooperative": django_gevent_pool.is_cooperative(connection.pool_driver),
         "pools": all_stats(),
     }

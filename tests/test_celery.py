@@ -52,10 +52,13 @@ KILL_AFTER = 15.0
 WORKER_LIFETIME = 120
 
 
-def worker_env(db_dsn: str, app_name: str, folder: Path | None = None) -> dict[str, str]:
+def worker_env(
+    db_dsn: str, app_name: str, folder: Path | None = None, pool_mode: str = "session"
+) -> dict[str, str]:
     """The example's environment: this one minus the suite's settings, plus the example's knobs.
 
-    ``folder`` holds the worker's broker and results (``DGP_CELERY_DIR``).
+    ``folder`` holds the worker's broker and results (``DGP_CELERY_DIR``);
+    ``pool_mode`` is the pool's ``POOL_MODE``.
     """
     env = {
         key: value
@@ -69,6 +72,7 @@ def worker_env(db_dsn: str, app_name: str, folder: Path | None = None) -> dict[s
         DGP_MAX_CONNS=str(MAX_CONNS),
         DGP_APPNAME=app_name,
         DGP_ITEMS=str(ITEMS),
+        DGP_POOL_MODE=pool_mode,
     )
     if folder is not None:
         env["DGP_CELERY_DIR"] = str(folder)
@@ -224,9 +228,15 @@ def worker_app_name() -> str:
     return f"{next_app_name()}-celery"
 
 
+@pytest.fixture(params=["session", "transaction"])
+def pool_mode(request: pytest.FixtureRequest) -> str:
+    """The worker's ``POOL_MODE``: each task holds a connection per task, or per statement."""
+    return str(request.param)
+
+
 @pytest.fixture
 def worker(
-    example_db: str, worker_app_name: str, celery_folder: Path, tmp_path: Path
+    example_db: str, worker_app_name: str, celery_folder: Path, tmp_path: Path, pool_mode: str
 ) -> Iterator[Worker]:
     """``celery -A celeryapp worker --pool gevent --concurrency 50``; stopped by PID afterwards.
 
@@ -246,7 +256,7 @@ def worker(
                 f"{worker_app_name}@localhost",
             ),
             cwd=EXAMPLES,
-            env=worker_env(example_db, worker_app_name, celery_folder),
+            env=worker_env(example_db, worker_app_name, celery_folder, pool_mode),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -300,7 +310,12 @@ def worker_stats(app: Any, worker: Worker) -> dict[str, Any]:
 
 
 def test_gevent_worker_runs_200_tasks_within_max_conns(
-    worker: Worker, celery_folder: Path, example_db: str, worker_app_name: str, admin: Any
+    worker: Worker,
+    celery_folder: Path,
+    example_db: str,
+    worker_app_name: str,
+    admin: Any,
+    pool_mode: str,
 ) -> None:
     """200 mixed tasks on 50 greenlets, pool of 5: all as expected, never a sixth connection.
 
@@ -318,6 +333,7 @@ def test_gevent_worker_runs_200_tasks_within_max_conns(
         assert first_stats["gevent_patched"] is True, "celery did not monkey-patch the worker"
         assert first_stats["driver"] == DRIVER
         assert first_stats["cooperative"] is True
+        assert first_stats["pool_mode"] == pool_mode
         worker_pid = first_stats["pid"]
 
         # First, a task that will be killed by its time limit (1 s) in a 30 s query.
