@@ -450,11 +450,8 @@ class PooledDatabaseWrapperMixin:
         self.errors_occurred = False  # another physical connection
         if not self._thread_sharing_count:  # type: ignore[attr-defined]
             self._watch(pool, conn)
-        self._pool_hold += 1  # setup, not a statement of the session
-        try:
-            self._pool_fix_time_zone()
-        finally:
-            self._pool_hold -= 1
+        # No time zone check here (connect() made one): on a transaction-mode
+        # pool a SET TIME ZONE pins, and a pinned connection comes back reset.
         if conn not in _greeted:
             self._pool_greet()
 

@@ -44,8 +44,8 @@ class Result:
     """
 
     __slots__ = (
+        "_closed_cursor",
         "_errors",
-        "_forward",
         "_multi",
         "_pos",
         "_rows",
@@ -59,14 +59,15 @@ class Result:
     )
 
     #: Attributes of the driver cursor still read after the statement, for
-    #: ``last_executed_query`` (psycopg2's ``query``, psycopg 3's ``_query``).
+    #: ``last_executed_query`` (psycopg2's ``query``, psycopg 3's ``_query``):
+    #: read from the closed driver cursor, which keeps them.
     FORWARDED = frozenset({"query", "_query"})
 
     def __init__(self, cursor: Any, errors: Any, *, multi: bool, failed: bool = False) -> None:
         self._errors = errors
         self._multi = multi
-        self._forward = {name: getattr(cursor, name, None) for name in self.FORWARDED}
-        self.arraysize = getattr(cursor, "arraysize", 1)
+        self._closed_cursor = cursor
+        self.arraysize = cursor.arraysize
         self.lastrowid = getattr(cursor, "lastrowid", None)
         self._sets: list[tuple[Any, int, list[Any] | None, Any]] = []
         if failed:
@@ -82,7 +83,7 @@ class Result:
     @staticmethod
     def _read(cursor: Any) -> tuple[Any, int, list[Any] | None, Any]:
         description = cursor.description
-        rows = list(cursor.fetchall()) if description is not None else None
+        rows = cursor.fetchall() if description is not None else None
         return description, cursor.rowcount, rows, getattr(cursor, "statusmessage", None)
 
     def _load(self, result: tuple[Any, int, list[Any] | None, Any]) -> None:
@@ -95,10 +96,9 @@ class Result:
         return name in _ANSWERED
 
     def __getattr__(self, name: str) -> Any:
-        try:
-            return self._forward[name]
-        except KeyError:
-            raise AttributeError(name) from None
+        if name in Result.FORWARDED:
+            return getattr(self._closed_cursor, name, None)
+        raise AttributeError(name)
 
     # ------------------------------------------------------ DB-API reads
 
