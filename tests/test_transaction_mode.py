@@ -468,17 +468,33 @@ def test_named_cursors_pin_until_closed(tx: str, admin: Any) -> None:
     assert in_other_borrowers(MAX_CONNS, "SELECT count(*) FROM pg_cursors") == [0] * MAX_CONNS
 
 
-def test_declare_with_hold_and_load_pin(tx_reset: str) -> None:
+LOADED = "SELECT current_setting('auto_explain.log_min_duration', true) IS NOT NULL"
+
+
+def test_declare_with_hold_pins_and_the_reset_closes_it(tx_reset: str) -> None:
     with conn().cursor() as cur:
         cur.execute("DECLARE held CURSOR WITH HOLD FOR SELECT generate_series(1, 3)")
         cur.execute("FETCH 2 FROM held")
         assert cur.fetchall() == [(1,), (2,)]
-        cur.execute("LOAD 'auto_explain'")
+    pid = one("SELECT pg_backend_pid()")
     assert one("SELECT count(*) FROM pg_cursors WHERE name = 'held'") == 1
-    assert conn().connection is not None
     end_request()
+    assert one("SELECT pg_backend_pid()") == pid, "reset and reused (MAX_CONNS = 1)"
     assert one("SELECT count(*) FROM pg_cursors") == 0
-    assert (stats()["pins_cursor"], stats()["pins_load"]) == (1, 1)
+    assert stats()["pins_cursor"] == 1
+
+
+def test_load_pins_and_its_connection_is_closed_even_with_reset_query(tx_reset: str) -> None:
+    """DISCARD ALL cannot unload a library: a LOADed session is never reused."""
+    assert one(LOADED) is False
+    with conn().cursor() as cur:
+        cur.execute("LOAD 'auto_explain'")
+    pid = one("SELECT pg_backend_pid()")
+    assert one(LOADED) is True
+    end_request()
+    assert one("SELECT pg_backend_pid()") != pid
+    assert one(LOADED) is False
+    assert stats()["pins_load"] == 1
 
 
 def test_pinned_keeps_the_connection_for_what_detection_cannot_see(tx: str, admin: Any) -> None:

@@ -538,10 +538,16 @@ class PooledDatabaseWrapperMixin:
         return self._pool_wipe()
 
     def _pool_wipe(self) -> tuple[bool, bool]:
-        """``(discard, reset)`` for a connection whose session state must not reach anyone."""
+        """``(discard, reset)`` for a connection whose session state must not reach anyone.
+
+        Reset with ``RESET_QUERY`` when one is set, else closed; closed anyway
+        after a ``LOAD``, which no reset undoes (``DISCARD ALL`` leaves the
+        library loaded).
+        """
         pool = self._pool
         if pool is not None and pool.options.RESET_QUERY is not None:
-            return False, True
+            if "load" not in self._pool_pins:
+                return False, True
         return True, False  # nothing can wipe its state: closed, not reused
 
     def _pool_enter_pinned(self) -> None:
