@@ -278,6 +278,19 @@ def test_debug_queries_and_capture_work_across_returns(tx: str) -> None:
     assert "INSERT" in captured.captured_queries[0]["sql"]
 
 
+def test_a_temporary_connection_between_statements_keeps_the_session(tx: str) -> None:
+    """Django's temporary_connection() (pg_version, features) must not end the request's session."""
+    cur = conn().cursor()
+    cur.execute("SELECT 1")
+    assert conn().connection is None
+    with conn().temporary_connection() as temp:
+        temp.execute("SHOW server_version_num")
+        assert int(temp.fetchone()[0]) >= 100000
+    cur.execute("SELECT 2")  # the same session: the cursor still works
+    assert cur.fetchone() == (2,)
+    assert stats()["sessions_num"] == 1
+
+
 def test_a_cursor_kept_past_the_request_fails_loudly(tx: str) -> None:
     cur = conn().cursor()
     cur.execute("SELECT 1")

@@ -399,6 +399,20 @@ class PooledDatabaseWrapperMixin:
             self._pool_hold -= 1
         _greeted.add(conn)
 
+    @contextmanager
+    def temporary_connection(self) -> Iterator[Any]:
+        """Django's; a transaction-mode session between statements is connected all the same.
+
+        Django closes the wrapper afterwards when it had no connection: that
+        would end the session of the request mid-way (its cursors dead).
+        """
+        if self.connection is not None or self._pool_home is None:
+            with super().temporary_connection() as cursor:  # type: ignore[misc]
+                yield cursor
+            return
+        with self.cursor() as cursor:  # type: ignore[attr-defined]
+            yield cursor
+
     def ensure_connection(self) -> None:
         """Django's; a transaction-mode session without a connection takes one again."""
         if self.connection is None and self._pool_home is not None:
