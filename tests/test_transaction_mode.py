@@ -291,6 +291,27 @@ def test_a_temporary_connection_between_statements_keeps_the_session(tx: str) ->
     assert stats()["sessions_num"] == 1
 
 
+def test_cursors_opened_inside_a_statement_do_not_give_its_connection_back(tx: str) -> None:
+    """An execute wrapper's query runs inside the statement: its close returns nothing."""
+    inner: list[Any] = []
+
+    def wrapper(execute: Any, sql: str, params: Any, many: bool, context: Any) -> Any:
+        if "generate_series" in sql:  # the outer statement only (this wraps the inner too)
+            with conn().cursor() as cur:
+                cur.execute("SELECT pg_backend_pid()")
+                inner.append(cur.fetchone()[0])
+        return execute(sql, params, many, context)
+
+    with conn().execute_wrapper(wrapper):
+        with CaptureQueriesContext(conn()):
+            cur = conn().cursor()
+            cur.execute("SELECT pg_backend_pid(), generate_series(1, 3)")
+            rows = cur.fetchall()
+    assert [r[1] for r in rows] == [1, 2, 3]
+    assert inner == [rows[0][0]], "the inner query ran on the statement's connection"
+    assert conn().connection is None
+
+
 def test_a_cursor_kept_past_the_request_fails_loudly(tx: str) -> None:
     cur = conn().cursor()
     cur.execute("SELECT 1")

@@ -189,6 +189,7 @@ class PooledDatabaseWrapperMixin:
         self._pool_home: ConnectionPool | None = None  # set while the session has no connection
         self._pool_session = 0  # the session's number: cursors of an ended one are dead
         self._pool_hold = 0  # > 0 inside connect() and connection_created: no early return
+        self._pool_busy = 0  # > 0 while a statement runs: no early return
         self._pool_dirty: str | None = None  # why the session's state must not reach others
         self._pool_pins: set[str] = set()  # the pin reasons counted in this session
         self._pool_cursor_pins = 0  # named cursors open
@@ -481,6 +482,7 @@ class PooledDatabaseWrapperMixin:
             or self._pool is None
             or self.connection is None
             or self._pool_hold
+            or self._pool_busy
             or self.in_atomic_block  # type: ignore[attr-defined]
             or not self.autocommit  # type: ignore[attr-defined]
             or self._pool_dirty is not None
@@ -536,6 +538,7 @@ class PooledDatabaseWrapperMixin:
     def _pool_end_session(self) -> None:
         """Forget the session: its pins, its pool, its cursors (dead from now on)."""
         self._pool_home = None
+        self._pool_busy = 0
         self._pool_dirty = None
         self._pool_pins = set()
         self._pool_cursor_pins = 0

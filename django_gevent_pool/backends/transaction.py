@@ -222,17 +222,24 @@ class TransactionCursorMixin:
             if reason is not None:
                 db._pool_pin(reason)
         driver_cursor = self.cursor
+        # While it runs, nothing gives the connection back: not a cursor that
+        # an execute wrapper or last_executed_query() (psycopg 3's mogrify)
+        # opens and closes inside it.
+        db._pool_busy += 1
         try:
             result = run()
         except Exception:
+            db._pool_busy -= 1
             self._pool_after(failed=True)
             raise
         except BaseException:
+            db._pool_busy -= 1
             # Killed or timed out mid-statement: the connection may still be
             # running it; outside a transaction it goes back discarded.
             if db._pool_may_release(check_status=False):
                 db._pool_detach(discard=True)
             raise
+        db._pool_busy -= 1
         self._pool_after()
         # psycopg 3's execute() returns its cursor: hand out this wrapper
         # instead, which still reads the results once that cursor is closed.
