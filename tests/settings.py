@@ -9,34 +9,20 @@ from django_gevent_pool.devserver import django_settings
 from .support import ENGINE, server
 
 _dsn = server()["test"]
-# DGP_TEST_POOL_MODE=transaction runs the Django tests with POOL_MODE "transaction".
-_mode = (
-    {"POOL_MODE": os.environ["DGP_TEST_POOL_MODE"]} if os.environ.get("DGP_TEST_POOL_MODE") else {}
-)
 
 DATABASES = {
     "default": {
         "ENGINE": ENGINE,
         **django_settings(_dsn),
         "CONN_MAX_AGE": 0,
-        "OPTIONS": {
-            "MAX_CONNS": 4,
-            "POOL_TIMEOUT": 5,
-            "application_name": "dgp-django-tests",
-            **_mode,
-        },
+        "OPTIONS": {"MAX_CONNS": 4, "POOL_TIMEOUT": 5, "application_name": "dgp-django-tests"},
         "TEST": {"NAME": f"test_dgp_{os.getpid()}"},
     },
     "other": {
         "ENGINE": ENGINE,
         **django_settings(_dsn),
         "CONN_MAX_AGE": 0,
-        "OPTIONS": {
-            "MAX_CONNS": 2,
-            "pool": False,
-            "application_name": "dgp-django-other",
-            **_mode,
-        },
+        "OPTIONS": {"MAX_CONNS": 2, "pool": False, "application_name": "dgp-django-other"},
         "TEST": {"NAME": f"test_dgp_other_{os.getpid()}"},
     },
 }
