@@ -165,9 +165,24 @@ def warm() -> int:
     return count
 
 
+#: Requests of the views still running in this worker (``/inflight/``).
+_running = 0
+
+
 def application(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-    """The WSGI app: the four views, and ``/warm/``, ``/collect/``, ``/info/``."""
+    """The WSGI app: the four views, and ``/warm/``, ``/collect/``, ``/info/``, ``/inflight/``."""
+    global _running
     path = environ.get("PATH_INFO", "")
+    if path == "/inflight/":
+        return _json(start_response, "200 OK", {"pid": os.getpid(), "running": _running})
+    _running += 1  # no switch between here and the view: greenlet-safe
+    try:
+        return _view(path, start_response)
+    finally:
+        _running -= 1
+
+
+def _view(path: str, start_response: StartResponse) -> list[bytes]:
     if path.startswith("/item/"):
         try:
             pk = int(path.strip("/").split("/")[1])

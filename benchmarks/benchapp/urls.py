@@ -15,6 +15,7 @@ from benchapp.competitors import RAW_PER_QUERY
 common: list[URLPattern] = [
     path("collect/", views.collect),
     path("info/", views.info),
+    path("inflight/", views.in_flight),
     path("poolstats/", views.pool_stats),
 ]
 

@@ -11,33 +11,51 @@ connections taken for each query only.
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import F
-from django.http import HttpRequest, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse
 
 from benchapp.competitors import SLEEP_SECONDS, WAIT_SECONDS, env_settings
 from benchapp.models import Item, Order
 
 _ITEM_FIELDS = ("id", "name", "price", "stock")
 
-#: Requests of the measured views this process began since the last ``/poolstats/``.
+#: Requests of the measured views this process began since the last ``/poolstats/``,
+#: and those still running (``/inflight/``). Changed with no switch in between:
+#: greenlet-safe, and the workers have one OS thread.
 _served = 0
+_running = 0
+
+View = Callable[..., HttpResponse]
 
 
-def _count() -> None:
-    global _served
-    _served += 1  # no switch here: greenlet-safe; the workers have one OS thread
+def measured(view: View) -> View:
+    """Count ``view``'s requests: begun (``_served``) and running (``_running``)."""
+
+    @functools.wraps(view)
+    def counted(request: HttpRequest, *args: Any, **kwargs: Any) -> HttpResponse:
+        global _served, _running
+        _served += 1
+        _running += 1
+        try:
+            return view(request, *args, **kwargs)
+        finally:
+            _running -= 1
+
+    return counted
 
 
+@measured
 def item(request: HttpRequest, pk: int) -> JsonResponse:
     """``/item/<pk>/``: one primary-key lookup."""
-    _count()
     try:
         row = Item.objects.values(*_ITEM_FIELDS).get(pk=pk)
     except Item.DoesNotExist:
@@ -45,17 +63,17 @@ def item(request: HttpRequest, pk: int) -> JsonResponse:
     return JsonResponse(row)
 
 
+@measured
 def sleep(request: HttpRequest) -> JsonResponse:
     """``/sleep/``: a slow query, holding a connection for SLEEP_SECONDS."""
-    _count()
     with connection.cursor() as cursor:
         cursor.execute("SELECT pg_sleep(%s)", [SLEEP_SECONDS])
     return JsonResponse({"slept": SLEEP_SECONDS})
 
 
+@measured
 def tx(request: HttpRequest) -> JsonResponse:
     """``/tx/``: take one unit of a random item's stock and record an order, atomically."""
-    _count()
     pk = random.randint(1, settings.SHOP_ITEMS)
     with transaction.atomic():
         updated = Item.objects.filter(pk=pk).update(stock=F("stock") - 1)
@@ -65,6 +83,7 @@ def tx(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"order": order.pk, "item": pk})
 
 
+@measured
 def wait(request: HttpRequest) -> JsonResponse:
     """``/wait/``: a query, WAIT_SECONDS waiting on another service, a second query.
 
@@ -74,13 +93,13 @@ def wait(request: HttpRequest) -> JsonResponse:
     """
     import gevent
 
-    _count()
     first = Item.objects.values(*_ITEM_FIELDS).get(pk=random.randint(1, settings.SHOP_ITEMS))
     gevent.sleep(WAIT_SECONDS)
     second = Item.objects.values(*_ITEM_FIELDS).get(pk=random.randint(1, settings.SHOP_ITEMS))
     return JsonResponse({"first": first, "second": second, "waited": WAIT_SECONDS})
 
 
+@measured
 def wait_raw(request: HttpRequest) -> JsonResponse:
     """``/wait/`` of the reference: each query on a raw connection taken for it alone.
 
@@ -90,7 +109,6 @@ def wait_raw(request: HttpRequest) -> JsonResponse:
     """
     from benchapp import rawapp
 
-    _count()
     return JsonResponse(rawapp.wait())
 
 
@@ -192,6 +210,16 @@ def lent_after_statement() -> int | None:
     Item.objects.filter(pk=1).exists()
     pool = _our_pool()
     return None if pool is None else int(pool.get_stats()["pool_in_use"])
+
+
+def in_flight(request: HttpRequest) -> JsonResponse:
+    """``/inflight/``: requests of the measured views still running in this process.
+
+    After wrk stops, the requests it gave up on still run in the worker; those
+    of ``/wait/`` sleep off the server, where ``pg_stat_activity`` cannot see
+    them. The orchestrator waits for 0 before the next measurement.
+    """
+    return JsonResponse({"pid": os.getpid(), "running": _running})
 
 
 def pool_stats(request: HttpRequest) -> JsonResponse:

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 import urllib.error
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -49,7 +50,7 @@ from .servers import (
 BENCH_DIR = Path(__file__).resolve().parent.parent
 TMP = BENCH_DIR / "results" / "tmp"
 LOOPS = ("query", "query_uncontended", "noop")  # the loops of micro.py
-STATEMENT_LOOPS = ("statement", "statement_busy")  # micro.py's, through Django only
+STATEMENT_LOOPS = ("statement", "statement_busy", "interleaved")  # through Django only
 #: The views that wait 50 ms (on the server, or off it): measured for ``sleep_seconds``.
 LONG_VIEWS = ("sleep", "wait")
 #: Server connections a competitor may show beyond workers x MAX_CONNS before the guard fires.
@@ -207,6 +208,9 @@ class Run:
                 # Through Django only: one ORM statement per op, the "request" kept open.
                 "statement_us": _us_per_op(result, "statement"),
                 "statement_busy_us": _us_per_op(result, "statement_busy"),
+                # Ours only: the same statement given back each time, and held (atomic()).
+                "released_us": result.get("interleaved", {}).get("released_us"),
+                "held_us": result.get("interleaved", {}).get("held_us"),
                 "errors": sum(result[k]["errors"] for k in loops),
                 "first_error": next(
                     (result[k]["first_error"] for k in loops if result[k]["first_error"]), None
@@ -221,6 +225,10 @@ class Run:
                 statement = (
                     f"  pk statement {record['statement_us']:>6.1f} us"
                     f" ({record['statement_busy_us'] or 0:>5.1f} busy)"
+                )
+            if record["released_us"] is not None and record["held_us"] is not None:
+                statement += (
+                    f", released {record['released_us']:.1f} / held {record['held_us']:.1f} us"
                 )
             print(
                 f"{record['query_ops_per_s']:>9.0f} ops/s  uncontended "
@@ -340,16 +348,17 @@ class Run:
     def between_measurements(self, port: int, competitor: Competitor) -> None:
         """Free what the last wrk run's clients left behind, before the next run.
 
-        First wait until the server runs nothing for this competitor (requests
-        wrk gave up on may still be queued in the worker: the sleep view leaves
-        half a second of them, which would land in the next view's latencies).
-        Then ``gc.collect()`` in every worker closes the per-greenlet persistent
+        First wait until the workers run none of the requests wrk gave up on
+        (they may still be queued in the worker, or sleeping off the server in
+        the wait view) and the server runs nothing for this competitor (the
+        sleep view leaves half a second of them, which would land in the next
+        view's latencies). Then ``gc.collect()`` in every worker closes the per-greenlet persistent
         connections of finished greenlets (Django stock, CONN_MAX_AGE=60), and
         wait, bounded, until the server shows no more than the pools keep (none
         for the stock backend), collecting again while it does not.
         """
         config = self.config
-        if not self.server.wait_quiet(self.dbname):
+        if not requests_done(port, config.workers) or not self.server.wait_quiet(self.dbname):
             print(f"  warning: {competitor.key} still busy 10 s after wrk stopped", flush=True)
         at_most = 0 if competitor.capped_by_gunicorn else config.workers * config.max_conns
         for _ in range(5):
@@ -491,6 +500,24 @@ def pool_counters(port: int, workers: int) -> dict[str, float] | None:
             else:  # counters: all workers together
                 total[name] = total.get(name, 0.0) + value
     return total
+
+
+def requests_done(port: int, workers: int, limit: float = 10.0) -> bool:
+    """Wait (bounded) until every worker's last ``/inflight/`` says no view request runs."""
+    deadline = time.monotonic() + limit
+    running: dict[int, int] = {}
+    while True:
+        try:
+            answer = get_json(port, "/inflight/", timeout=limit)
+        except (OSError, urllib.error.URLError, ValueError) as exc:
+            raise RuntimeError(f"/inflight/ failed: {exc!r}") from exc
+        running[int(answer["pid"])] = int(answer["running"])
+        if len(running) >= workers and not any(running.values()):
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        if any(running.values()):
+            time.sleep(0.02)
 
 
 def in_every_worker(port: int, path: str, workers: int, attempts: int = 60) -> None:
