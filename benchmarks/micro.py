@@ -38,6 +38,15 @@ and two more through Django:
     The same in MAX_CONNS greenlets (nobody waits for a connection): the
     process is busy, so microseconds per statement (1 / throughput) are its
     CPU per statement, where the per-statement checkout weighs the most.
+``interleaved`` (ours only)
+    One greenlet alternating batches of ten of the same statement: as the
+    mode runs them (``released``: in transaction mode, each given back), then
+    inside one ``atomic()`` (``held``: no checkout per statement), each
+    statement timed alone, medians. In transaction mode the difference is
+    the checkout + return around each statement, measured with the two
+    kinds side by side in one process, so a shared machine's drift and
+    hiccups hit both alike; in session mode (nothing is given back either
+    way) it is the control, about 0.
 
 Before both, MAX_CONNS greenlets each hold a connection for 50 ms at once, so
 every pool is full (MAX_CONNS open) before the load starts: django-db-geventpool
@@ -63,6 +72,7 @@ import sys  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
+from statistics import median  # noqa: E402
 from typing import Any  # noqa: E402
 
 import gevent  # noqa: E402
@@ -234,6 +244,62 @@ def django_ops(key: str) -> Ops:
     )
 
 
+def interleaved(
+    statement: Op, finish: Op, warmup: float, seconds: float, batch: int = 10
+) -> dict[str, Any]:
+    """Microseconds per statement, given back one by one and held in ``atomic()``, interleaved.
+
+    One greenlet (spawned: a checkout there watches its greenlet's end, as in
+    a request) alternates a batch of statements as the mode runs them
+    (``released``) and a batch inside one ``atomic()`` (``held``), timing
+    each statement alone: the one that opens the transaction (and its BEGIN)
+    and the COMMIT are not timed. Medians, so that the other work of a
+    shared machine (a preemption now and then) does not weigh in; statements
+    that began after ``warmup`` count, until ``seconds`` later.
+    """
+    from django.db import transaction
+
+    took: dict[str, list[float]] = {"released": [], "held": []}
+    errors: list[str] = []
+
+    def timed(kind: str, counting: bool) -> None:
+        began = time.perf_counter()
+        statement()
+        if counting:
+            took[kind].append(time.perf_counter() - began)
+
+    def loop() -> None:
+        start = time.perf_counter() + warmup
+        end = start + seconds
+        try:
+            while (now := time.perf_counter()) < end and len(errors) < 100:
+                counting = now >= start
+                try:
+                    for _ in range(batch):
+                        timed("released", counting)
+                    with transaction.atomic():
+                        statement()  # takes the connection and sends BEGIN: not timed
+                        for _ in range(batch):
+                            timed("held", counting)
+                except Exception as exc:
+                    errors.append(repr(exc))
+        finally:
+            finish()
+
+    worker = gevent.spawn(loop)
+    worker.join(timeout=warmup + seconds + 30)
+    worker.kill(block=True, timeout=5)
+    out: dict[str, Any] = {
+        f"{kind}_us": median(values) * 1e6 if values else None for kind, values in took.items()
+    }
+    out.update(
+        statements={kind: len(values) for kind, values in took.items()},
+        errors=len(errors),
+        first_error=errors[0] if errors else None,
+    )
+    return out
+
+
 def lent_after_statement() -> int | None:
     """Our pool's lent connections right after one ORM statement (None: not ours, or no Django).
 
@@ -352,6 +418,8 @@ def main() -> int:
         half = (args.warmup / 2, args.seconds / 2)
         result["statement"] = measure(ops.statement, 1, *half, finish=ops.finish)
         result["statement_busy"] = measure(ops.statement, max_conns, *half, finish=ops.finish)
+        if BY_KEY[key].ours and ops.finish is not None:
+            result["interleaved"] = interleaved(ops.statement, ops.finish, *half)
     print(json.dumps(result), flush=True)
     return 0
 

@@ -191,6 +191,8 @@ def summarize(
             "noop_spread": spread([r["noop_us"] for r in mine]),
             "statement_us": _optional_median(r.get("statement_us") for r in mine),
             "statement_busy_us": _optional_median(r.get("statement_busy_us") for r in mine),
+            "released_us": _optional_median(r.get("released_us") for r in mine),
+            "held_us": _optional_median(r.get("held_us") for r in mine),
             "errors": sum(r["errors"] for r in mine),
             "peak_server_conns": max(r["peak_total"] for r in mine),
         }
@@ -327,6 +329,16 @@ def pool_mode_comparison(http: dict[str, Any], micro: dict[str, Any]) -> dict[st
                 "ratio": b / a,
                 "added_us": b - a,
             }
+    # In one process, side by side: each statement given back, or held in atomic().
+    for mode, row in (("transaction", transaction), ("session", session)):
+        held, released = row.get("held_us"), row.get("released_us")
+        if held and released:
+            out.setdefault("micro", {}).setdefault("interleaved", {})[mode] = {
+                "held": held,
+                "released": released,
+                "ratio": released / held,
+                "added_us": released - held,
+            }
     return out
 
 
@@ -344,9 +356,20 @@ def pool_mode_lines(summary: dict[str, Any], config: dict[str, Any]) -> list[str
             lines.append(
                 f"micro, one ORM pk lookup through Django ({how}): session {row['session']:.1f}"
                 f" us, transaction {row['transaction']:.1f} us per statement = "
-                f"{row['ratio']:.2f}x ({row['added_us']:+.1f} us: the checkout + return "
-                "around each statement)"
+                f"{row['ratio']:.2f}x ({row['added_us']:+.1f} us; the two modes in two "
+                "processes, one after the other)"
             )
+    side_by_side = micro.get("interleaved", {})
+    if "transaction" in side_by_side:
+        row = side_by_side["transaction"]
+        line = (
+            "micro, the same statement in one greenlet, interleaved, medians: transaction mode "
+            f"{row['released']:.1f} us given back after each, {row['held']:.1f} us held in "
+            f"atomic() = {row['ratio']:.2f}x ({row['added_us']:+.1f} us per checkout + return)"
+        )
+        if "session" in side_by_side:
+            line += f"; session mode, the control: {side_by_side['session']['added_us']:+.1f} us"
+        lines.append(line)
     parts = []
     for view in VIEWS:
         row = found.get(view)
