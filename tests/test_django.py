@@ -595,6 +595,56 @@ def test_one_pool_per_alias_that_follows_its_settings(target: Target) -> None:
     assert set(all_stats()) >= {alias}
 
 
+def test_transaction_mode_gives_back_between_statements_here_too(target: Target) -> None:
+    """POOL_MODE "transaction" on each target: PgBouncer's own transaction pooling included.
+
+    Statements and transactions of several workers give their connections back
+    between them; rows written in one statement are read by the next on
+    another connection; a rolled back transaction leaves nothing; the pool
+    ends with nothing lent.
+    """
+    alias = "txmode"
+    workers = Workers()
+
+    def job(i: int) -> list[Any]:
+        wrapper = make_wrapper(target, alias, POOL_MODE="transaction")
+        try:
+            with wrapper.cursor() as cur:
+                cur.execute("INSERT INTO testapp_item (name, qty) VALUES (%s, %s)", [f"t{i}", i])
+            held_after_statement = wrapper.connection is not None
+            wrapper.set_autocommit(False)  # what atomic() does on the outermost block
+            with wrapper.cursor() as cur:
+                cur.execute("UPDATE testapp_item SET qty = qty + 1 WHERE name = %s", [f"t{i}"])
+            wrapper.rollback()
+            wrapper.set_autocommit(True)
+            assert wrapper.connection is None
+            with wrapper.cursor() as cur:
+                cur.execute("BEGIN")
+                cur.execute("UPDATE testapp_item SET qty = qty + 1 WHERE name = %s", [f"t{i}"])
+                held_in_transaction = wrapper.connection is not None
+                cur.execute("COMMIT")
+                cur.execute("SELECT qty FROM testapp_item WHERE name = %s", [f"t{i}"])
+                qty = cur.fetchone()[0]
+            return [held_after_statement, held_in_transaction, qty, wrapper.connection is None]
+        finally:
+            wrapper.close()
+
+    try:
+        for i in range(12):
+            workers.spawn(job, i)
+        workers.join(30)
+        assert workers.errors == []
+        assert sorted(workers.results, key=lambda r: r[2]) == [
+            [False, True, i + 1, True] for i in range(12)
+        ]
+        pool = get_pool(alias)
+        assert pool is not None
+        assert pool.get_stats()["pool_in_use"] == 0
+        assert pool.get_stats()["requests_num"] > pool.get_stats()["sessions_num"]
+    finally:
+        close_pools(alias)
+
+
 def test_aliases_have_separate_pools(target: Target) -> None:
     target.backend_pid()
     target.backend_pid(connections["other"])
