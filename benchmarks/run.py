@@ -1,7 +1,7 @@
 """``make bench`` / ``make bench-quick``: our pool against the alternatives, side by side.
 
-    .venv/bin/python benchmarks/run.py            # full: 3 rounds, about 10 minutes
-    .venv/bin/python benchmarks/run.py --quick    # quick: 1 shorter round, about 2.5 minutes
+    .venv/bin/python benchmarks/run.py            # full: 3 rounds, about 16 minutes
+    .venv/bin/python benchmarks/run.py --quick    # quick: 1 shorter round, about 3.5 minutes
 
 1. Makes (or refreshes) the benchmark's own environment ``.bench-venv`` --
    Django, gevent, gunicorn, psycopg2, psycopg 3 + psycopg-pool, psycogreen,
@@ -72,7 +72,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Benchmark django-gevent-pool against the alternatives."
     )
-    parser.add_argument("--quick", action="store_true", help="one short round (about 2.5 minutes)")
+    parser.add_argument("--quick", action="store_true", help="one short round (about 3.5 minutes)")
     parser.add_argument("--rounds", type=int, help="repetitions of every measurement")
     parser.add_argument("--http-seconds", type=float, help="seconds of wrk per view")
     parser.add_argument(
