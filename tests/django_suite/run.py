@@ -2,6 +2,7 @@
 
     python tests/django_suite/run.py [--driver psycopg2|psycopg|both]
                                      [--modes gevent,threads] [--backend ours|stock|both]
+                                     [--pool-mode session|transaction]
                                      [--jobs N] [--apps APP ...] [--include-async]
 
 ``make test-django`` runs it. Django's test suite ships in its sdist, not in
@@ -22,6 +23,12 @@ PostgreSQL backend on the same driver instead, to tell our deviations from
 failures the stock backend (or the driver) has too in this environment;
 ``--backend both`` runs both and checks each deviation's ``stock_too`` claim
 as well. With ``--driver both`` (the default) psycopg 3 must be installed.
+
+``--pool-mode transaction`` runs our engine with ``OPTIONS["POOL_MODE"] =
+"transaction"`` (``session``, the option's default, otherwise): the connection
+goes back to the pool between statements. Deviations scoped to one pool mode
+(``Deviation.pool_modes``) apply to that mode's runs only; the stock backend
+has no such option and runs as always.
 
 The runs (driver x mode x backend) go ``--jobs`` at a time (2: ours and the
 stock backend of one driver and mode side by side, each in its own process
@@ -160,11 +167,15 @@ class Child:
         *,
         include_async: bool,
         deadline: float,
+        pool_mode: str = "session",
     ) -> None:
         logs = CACHE / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         self.driver, self.mode, self.backend = driver, mode, backend
-        self.name = f"{driver}-{backend}-{mode}"
+        # POOL_MODE is ours: the stock backend has no such option.
+        self.pool_mode = pool_mode if backend == "ours" else "session"
+        transaction = "-transaction" if self.pool_mode == "transaction" else ""
+        self.name = f"{driver}-{backend}{transaction}-{mode}"
         self.results = logs / f"{self.name}.json"
         self.current = logs / f"{self.name}.current"
         self.log = logs / f"{self.name}.log"
@@ -175,6 +186,7 @@ class Child:
             "DGP_TEST_MODE": mode,
             "DGP_DJANGO_DRIVER": driver,
             "DGP_DJANGO_BACKEND": backend,
+            "DGP_DJANGO_POOL_MODE": self.pool_mode,
             "DGP_DJANGO_RESULTS": str(self.results),
             "DGP_DJANGO_CURRENT": str(self.current),
             "DGP_DJANGO_INCLUDE_ASYNC": "1" if include_async else "0",
@@ -186,8 +198,10 @@ class Child:
             "--settings=tests.django_suite.settings", "--parallel=1", "--noinput",
             "--verbosity=1", *apps,
         ]  # fmt: skip
+        pooling = f" (POOL_MODE {self.pool_mode})" if self.pool_mode != "session" else ""
         print(
-            f"== Django {tests_dir.parent.name} suite, {backend} backend, {driver}, {mode} mode",
+            f"== Django {tests_dir.parent.name} suite, {backend} backend{pooling}, {driver}, "
+            f"{mode} mode",
             flush=True,
         )
         self.started = time.monotonic()
@@ -247,6 +261,11 @@ class Child:
                 f"{self.name}: Django's PostgreSQL backend ran on {data.get('driver')}, "
                 f"not {self.driver}; log: {self.log}"
             )
+        if self.backend == "ours" and data.get("pool_mode") != self.pool_mode:
+            raise SuiteError(
+                f"{self.name}: our engine ran with POOL_MODE {data.get('pool_mode')!r}, "
+                f"not {self.pool_mode!r}; log: {self.log}"
+            )
         data["elapsed"] = elapsed
         data["log"] = str(self.log)
         print(
@@ -255,6 +274,15 @@ class Child:
             f"{len(data['left_out'])} left out; log: {self.log}",
             flush=True,
         )
+        if self.pool_mode == "transaction":
+            # How much of the run really gave connections back between statements.
+            for alias, stats in sorted(data.get("pool_stats", {}).items()):
+                pins = {k[5:]: int(v) for k, v in stats.items() if k.startswith("pins_") and v}
+                print(
+                    f"   {alias}: {int(stats.get('requests_num', 0))} checkouts in "
+                    f"{int(stats.get('sessions_num', 0))} sessions, pins {pins or 'none'}",
+                    flush=True,
+                )
         return data
 
 
@@ -288,8 +316,11 @@ def run_all(
     *,
     include_async: bool,
     jobs: int,
+    pool_mode: str = "session",
 ) -> dict[tuple[str, str, str], dict[str, Any]]:
     """Run each (driver, mode, backend) of ``plan``, ``jobs`` at a time, in the plan's order.
+
+    Our engine's runs use ``pool_mode`` (its ``POOL_MODE``).
 
     Returns the results of each, with its start and end times (monotonic).
     Raises SuiteError as soon as one run fails as :meth:`Child.outcome` says
@@ -312,6 +343,7 @@ def run_all(
                     apps,
                     include_async=include_async,
                     deadline=deadline,
+                    pool_mode=pool_mode,
                 )
             for key, child in list(running.items()):
                 if child.finished():
@@ -337,17 +369,30 @@ def _selected(test: str, apps: Iterable[str]) -> bool:
     return any(test == app or test.startswith(app + ".") for app in apps)
 
 
-def _applies(dev: Deviation, driver: str, mode: str, apps: Iterable[str]) -> bool:
-    return driver in dev.drivers and mode in dev.modes and _selected(dev.test, apps)
+def _applies(
+    dev: Deviation, driver: str, mode: str, apps: Iterable[str], pool_mode: str = "session"
+) -> bool:
+    return (
+        driver in dev.drivers
+        and mode in dev.modes
+        and pool_mode in dev.pool_modes
+        and _selected(dev.test, apps)
+    )
 
 
 def check(
-    results: dict[str, Any], deviations: list[Deviation], driver: str, mode: str, apps: list[str]
+    results: dict[str, Any],
+    deviations: list[Deviation],
+    driver: str,
+    mode: str,
+    apps: list[str],
+    pool_mode: str = "session",
 ) -> list[str]:
-    """Problems of one run of ours against the expected deviations of ``driver`` and ``mode``."""
-    expected = {d.test: d for d in deviations if _applies(d, driver, mode, apps)}
+    """Problems of one run of ours against the expected deviations of ``driver``, ``mode``
+    and ``pool_mode``."""
+    expected = {d.test: d for d in deviations if _applies(d, driver, mode, apps, pool_mode)}
     failed: dict[str, str] = results["failed"]
-    where = f"{driver}/{mode}"
+    where = f"{driver}/{mode}" + ("/transaction" if pool_mode == "transaction" else "")
     problems = []
     for test, trace in sorted(failed.items()):
         if test not in expected:
@@ -363,12 +408,18 @@ def check(
 
 
 def check_stock_claims(
-    stock: dict[str, Any], deviations: list[Deviation], driver: str, mode: str, apps: list[str]
+    stock: dict[str, Any],
+    deviations: list[Deviation],
+    driver: str,
+    mode: str,
+    apps: list[str],
+    pool_mode: str = "session",
 ) -> list[str]:
-    """Problems with the ``stock_too`` claims of the deviations of ``driver`` and ``mode``."""
+    """Problems with the ``stock_too`` claims of the deviations of ``driver`` and ``mode``
+    (those of our ``pool_mode`` run)."""
     problems = []
     for dev in deviations:
-        if not _applies(dev, driver, mode, apps):
+        if not _applies(dev, driver, mode, apps, pool_mode):
             continue
         fails = dev.test in stock["failed"]
         if fails != dev.stock_too:
@@ -411,6 +462,12 @@ def main(argv: list[str] | None = None) -> int:
         "ours and the stock backend side by side)",
     )
     parser.add_argument("--backend", choices=("ours", "stock", "both"), default="ours")
+    parser.add_argument(
+        "--pool-mode",
+        choices=("session", "transaction"),
+        default="session",
+        help="our engine's OPTIONS['POOL_MODE'] (the stock backend has none)",
+    )
     parser.add_argument("--apps", nargs="+", default=APPS, help="Django test labels to run")
     parser.add_argument(
         "--include-async",
@@ -436,7 +493,14 @@ def main(argv: list[str] | None = None) -> int:
         # Ours and the stock backend of the same driver and mode side by side.
         plan = [(d, m, b) for d in drivers for m in modes for b in backends]
         started = time.monotonic()
-        runs = run_all(tests_dir, plan, args.apps, include_async=args.include_async, jobs=args.jobs)
+        runs = run_all(
+            tests_dir,
+            plan,
+            args.apps,
+            include_async=args.include_async,
+            jobs=args.jobs,
+            pool_mode=args.pool_mode,
+        )
     except SuiteError as exc:
         print(f"ERROR: {exc}", file=sys.stderr)
         return 2
@@ -446,11 +510,13 @@ def main(argv: list[str] | None = None) -> int:
         for mode in modes:
             ours, stock = runs.get((driver, mode, "ours")), runs.get((driver, mode, "stock"))
             if ours is not None:
-                problems += check(ours, EXPECTED, driver, mode, args.apps)
+                problems += check(ours, EXPECTED, driver, mode, args.apps, args.pool_mode)
             if stock is not None:
                 report_stock(stock, driver, mode, ours)
                 if ours is not None:
-                    problems += check_stock_claims(stock, EXPECTED, driver, mode, args.apps)
+                    problems += check_stock_claims(
+                        stock, EXPECTED, driver, mode, args.apps, args.pool_mode
+                    )
         mine = {(m, b): r for (d, m, b), r in runs.items() if d == driver}
         wall = max(r["ended"] for r in mine.values()) - min(r["started"] for r in mine.values())
         each = ", ".join(f"{b}/{m} {r['elapsed']:.0f} s" for (m, b), r in mine.items())
@@ -464,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
         for d in EXPECTED
         if set(d.drivers) & set(drivers)
         and set(d.modes) & set(modes)
+        and args.pool_mode in d.pool_modes
         and _selected(d.test, args.apps)
     ]
     if problems:

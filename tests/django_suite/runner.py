@@ -15,7 +15,8 @@ Set as ``TEST_RUNNER`` by ``settings.py``. What it adds:
   id of that test is left in ``$DGP_DJANGO_CURRENT`` for ``run.py`` to name.
 - The outcome of every failed test, error and unexpected success is written to
   ``$DGP_DJANGO_RESULTS`` once the suite has run, with the driver Django's
-  PostgreSQL backend really used (``run.py`` checks it is the one asked for).
+  PostgreSQL backend really used and our engine's ``POOL_MODE`` (``run.py``
+  checks they are the ones asked for).
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ class RecordingRunner(DiscoverRunner):
                 json.dump(
                     {
                         "driver": _driver_in_use(),
+                        "pool_mode": _pool_mode(),
+                        "pool_stats": _pool_stats(),
                         "run": result.testsRun,
                         "skipped": len(result.skipped),
                         "expected_failures": len(result.expectedFailures),
@@ -118,6 +121,30 @@ class RecordingRunner(DiscoverRunner):
                     indent=1,
                 )
         return result
+
+
+def _pool_mode() -> str:
+    """Our engine's ``POOL_MODE`` on the default alias (``session`` when not set)."""
+    from django.conf import settings
+
+    return str(settings.DATABASES["default"].get("OPTIONS", {}).get("POOL_MODE", "session"))
+
+
+def _pool_stats() -> dict[str, dict[str, float]]:
+    """Our pools' counters at the end (checkouts, sessions, pins), by alias; {} if not ours.
+
+    With ``POOL_MODE = "transaction"``, checkouts per session show how much of
+    the run gave connections back between statements: a ``TestCase`` runs in
+    ``atomic()``, which holds its connection throughout.
+    """
+    base = sys.modules.get("django_gevent_pool.backends.base")
+    if base is None:
+        return {}
+    kept = ("requests_num", "sessions_num", "connections_num", "returns_bad")
+    return {
+        alias: {k: v for k, v in stats.items() if k in kept or k.startswith("pins_")}
+        for alias, stats in base.all_stats().items()
+    }
 
 
 def _driver_in_use() -> str | None:

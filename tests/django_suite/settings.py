@@ -7,6 +7,9 @@ engine for the driver ``DGP_DJANGO_DRIVER`` names (``psycopg2``, the default:
 Django's stock PostgreSQL backend on that same driver when
 ``DGP_DJANGO_BACKEND=stock`` (the reference run that tells our deviations from
 failures the stock backend has too; ``child.py`` binds it to the driver).
+``DGP_DJANGO_POOL_MODE`` (``session``, the default, or ``transaction``) is our
+engine's ``POOL_MODE`` on both aliases; the stock backend has no such option
+and never gets it.
 Everything else is what Django's own ``tests/test_sqlite.py`` sets.
 """
 
@@ -29,6 +32,13 @@ DRIVER = os.environ.get("DGP_DJANGO_DRIVER", "psycopg2")
 if DRIVER not in ENGINES:
     raise RuntimeError(f"DGP_DJANGO_DRIVER must be one of {', '.join(ENGINES)}, got {DRIVER!r}")
 
+#: Our engine's OPTIONS["POOL_MODE"] (run.py --pool-mode); session is the option's default.
+POOL_MODE = os.environ.get("DGP_DJANGO_POOL_MODE", "session")
+if POOL_MODE not in ("session", "transaction"):
+    raise RuntimeError(
+        f"DGP_DJANGO_POOL_MODE must be 'session' or 'transaction', got {POOL_MODE!r}"
+    )
+
 _dsn, _where = server_dsn()
 _pid = os.getpid()
 
@@ -42,6 +52,8 @@ def _alias(name: str) -> dict[str, Any]:
         # Room for the suite's threads (ThreadTests, select_for_update...) to
         # hold a connection each; a checkout that waits this long is a bug.
         options = {"MAX_CONNS": 10, "POOL_TIMEOUT": 10}
+        if POOL_MODE != "session":
+            options["POOL_MODE"] = POOL_MODE
     return {
         "ENGINE": engine,
         **django_settings(_dsn),
