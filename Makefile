@@ -35,9 +35,13 @@ test-matrix:
 # .cache/) through our engine, with psycopg2 and psycopg 3, in both modes (the
 # stock backend on the same driver beside it, two runs at a time, to check which
 # deviations it shares): fails on any failure not listed with its reason in
-# tests/django_suite/expected.py.
+# tests/django_suite/expected.py. Then once more with POOL_MODE "transaction"
+# (psycopg2, greenlets; 2 to 4 minutes): connections go back to the pool
+# between statements outside atomic() (a TestCase holds one in atomic()
+# throughout: TransactionTestCases and the suite's setup are what exercise it).
 test-django: $(STAMP)
 	$(PY) tests/django_suite/run.py --backend both
+	$(PY) tests/django_suite/run.py --driver psycopg2 --modes gevent --pool-mode transaction
 
 # The suite as on a fresh machine with no PostgreSQL: the system server hidden
 # (as root: private network and mount namespaces), the embedded one used.
