@@ -19,7 +19,7 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.db import InterfaceError, OperationalError, connections, transaction
 from django.db.backends.signals import connection_created
-from django.test.utils import CaptureQueriesContext
+from django.test.utils import CaptureQueriesContext, override_settings
 
 from django_gevent_pool import pinned
 from django_gevent_pool.backends.base import get_pool, pool_options_for
@@ -312,6 +312,39 @@ def test_cursors_opened_inside_a_statement_do_not_give_its_connection_back(tx: s
     assert conn().connection is None
 
 
+def test_a_time_zone_setting_changed_between_or_inside_transactions(tx: str) -> None:
+    """override_settings(TIME_ZONE) reaches the next statement, and never another borrower."""
+    import django.test.signals  # noqa: F401 - Django's receivers for setting_changed
+
+    def zone() -> str:
+        return str(one("SELECT current_setting('TimeZone')"))
+
+    with override_settings(USE_TZ=False, TIME_ZONE="UTC"):
+        assert zone() == "UTC"
+        with override_settings(TIME_ZONE="Asia/Tokyo"):  # between statements
+            assert zone() == "Asia/Tokyo"
+        assert zone() == "UTC"
+        end_request()
+        assert zone() == "UTC"
+        tokyo = override_settings(TIME_ZONE="Asia/Tokyo")
+        with transaction.atomic(using=ALIAS):
+            pid = one("SELECT pg_backend_pid()")
+            tokyo.enable()  # set on the connection the transaction holds: it pins
+        try:
+            assert conn().connection is not None
+            assert zone() == "Asia/Tokyo"
+        finally:
+            tokyo.disable()
+        assert zone() == "UTC"
+        end_request()
+        assert stats()["pins_set"] >= 1
+        # The zone set by hand reached nobody: its connection was closed.
+        assert in_other_borrowers(MAX_CONNS, "SELECT current_setting('TimeZone')") == [
+            "UTC"
+        ] * MAX_CONNS
+        assert pid not in in_other_borrowers(MAX_CONNS, "SELECT pg_backend_pid()")
+
+
 def test_a_cursor_kept_past_the_request_fails_loudly(tx: str) -> None:
     cur = conn().cursor()
     cur.execute("SELECT 1")
@@ -363,6 +396,8 @@ def test_closing_twice_and_cursors_closed_twice_change_nothing(tx: str) -> None:
     cur.execute("SELECT 1")
     cur.close()
     cur.close()
+    with pytest.raises(InterfaceError, match="cursor already closed"):
+        cur.execute("SELECT 2")  # closed by its owner: never runs again
     named = conn().chunked_cursor()
     named.execute("SELECT generate_series(1, 3)")
     assert conn().connection is not None

@@ -352,13 +352,23 @@ class PooledDatabaseWrapperMixin:
     def connect(self) -> None:
         """Django's ``connect()``; in transaction mode, ``connection_created`` once per connection.
 
-        In session mode Django's own. In transaction mode the same steps,
-        but the signal fires for a physical connection only the first time a
-        wrapper gets it (here or when a statement takes one again), and again
-        after a reset wiped its session; its receivers' statements are
-        session setup: they neither pin nor give the connection back.
+        In session mode (and for Django's unpooled ``NO_DB_ALIAS``
+        connections) Django's own. In transaction mode the same steps, but the
+        signal fires for a physical connection only the first time a wrapper
+        gets it (here or when a statement takes one again), and again after a
+        reset wiped its session; its receivers' statements are session setup:
+        they neither pin nor give the connection back. A session between
+        statements takes a connection again instead (``_pool_reattach``).
         """
-        if self.settings_dict["OPTIONS"].get("POOL_MODE") != "transaction":
+        if self._pool_home is not None:
+            # A session between statements: Django's ensure_connection() (in
+            # wrap_database_errors) asks for a connection for the next one.
+            self._pool_reattach()
+            return
+        if (
+            self.settings_dict["OPTIONS"].get("POOL_MODE") != "transaction"
+            or self.alias == NO_DB_ALIAS
+        ):
             super().connect()  # type: ignore[misc]
             return
         self._pool_hold += 1
@@ -414,12 +424,19 @@ class PooledDatabaseWrapperMixin:
         with self.cursor() as cursor:  # type: ignore[attr-defined]
             yield cursor
 
-    def ensure_connection(self) -> None:
-        """Django's; a transaction-mode session without a connection takes one again."""
-        if self.connection is None and self._pool_home is not None:
-            self._pool_reattach()
-        else:
-            super().ensure_connection()  # type: ignore[misc]
+    def ensure_timezone(self) -> bool:
+        """Django's (after a TIME_ZONE or USE_TZ setting changed); a zone it sets pins.
+
+        Django sets the new zone on the current connection directly: in
+        transaction mode that is session state the pool cannot see, so the
+        connection is pinned and reset (or closed) when the session ends.
+        Between statements there is nothing to set: the next statement finds
+        the settings changed and connects afresh.
+        """
+        changed: bool = super().ensure_timezone()  # type: ignore[misc]
+        if changed and self._pool_tx and self._pool is not None and not self._pool_hold:
+            self._pool_pin("set")
+        return changed
 
     def get_autocommit(self) -> bool:
         """Django's; no connection is taken just to read it."""
@@ -449,14 +466,19 @@ class PooledDatabaseWrapperMixin:
         pool = self._pool_home
         assert pool is not None
         resolved = _resolved.get(self.alias)
-        if pool.closed or resolved is None or resolved[1] is not pool:
-            # The pool was closed or replaced (settings changed, the test
-            # database swapped in): a new session, through Django's connect().
+        if (
+            pool.closed
+            or resolved is None
+            or resolved[1] is not pool
+            or resolved[0] != self._settings_key()
+        ):
+            # The pool was closed or replaced, or the settings changed (the
+            # test database swapped in, override_settings of TIME_ZONE): a new
+            # session, through connect().
             self._pool_end_session()
-            super().ensure_connection()  # type: ignore[misc]
+            self.connect()
             return
-        with self.wrap_database_errors:  # type: ignore[attr-defined]
-            conn, lease = pool.checkout()
+        conn, lease = pool.checkout()
         self.connection = conn
         self._pool = pool
         self._pool_lease = lease
@@ -712,6 +734,10 @@ class PooledDatabaseWrapperMixin:
 
     def create_cursor(self, name: str | None = None) -> Any:
         """Django's cursor, remembered until the connection goes back to the pool."""
+        if self.connection is None and self._pool_home is not None:
+            # A statement ran between ensure_connection() and here (a hook
+            # around it) and gave the connection back: take one again.
+            self._pool_reattach()
         cursor = super().create_cursor(name)  # type: ignore[misc]
         if self._pool is not None and name is None:
             cursors = self._pool_cursors

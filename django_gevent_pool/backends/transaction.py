@@ -182,10 +182,12 @@ class TransactionCursorMixin:
     _pool_session: int
     _pool_lease: int
     _pool_named: bool
+    _pool_closed: bool
 
     def _pool_bind(self) -> None:
         """Tie this cursor to the wrapper's current session and checkout."""
         db = self.db
+        self._pool_closed = False
         self._pool_session = db._pool_session
         self._pool_lease = db._pool_lease
         self._pool_named = getattr(self.cursor, "name", None) is not None
@@ -195,7 +197,8 @@ class TransactionCursorMixin:
     def _pool_live(self) -> None:
         """Make ``self.cursor`` a driver cursor on the wrapper's current connection."""
         db = self.db
-        if self._pool_session != db._pool_session:
+        if self._pool_closed or self._pool_session != db._pool_session:
+            # Closed by its owner, or kept past the end of its session.
             with db.wrap_database_errors:
                 raise db.Database.InterfaceError("cursor already closed")
         if db.connection is not None and self._pool_lease == db._pool_lease:
@@ -296,6 +299,7 @@ class TransactionCursorMixin:
 
     def close(self) -> None:
         db = self.db
+        self._pool_closed = True
         try:
             self.cursor.close()
         finally:

@@ -102,28 +102,6 @@ _TRANSACTION_MODE: list[Deviation] = [
         "block, gives the connection back, so `connection.connection` is None where the "
         "test expects the very connection object used inside the block.",
     ),
-    *(
-        Deviation(
-            f"backends.postgresql.tests.Tests.{name}",
-            BOTH,
-            stock_too=False,
-            pool_modes=TRANSACTION,
-            reason=(
-                "In transaction mode our connect() is Django's BaseDatabaseWrapper.connect() "
-                "(5.2 to 6.1) with its connection_created sent once per physical connection, "
-                "not a call to it; the _nodb_cursor() wrapper (alias NO_DB_ALIAS, not "
-                "pooled) copies OPTIONS and so takes that path too. These tests make the "
-                "connection to the 'postgres' database fail by patching "
-                "BaseDatabaseWrapper.connect, which is never called: the connection "
-                "succeeds, so neither the fallback's RuntimeWarning nor the DatabaseError "
-                "comes. A real failure to connect still falls back (get_new_connection "
-                "raises as it does with Django's connect()); what a patch or a tracer "
-                "(sentry-sdk's connect span) puts around BaseDatabaseWrapper.connect is "
-                "bypassed in transaction mode."
-            ),
-        )
-        for name in ("test_nodb_cursor", "test_nodb_cursor_raises_postgres_authentication_failure")
-    ),
     Deviation(
         "test_utils.tests.AssertNumQueriesUponConnectionTests."
         "test_ignores_connection_configuration_queries",
@@ -136,12 +114,9 @@ _TRANSACTION_MODE: list[Deviation] = [
         "expects assertNumQueries(1), whose entry connects first, not to count it. Here "
         "the connection is None again before every statement, so the query runs at the "
         "counted statement too; and the query, a statement of its own, gives the "
-        "connection back before Django's _cursor() makes its cursor on it. Setup queries "
-        "of connection_created receivers run inside connect() holding the connection, as "
-        "the test means. (At present it fails earlier, with a RecursionError in both "
-        "pool modes: the mixin's ensure_connection() calls the patched base method, "
-        "which calls the mixin's again; not listed for session mode, where it is a "
-        "defect.)",
+        "connection back before Django's _cursor() makes its cursor (which then takes "
+        "one again). Setup queries of connection_created receivers run inside connect() "
+        "holding the connection, as the test means.",
     ),
 ]
 
