@@ -27,13 +27,16 @@ and two more through Django:
     whole Django connect/close path around it for the Django competitors.
     One greenlet, because a checkout of an idle connection does no I/O and so
     never yields: many greenlets would just run one after the other.
-``statement`` (Django competitors only)
+``statement``
     One greenlet repeating one ORM statement, a primary-key lookup
     (``Item.objects.values(...).get(pk=...)``), inside one long "request"
     (no ``close_old_connections()`` in between): microseconds per statement.
     A session-mode pool checks out once for all of them; ours with
     ``POOL_MODE = "transaction"`` checks out and gives back around each one,
-    so the difference between the two is that per-statement cost.
+    so the difference between the two is that per-statement cost. For
+    ``raw`` and ``ours-bare``, no Django: the same SQL on a connection taken
+    for each statement alone (the way of the wait view's reference, from a
+    plain queue, and from our bare pool).
 ``statement_busy``
     The same in MAX_CONNS greenlets (nobody waits for a connection): the
     process is busy, so microseconds per statement (1 / throughput) are its
@@ -317,6 +320,13 @@ def lent_after_statement() -> int | None:
         connection.close()
 
 
+def raw_item(cursor: Any, pk: int) -> None:
+    """The primary-key lookup's SQL (as the ORM sends it) on a driver cursor."""
+    from benchapp.rawapp import item
+
+    item(cursor, pk)
+
+
 def bare_ops(max_conns: int) -> Ops:
     """The operations on our pool without Django (``getconn``/``putconn``)."""
     from django_gevent_pool import ConnectionPool
@@ -341,7 +351,14 @@ def bare_ops(max_conns: int) -> Ops:
         with pool.connection() as conn, conn.cursor() as cursor:
             cursor.execute("SELECT pg_sleep(0.05)")
 
-    return Ops(query, noop, hold, {"engine": "django_gevent_pool.ConnectionPool"})
+    def statement() -> None:
+        # The ORM's SQL, on a connection taken for this statement alone.
+        with pool.connection() as conn, conn.cursor() as cursor:
+            raw_item(cursor, random.randint(1, ITEMS))
+
+    return Ops(
+        query, noop, hold, {"engine": "django_gevent_pool.ConnectionPool"}, statement=statement
+    )
 
 
 def raw_ops(max_conns: int) -> Ops:
@@ -377,7 +394,22 @@ def raw_ops(max_conns: int) -> Ops:
         finally:
             queue.put(conn)
 
-    return Ops(query, noop, hold, {"engine": "gevent.queue.Queue of psycopg2 connections"})
+    def statement() -> None:
+        # The ORM's SQL, on a connection taken for this statement alone (the reference's way).
+        conn = get()
+        try:
+            with conn.cursor() as cursor:
+                raw_item(cursor, random.randint(1, ITEMS))
+        finally:
+            queue.put(conn)
+
+    return Ops(
+        query,
+        noop,
+        hold,
+        {"engine": "gevent.queue.Queue of psycopg2 connections"},
+        statement=statement,
+    )
 
 
 def main() -> int:
@@ -418,7 +450,7 @@ def main() -> int:
         half = (args.warmup / 2, args.seconds / 2)
         result["statement"] = measure(ops.statement, 1, *half, finish=ops.finish)
         result["statement_busy"] = measure(ops.statement, max_conns, *half, finish=ops.finish)
-        if BY_KEY[key].ours and ops.finish is not None:
+        if key in BY_KEY and BY_KEY[key].ours and ops.finish is not None:
             result["interleaved"] = interleaved(ops.statement, ops.finish, *half)
     print(json.dumps(result), flush=True)
     return 0

@@ -204,7 +204,7 @@ def summarize(
         "http": http,
         "micro": micro,
         "psycopg3": psycopg3_comparison(http, micro),
-        "pool_mode": pool_mode_comparison(http, micro),
+        "pool_mode": pool_mode_comparison(http, micro, config["workers"]),
         "skipped": dict(skipped or {}),
         "sleep_ceiling_rps": config["workers"] * config["max_conns"] / SLEEP_SECONDS,
         # What a pool lending one connection per request can serve on /wait/ at most.
@@ -289,14 +289,20 @@ def _versus(results: dict[str, Any], a: str, b: str) -> float | None:
     return _ratio_of(results, a, b, "rps")
 
 
-def pool_mode_comparison(http: dict[str, Any], micro: dict[str, Any]) -> dict[str, Any]:
+def pool_mode_comparison(
+    http: dict[str, Any], micro: dict[str, Any], workers: int = 1
+) -> dict[str, Any]:
     """Ours in transaction mode against ours in session mode (psycopg2 both).
 
     Per view: throughput (through the raw limit of each round) and p99,
     transaction / session, and the pool checkouts per request of each mode.
     Micro: microseconds per ORM statement of each mode, their ratio and the
     difference (the checkout + return transaction mode adds to a statement).
-    Empty when ours in transaction mode was not run.
+    ``wait_gap``: on /wait/, where both are CPU-bound, the worker time per
+    request (workers / throughput) of the reference and of transaction mode,
+    and the share of the difference that the checkout + return around each
+    statement (micro, side by side) accounts for. Empty when ours in
+    transaction mode was not run.
     """
     out: dict[str, Any] = {}
     for view in VIEWS:
@@ -339,6 +345,19 @@ def pool_mode_comparison(http: dict[str, Any], micro: dict[str, Any]) -> dict[st
                 "ratio": released / held,
                 "added_us": released - held,
             }
+    wait = http.get("wait", {})
+    mine, reference = wait.get(OURS_TRANSACTION), wait.get(RAW_PER_QUERY)
+    side_by_side = out.get("micro", {}).get("interleaved", {}).get("transaction")
+    if mine and reference and mine["rps"] and reference["rps"]:
+        gap = {
+            "reference_ms": workers * 1000 / reference["rps"],
+            "transaction_ms": workers * 1000 / mine["rps"],
+        }
+        statements = (mine["pool"] or {}).get("checkouts_per_request")
+        if side_by_side and statements:
+            gap["checkouts_ms"] = statements * side_by_side["added_us"] / 1000
+            gap["statements"] = statements
+        out["wait_gap"] = gap
     return out
 
 
@@ -369,6 +388,37 @@ def pool_mode_lines(summary: dict[str, Any], config: dict[str, Any]) -> list[str
         )
         if "session" in side_by_side:
             line += f"; session mode, the control: {side_by_side['session']['added_us']:+.1f} us"
+        lines.append(line)
+    per_query = [
+        f"{name} {summary['micro'][key]['statement_us']:.1f} us"
+        for key, name in (
+            ("raw", "from a plain queue (the reference's way)"),
+            (MICRO_BARE, "from our bare pool"),
+        )
+        if summary["micro"].get(key, {}).get("statement_us")
+    ]
+    through_django = summary["micro"].get(OURS_TRANSACTION, {}).get("statement_us")
+    if per_query and through_django:
+        lines.append(
+            "micro, one pk lookup in one greenlet, its SQL on a connection taken for it alone: "
+            + ", ".join(per_query)
+            + f"; through the ORM in transaction mode {through_django:.1f} us"
+        )
+    gap = found.get("wait_gap")
+    if gap:
+        difference = gap["transaction_ms"] - gap["reference_ms"]
+        line = (
+            f"wait view, worker time per request ({config['workers']} / throughput, both "
+            f"CPU-bound): reference {gap['reference_ms']:.2f} ms, transaction mode "
+            f"{gap['transaction_ms']:.2f} ms ({difference:+.2f} ms)"
+        )
+        if "checkouts_ms" in gap:
+            line += (
+                f"; the checkout + return around its {gap['statements']:.2f} statements "
+                f"(micro, side by side) is about {gap['checkouts_ms']:.2f} ms of it, the rest "
+                "is what the reference does not run: the ORM, Django's cursor and connection "
+                "handling, the rest of our backend"
+            )
         lines.append(line)
     parts = []
     for view in VIEWS:
@@ -793,9 +843,9 @@ def text_report(summary: dict[str, Any], found: list[Target], config: dict[str, 
             "",
             f"micro: checkout + SELECT 1 + return in {config['micro_greenlets']} greenlets "
             f"(uncontended: {config['max_conns']}), MAX_CONNS={config['max_conns']}, one "
-            "process, no HTTP; checkout+return: one greenlet, no query; stmt us: one ORM pk "
-            f"lookup through Django, one greenlet (busy: {config['max_conns']} greenlets), "
-            "the request kept open",
+            "process, no HTTP; checkout+return: one greenlet, no query; stmt us: one pk "
+            f"lookup, one greenlet (busy: {config['max_conns']} greenlets), through the ORM "
+            "with the request kept open (raw, bare pool: its SQL on a connection taken for it)",
             *_plain_table(MICRO_HEADER, micro_rows(summary)),
         ]
     comparison = psycopg3_lines(summary)
@@ -860,8 +910,9 @@ def rst_report(
             f"**micro: checkout + SELECT 1 + return in {config['micro_greenlets']} greenlets, "
             f"MAX_CONNS={config['max_conns']}, one process, no HTTP** (``uncontended``: "
             f"{config['max_conns']} greenlets, nobody waits; ``checkout+return us``: one "
-            "greenlet, no query; ``stmt us``: one ORM primary-key lookup through Django, "
-            f"one greenlet, the request kept open; ``busy``: {config['max_conns']} greenlets)",
+            "greenlet, no query; ``stmt us``: one primary-key lookup, one greenlet, through "
+            "the ORM with the request kept open (raw and the bare pool: its SQL on a "
+            f"connection taken for it); ``busy``: {config['max_conns']} greenlets)",
             "",
             *_rst_table(MICRO_HEADER, micro_rows(summary)),
             "",
