@@ -249,12 +249,16 @@ def test_a_begin_sent_by_hand_keeps_the_connection_until_it_ends(tx: str) -> Non
     assert Item.objects.using(ALIAS).filter(name="h").count() == 1
 
 
-def test_connection_created_fires_once_per_physical_connection(tx: str) -> None:
+def test_connection_created_fires_per_request_and_per_new_connection_never_per_statement(
+    tx: str,
+) -> None:
+    """As with Django: at each connect(); and when a statement gets a connection no one greeted."""
     fired: list[int] = []
 
     def created(sender: Any, connection: Any, **kwargs: Any) -> None:
         if connection.alias == ALIAS:
             with connection.cursor() as cur:  # setup: neither pins nor gives back
+                cur.execute("SET application_name = %s", [tx])
                 cur.execute("SELECT pg_backend_pid()")
                 fired.append(cur.fetchone()[0])
 
@@ -264,10 +268,31 @@ def test_connection_created_fires_once_per_physical_connection(tx: str) -> None:
             for _ in range(10):
                 one("SELECT 1")
             end_request()
+        assert len(fired) == 3 and len(set(fired)) == 1 == stats()["connections_num"]
+        # A second physical connection, first met by a statement (not by connect()),
+        # is greeted once too: per-connection setup reaches every connection.
+        assert one("SELECT 1") == 1
+        holder = Workers()
+        release: list[bool] = []
+
+        def hold_one() -> None:
+            with pinned(ALIAS):
+                one("SELECT 1")
+                wait_until(lambda: bool(release), what="the release")
+
+        holder.spawn(hold_one)
+        wait_until(lambda: stats()["pool_in_use"] == 1, what="the holder's connection")
+        pids = {one("SELECT pg_backend_pid()") for _ in range(5)}
+        release.append(True)
+        holder.join(10)
+        assert holder.errors == []
     finally:
         connection_created.disconnect(created)
-    assert len(fired) == stats()["connections_num"] == len(set(fired)) == 1
-    assert stats()["pins_set"] == 0
+    assert stats()["connections_num"] == 2
+    assert len(set(fired)) == 2, "each physical connection was set up"
+    assert pids <= set(fired)
+    assert stats()["pins_set"] == 0, "receivers' statements are setup: no pin"
+    assert stats()["pins_explicit"] == 1
 
 
 def test_debug_queries_and_capture_work_across_returns(tx: str) -> None:

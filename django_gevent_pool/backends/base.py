@@ -350,19 +350,20 @@ class PooledDatabaseWrapperMixin:
     # ---------------------------------------------------- transaction mode
 
     def connect(self) -> None:
-        """Django's ``connect()``; in transaction mode, ``connection_created`` once per connection.
+        """Django's ``connect()``; a transaction-mode session between statements reattaches.
 
-        In session mode (and for Django's unpooled ``NO_DB_ALIAS``
-        connections) Django's own. In transaction mode the same steps, but the
-        signal fires for a physical connection only the first time a wrapper
-        gets it (here or when a statement takes one again), and again after a
-        reset wiped its session; its receivers' statements are session setup:
-        they neither pin nor give the connection back. A session between
-        statements takes a connection again instead (``_pool_reattach``).
+        A new session (a request's first statement) goes through Django's own
+        ``connect()``, ``connection_created`` included, in either mode. In
+        transaction mode a session between statements takes a connection
+        again instead (``_pool_reattach``), and the signal fires there only
+        for a physical connection no receiver has seen yet (so setup made per
+        connection, such as ``register_hstore``, reaches each one), or whose
+        session a reset wiped; receivers' statements are session setup: they
+        neither pin nor give the connection back.
         """
         if self._pool_home is not None:
-            # A session between statements: Django's ensure_connection() (in
-            # wrap_database_errors) asks for a connection for the next one.
+            # Django's ensure_connection() (in wrap_database_errors) asks for a
+            # connection for the next statement.
             self._pool_reattach()
             return
         if (
@@ -373,36 +374,15 @@ class PooledDatabaseWrapperMixin:
             return
         self._pool_hold += 1
         try:
-            # BaseDatabaseWrapper.connect() of Django 5.2 to 6.1, its signal
-            # aside (tests/test_transaction_mode.py pins its source).
-            self.check_settings()
-            self.in_atomic_block = False
-            self.savepoint_ids = []
-            self.atomic_blocks = []
-            self.needs_rollback = False
-            self.health_check_enabled = self.settings_dict["CONN_HEALTH_CHECKS"]
-            max_age = self.settings_dict["CONN_MAX_AGE"]
-            self.close_at = None if max_age is None else time.monotonic() + max_age
-            self.closed_in_transaction = False
-            self.errors_occurred = False
-            self.health_check_done = True
-            conn_params = self.get_connection_params()
-            self.connection = self.get_new_connection(conn_params)
-            self.set_autocommit(self.settings_dict["AUTOCOMMIT"])
-            self.init_connection_state()
-            self._pool_greet()
-            self.run_on_commit = []
+            super().connect()  # type: ignore[misc]
         finally:
             self._pool_hold -= 1
+        if self.connection is not None and self._pool is not None:
+            _greeted.add(self.connection)
 
     def _pool_greet(self) -> None:
-        """Send ``connection_created`` for the current connection unless it had it."""
+        """Send ``connection_created`` for the current connection, which had none yet."""
         conn = self.connection
-        if self._pool is None:  # not pooled (NO_DB_ALIAS): sent as by Django
-            connection_created.send(sender=self.__class__, connection=self)
-            return
-        if conn in _greeted:
-            return
         self._pool_hold += 1
         try:
             connection_created.send(sender=self.__class__, connection=self)
