@@ -127,19 +127,25 @@ class CopyGuardMixin:
         return method(*args, **kwargs)
 
 
-_guarded: dict[type, type] = {}
+_made: dict[tuple[type, type], type] = {}
+
+
+def in_front(mixin: type, wrapper_class: type) -> type:
+    """``wrapper_class`` (a Django ``CursorWrapper`` class) with ``mixin`` in front.
+
+    Made once per pair and kept (a few classes per process at most), in the
+    mixin's module.
+    """
+    if issubclass(wrapper_class, mixin):
+        return wrapper_class
+    made = _made.get((mixin, wrapper_class))
+    if made is None:
+        made = type(wrapper_class.__name__, (mixin, wrapper_class), {})
+        made.__module__ = mixin.__module__
+        _made[(mixin, wrapper_class)] = made
+    return made
 
 
 def guarded(wrapper_class: type) -> type:
-    """``wrapper_class`` (a Django ``CursorWrapper`` class) with :class:`CopyGuardMixin` in front.
-
-    Made once per class and kept (a few classes per process at most).
-    """
-    if issubclass(wrapper_class, CopyGuardMixin):
-        return wrapper_class
-    made = _guarded.get(wrapper_class)
-    if made is None:
-        made = type(wrapper_class.__name__, (CopyGuardMixin, wrapper_class), {})
-        made.__module__ = __name__
-        _guarded[wrapper_class] = made
-    return made
+    """``wrapper_class`` with :class:`CopyGuardMixin` in front."""
+    return in_front(CopyGuardMixin, wrapper_class)

@@ -498,15 +498,23 @@ class PooledDatabaseWrapperMixin:
 
     def _pool_detach(self, *, discard: bool = False, reset: bool = False) -> None:
         """Give the connection back; the session goes on without one until the next statement."""
+        self._pool_home = self._pool
+        self._pool_give_back(discard=discard, reset=reset)
+
+    def _pool_give_back(self, *, discard: bool, reset: bool | None) -> None:
+        """Hand the current connection to its pool: this wrapper no longer touches it.
+
+        Its greenlet-end return is cancelled and this checkout's cursors are
+        closed first. Raises what ``putconn`` raises, as a Django error.
+        """
         pool, conn, lease = self._pool, self.connection, self._pool_lease
         assert pool is not None
         self._pool = None
-        self._pool_home = pool
         self._stop_watching()
         self.connection = None
         self._close_lease_cursors()
         if reset:
-            _greeted.discard(conn)
+            _greeted.discard(conn)  # what receivers set up is wiped
         with self.wrap_database_errors:  # type: ignore[attr-defined]
             pool.putconn(conn, discard=discard, lease=lease, reset=reset)
 
@@ -692,19 +700,12 @@ class PooledDatabaseWrapperMixin:
         if pool is None or self.connection is None:
             super()._close()  # type: ignore[misc]
             return
-        conn, discard = self.connection, self._pool_discard
+        discard, self._pool_discard = self._pool_discard, False
         wipe, reset = self._pool_return_kind()
-        self._pool, self._pool_discard = None, False
-        self._stop_watching()
         self._pool_end_session()
         # The connection is the pool's again: this wrapper must not touch it,
         # even when close() was called inside an atomic block.
-        self.connection = None
-        self._close_lease_cursors()
-        if reset:
-            _greeted.discard(conn)
-        with self.wrap_database_errors:  # type: ignore[attr-defined]
-            pool.putconn(conn, discard=discard or wipe, lease=self._pool_lease, reset=reset)
+        self._pool_give_back(discard=discard or wipe, reset=reset)
 
     def close(self) -> None:
         """Django's ``close()``; also ends a transaction-mode session that has no connection."""

@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+from ..copying import in_front
 from ..drivers.base import Status
 from ..pinning import pin_reason
 
@@ -311,16 +312,6 @@ class TransactionCursorMixin:
                     db._pool_detach()
 
 
-_made: dict[type, type] = {}
-
-
 def transactional(wrapper_class: type) -> type:
     """``wrapper_class`` (a Django ``CursorWrapper`` class) with the mixin in front; cached."""
-    if issubclass(wrapper_class, TransactionCursorMixin):
-        return wrapper_class
-    made = _made.get(wrapper_class)
-    if made is None:
-        made = type(wrapper_class.__name__, (TransactionCursorMixin, wrapper_class), {})
-        made.__module__ = __name__
-        _made[wrapper_class] = made
-    return made
+    return in_front(TransactionCursorMixin, wrapper_class)
