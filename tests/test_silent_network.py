@@ -264,11 +264,13 @@ def test_a_cancel_request_stops_the_running_query(
 
 
 def active(admin: Any, app_name: str) -> bool:
+    """Is ``app_name``'s ``pg_sleep`` running? (Not the BEGIN psycopg2 sends first: a
+    cancel at that moment finds the client between statements and sends nothing.)"""
     with admin.cursor() as cur:
         cur.execute(
             "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
-            "AND state = 'active'",
-            [app_name],
+            "AND state = 'active' AND query LIKE %s",
+            [app_name, "%pg_sleep%"],
         )
         return bool(cur.fetchone()[0])
 
