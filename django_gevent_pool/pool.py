@@ -218,8 +218,14 @@ class ConnectionPool:
         """
         return self.checkout(timeout)[0]
 
-    def checkout(self, timeout: float | None = None) -> tuple[Any, int]:
+    def checkout(self, timeout: float | None = None, *, session: bool = False) -> tuple[Any, int]:
         """Like :meth:`getconn`, with this checkout's lease number: ``(conn, lease)``.
+
+        ``session=True`` also counts a unit of work (a request, a task) in
+        ``sessions_num``: the Django layer says so on a session's first
+        checkout, so ``requests_num / sessions_num`` is the checkouts per
+        request (1 in session mode, one per statement or transaction in
+        transaction mode). Both are counted when asked, in one critical section.
 
         ``putconn(conn, lease=lease)`` then gives back exactly this checkout: a
         second return, or one after the connection was lent again, raises the
@@ -231,7 +237,7 @@ class ConnectionPool:
         start = self._clock()
         entry = None
         try:
-            entry = self._checkout(start, self.timeout if timeout is None else timeout)
+            entry = self._checkout(start, self.timeout if timeout is None else timeout, session)
         finally:
             # A checkout that failed (timed out, refused, killed) waited too: its
             # time goes into the percentiles and the caller's tally, or an
@@ -248,11 +254,11 @@ class ConnectionPool:
             raise
         return entry.conn, entry.lease
 
-    def _checkout(self, start: float, timeout: float) -> _Entry:
+    def _checkout(self, start: float, timeout: float, session: bool = False) -> _Entry:
         """The checkout itself; :meth:`getconn` records how long it took, failed or not."""
         deadline = start + timeout
         generation = self._generation
-        item, waiter = self._take_or_reserve()
+        item, waiter = self._take_or_reserve(session)
         # A slot may be used with no time left only when none was given
         # (timeout=0 still opens a free slot; libpq's connect_timeout bounds it).
         waited = waiter is not None and timeout > 0
@@ -694,15 +700,6 @@ class ConnectionPool:
     def closed(self) -> bool:
         return self._closed
 
-    def note_session(self) -> None:
-        """Count one unit of work (a request, a task) served by this pool's connections.
-
-        ``requests_num / sessions_num`` is then the checkouts per unit of work:
-        1 in session mode, one per statement or transaction in transaction mode.
-        """
-        with self._lock:  # critical section: count
-            self._counters["sessions_num"] += 1
-
     def note_pin(self, reason: str) -> None:
         """Count a connection pinned to its borrower for ``reason`` (``pinning.REASONS``)."""
         key = "pins_" + reason
@@ -757,12 +754,14 @@ class ConnectionPool:
 
     # --------------------------------------------------------- checkout path
 
-    def _take_or_reserve(self) -> tuple[_Entry | str | None, _Waiter | None]:
+    def _take_or_reserve(self, session: bool = False) -> tuple[_Entry | str | None, _Waiter | None]:
         """Under the lock: an idle entry, or a reserved slot, or a queued waiter."""
         with self._lock:  # critical section: pick what this checkout gets
             if self._closed:
                 raise self._errors.PoolClosed(f"pool {self.name!r} is closed")
             self._counters["requests_num"] += 1
+            if session:
+                self._counters["sessions_num"] += 1
             if not self._waiting:
                 if self._idle:
                     entry = self._idle.pop()

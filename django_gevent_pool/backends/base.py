@@ -190,8 +190,8 @@ class PooledDatabaseWrapperMixin:
         self._pool_session = 0  # the session's number: cursors of an ended one are dead
         self._pool_hold = 0  # > 0 inside connect() and connection_created: no early return
         self._pool_busy = 0  # > 0 while a statement runs: no early return
-        self._pool_dirty: str | None = None  # why the session's state must not reach others
-        self._pool_pins: set[str] = set()  # the pin reasons counted in this session
+        # The sticky pin reasons of this session: its state must reach nobody else.
+        self._pool_pins: set[str] = set()
         self._pool_cursor_pins = 0  # named cursors open
         self._pool_explicit_pins = 0  # pinned() blocks open
         self._checked_key: tuple[Any, ...] | None = None  # settings key from check_settings
@@ -283,10 +283,9 @@ class PooledDatabaseWrapperMixin:
             )
             pool = self._pool_for(conn_params)
             _resolved[self.alias] = (key, pool, isolation_level)
-        conn, self._pool_lease = pool.checkout()
+        conn, self._pool_lease = pool.checkout(session=True)
         self._pool = pool
         self._pool_discard = False
-        pool.note_session()
         self._pool_tx = pool.options.POOL_MODE == "transaction"
         if self._pool_tx:
             self._pool_session += 1
@@ -487,7 +486,7 @@ class PooledDatabaseWrapperMixin:
             or self._pool_busy
             or self.in_atomic_block  # type: ignore[attr-defined]
             or not self.autocommit  # type: ignore[attr-defined]
-            or self._pool_dirty is not None
+            or self._pool_pins
             or self._pool_cursor_pins
             or self._pool_explicit_pins
             or self._thread_sharing_count  # type: ignore[attr-defined]
@@ -532,8 +531,6 @@ class PooledDatabaseWrapperMixin:
             self._pool_explicit_pins += 1
             count = self._pool_explicit_pins == 1
         else:
-            if self._pool_dirty is None:
-                self._pool_dirty = reason
             count = reason not in self._pool_pins
             self._pool_pins.add(reason)
         pool = self._pool or self._pool_home
@@ -549,7 +546,6 @@ class PooledDatabaseWrapperMixin:
         """Forget the session: its pins, its pool, its cursors (dead from now on)."""
         self._pool_home = None
         self._pool_busy = 0
-        self._pool_dirty = None
         self._pool_pins = set()
         self._pool_cursor_pins = 0
         self._pool_explicit_pins = 0
@@ -560,22 +556,14 @@ class PooledDatabaseWrapperMixin:
         """``(discard, reset)`` for ``putconn`` at the end of a session."""
         if not self._pool_tx:
             return False, None
-        if self._pool_dirty is None and not self._pool_cursor_pins and not self._pool_explicit_pins:
+        if not self._pool_pins and not self._pool_cursor_pins and not self._pool_explicit_pins:
             return False, False  # no session state: no RESET_QUERY either
         return self._pool_wipe()
 
     def _pool_wipe(self) -> tuple[bool, bool]:
-        """``(discard, reset)`` for a connection whose session state must not reach anyone.
-
-        Reset with ``RESET_QUERY`` when one is set, else closed; closed anyway
-        after a ``LOAD``, which no reset undoes (``DISCARD ALL`` leaves the
-        library loaded).
-        """
-        pool = self._pool
-        if pool is not None and pool.options.RESET_QUERY is not None:
-            if "load" not in self._pool_pins:
-                return False, True
-        return True, False  # nothing can wipe its state: closed, not reused
+        """``(discard, reset)`` for a connection whose session state must not reach anyone."""
+        assert self._pool is not None
+        return _wipe(self._pool, loaded="load" in self._pool_pins)
 
     def _pool_enter_pinned(self) -> None:
         self.ensure_connection()
@@ -592,8 +580,8 @@ class PooledDatabaseWrapperMixin:
         if self._pool_may_release():  # no transaction, no other pin
             discard, reset = self._pool_wipe()
             self._pool_detach(discard=discard, reset=reset)
-        elif self._pool_dirty is None:
-            self._pool_dirty = "explicit"  # reset when the session ends
+        else:
+            self._pool_pins.add("explicit")  # reset when the session ends
 
     def _set_autocommit(self, autocommit: bool) -> None:
         # connect() sets it on every checkout; a pooled connection comes back
@@ -609,10 +597,6 @@ class PooledDatabaseWrapperMixin:
         # The PostgreSQL part (time zone, role) ran once when the pool opened
         # this connection; only Django's once-per-alias version check is left.
         BaseDatabaseWrapper.init_connection_state(self)  # type: ignore[arg-type]
-        self._pool_fix_time_zone()
-
-    def _pool_fix_time_zone(self) -> None:
-        """Set the session's time zone back if a borrower changed it; no round trip otherwise."""
         # What the stock setup leaves cached on the wrapper, as it leaves it
         # (code and tests read or reset it: `del connection.timezone_name`).
         timezone_name = self.timezone_name  # type: ignore[attr-defined]
@@ -671,15 +655,16 @@ class PooledDatabaseWrapperMixin:
         """Django's ``CursorWrapper``; with psycopg2, its COPY under gevent says to use
         ``blocking_copy()`` (psycopg 3's COPY is cooperative: no guard). In
         transaction mode, one that gives the connection back between statements."""
-        if self.pool_driver != "psycopg2":
-            if not self._pool_tx or self._pool is None:
-                return super().make_cursor(cursor)  # type: ignore[misc]
-            wrapped = _TransactionCursorWrapper(cursor, self)
-        elif not self._pool_tx or self._pool is None:
-            return _GuardedCursorWrapper(cursor, self)
+        tx = self._pool_tx and self._pool is not None
+        if self.pool_driver == "psycopg2":
+            cls = _GuardedTransactionCursorWrapper if tx else _GuardedCursorWrapper
+        elif tx:
+            cls = _TransactionCursorWrapper
         else:
-            wrapped = _GuardedTransactionCursorWrapper(cursor, self)
-        wrapped._pool_bind()
+            return super().make_cursor(cursor)  # type: ignore[misc]
+        wrapped = cls(cursor, self)
+        if tx:
+            wrapped._pool_bind()
         return wrapped
 
     def make_debug_cursor(self, cursor: Any) -> Any:
@@ -791,6 +776,18 @@ _GuardedTransactionCursorWrapper = transactional(_GuardedCursorWrapper)
 _greeted: weakref.WeakSet[Any] = weakref.WeakSet()
 
 
+def _wipe(pool: ConnectionPool, *, loaded: bool) -> tuple[bool, bool]:
+    """``(discard, reset)`` for ``putconn`` of a connection whose session state must go.
+
+    Reset with ``RESET_QUERY`` when one is set, else closed; closed anyway
+    after a ``LOAD`` (``loaded``), which no reset undoes (``DISCARD ALL``
+    leaves the library loaded).
+    """
+    if pool.options.RESET_QUERY is not None and not loaded:
+        return False, True
+    return True, False  # nothing can wipe its state: closed, not reused
+
+
 def _return_orphan(
     wrapper_ref: weakref.ref[Any], pool: ConnectionPool, conn: Any, lease: int, token: object
 ) -> None:
@@ -819,10 +816,7 @@ def _return_orphan(
         # unknown; a transaction-mode connection may carry session state.
         discard, reset = False, None
         if pool.options.POOL_MODE == "transaction":
-            if pool.options.RESET_QUERY is None:
-                discard = True
-            else:
-                reset = True
+            discard, reset = _wipe(pool, loaded=False)
     if reset:
         _greeted.discard(conn)
     logger.debug("pool %r: a greenlet ended holding a connection; giving it back", pool.name)

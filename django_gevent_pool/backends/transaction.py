@@ -231,19 +231,19 @@ class TransactionCursorMixin:
         # opens and closes inside it.
         db._pool_busy += 1
         try:
-            result = run()
+            try:
+                result = run()
+            finally:
+                db._pool_busy -= 1
         except Exception:
-            db._pool_busy -= 1
             self._pool_after(failed=True)
             raise
         except BaseException:
-            db._pool_busy -= 1
             # Killed or timed out mid-statement: the connection may still be
             # running it; outside a transaction it goes back discarded.
             if db._pool_may_release(check_status=False):
                 db._pool_detach(discard=True)
             raise
-        db._pool_busy -= 1
         self._pool_after()
         # psycopg 3's execute() returns its cursor: hand out this wrapper
         # instead, which still reads the results once that cursor is closed.
