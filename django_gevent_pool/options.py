@@ -51,6 +51,8 @@ _FOREIGN_NAMES = {
     "leak_timeout": "LEAK_TIMEOUT",
     "reset_query": "RESET_QUERY",
     "pool_mode": "POOL_MODE",
+    "host_max_conns": "HOST_MAX_CONNS",
+    "host_lock_dir": "HOST_LOCK_DIR",
     "reconnect_timeout": "POOL_TIMEOUT",
     "CONN_MAX_AGE": "CONN_MAX_AGE (a top-level DATABASES key, not an OPTIONS key)",
     "POOL_SIZE": "MAX_CONNS",
@@ -79,6 +81,8 @@ class PoolOptions:
     LEAK_TIMEOUT: float | None = None
     RESET_QUERY: str | None = None
     POOL_MODE: str = "session"
+    HOST_MAX_CONNS: int | None = None
+    HOST_LOCK_DIR: str | None = None
 
     @property
     def reuse_conns(self) -> int:
@@ -164,7 +168,24 @@ class PoolOptions:
                 raise fail(key, what)
             return float(value)
 
-        max_conns = integer("MAX_CONNS", DEFAULT_MAX_CONNS, 1)
+        host_max = None if raw.get("HOST_MAX_CONNS") is None else integer("HOST_MAX_CONNS", None, 1)
+        # With a host budget, one busy process may use all of it unless told less.
+        max_conns = integer("MAX_CONNS", host_max or DEFAULT_MAX_CONNS, 1)
+        if host_max is not None and max_conns > host_max:
+            raise PoolConfigError(
+                f"{name}: OPTIONS['MAX_CONNS'] ({max_conns}) cannot be larger than "
+                f"HOST_MAX_CONNS ({host_max}): no process may open more than the host's budget"
+            )
+        lock_dir = raw.get("HOST_LOCK_DIR")
+        if lock_dir is not None and (
+            not isinstance(lock_dir, str) or not lock_dir.startswith("/") or "\0" in lock_dir
+        ):
+            raise fail("HOST_LOCK_DIR", "an absolute directory path or None")
+        if lock_dir is not None and host_max is None:
+            raise PoolConfigError(
+                f"{name}: OPTIONS['HOST_LOCK_DIR'] is set but HOST_MAX_CONNS is not: "
+                "the directory holds the host budget's lock files; set both or neither"
+            )
         reuse = (
             None if raw.get("REUSE_CONNS") is None else integer("REUSE_CONNS", None, 0, max_conns)
         )
@@ -193,6 +214,8 @@ class PoolOptions:
             LEAK_TIMEOUT=seconds("LEAK_TIMEOUT", None, nullable=True, zero=False),
             RESET_QUERY=reset,
             POOL_MODE=mode,
+            HOST_MAX_CONNS=host_max,
+            HOST_LOCK_DIR=lock_dir,
         )
 
 

@@ -24,6 +24,14 @@ The state machine, guarded by one OS lock whose critical sections never do I/O::
   (single flight), spaced by a short backoff; checkouts that need a new
   connection wait for their turn at most 2 s, so a server that is back is
   served within a second and a server that is down is not stampeded.
+- With a host budget (``HOST_MAX_CONNS``, :mod:`.hostbudget`) each open
+  connection also holds one of the host's slots, taken (never waiting) just
+  before connecting and freed once the server has let go of the closed
+  connection. A checkout that finds every host slot taken gives its local
+  slot back and queues like any waiter; the housekeeping polls the budget
+  every ~10 ms for them, and a returned connection still goes to the first
+  waiter. While any process of the host waits, idle connections above
+  ``MIN_CONNS`` are given back after 0.5 s idle instead of ``IDLE_TIMEOUT``.
 - On a silent network (packets dropped, no error) nothing waits without a
   bound: a ping gets ``min(1.5 s, the checkout's deadline)``, a return's
   rollback or ``RESET_QUERY`` 2 s, after which a watchdog cuts the socket; a
@@ -49,6 +57,7 @@ from . import health, leaks, stats, sync, timing
 from .backoff import Backoff
 from .drivers import Driver, Status, get_driver
 from .errors import PoolClosed, PoolConfigError, PoolTimeout, PoolUnavailable
+from .hostbudget import HostBudget
 from .options import PoolOptions
 
 logger = logging.getLogger("django_gevent_pool")
@@ -66,6 +75,25 @@ _MIN_CONNS_LOOK_EVERY = 0.5
 _EXPIRED = "it reached MAX_LIFETIME"  # a retirement, not a fault: no warning, not "bad"
 _BY_CALLER = "discarded by the caller"
 _SEVERED = "it was returned while a query was running on it (ACTIVE): cancelled and cut"
+# While checkouts wait for a host slot, the housekeeping tries to take one this
+# often (jittered, so the processes of a host poll in no fixed order).
+_HOST_POLL = (0.005, 0.015)
+# With a host budget, housekeeping looks for another process's demand this often,
+# and then gives back idle connections above MIN_CONNS idle at least this long.
+_HOST_LOOK_EVERY = 0.25
+_HOST_GIVE_BACK_AFTER = 0.5
+# A closed connection's host slot is freed once the server closed its end (its
+# backend has exited, so the server counts it no more), or after this long.
+_GONE_WITHIN = 0.5
+
+
+class _HostSlot:
+    """What a host-starved waiter is handed: a reserved local slot and host slot ``slot``."""
+
+    __slots__ = ("slot",)
+
+    def __init__(self, slot: int) -> None:
+        self.slot = slot
 
 
 class _ConnectDeadline(Exception):
@@ -83,6 +111,7 @@ class _Entry:
         "expires_at",
         "generation",
         "holder",
+        "host_slot",
         "last_used",
         "leak_warned",
         "lease",
@@ -91,9 +120,17 @@ class _Entry:
         "verified_at",
     )
 
-    def __init__(self, conn: Any, now: float, lifetime: float | None, generation: int) -> None:
+    def __init__(
+        self,
+        conn: Any,
+        now: float,
+        lifetime: float | None,
+        generation: int,
+        host_slot: int | None = None,
+    ) -> None:
         self.conn = conn
         self.generation = generation  # the pool's, when opened: a fork starts a new one
+        self.host_slot = host_slot  # the host budget's slot it holds, if there is a budget
         self.created_at = now
         # Jittered down by up to 10% so connections opened together retire apart.
         self.expires_at = None if lifetime is None else now + lifetime * random.uniform(0.9, 1.0)
@@ -115,7 +152,7 @@ class _Waiter:
 
     def __init__(self, generation: int) -> None:
         self.signal = sync.new_signal()
-        self.item: _Entry | str | None = None
+        self.item: _Entry | _HostSlot | str | None = None
         self.generation = generation
 
 
@@ -136,6 +173,8 @@ class ConnectionPool:
     to restore the session state its creator set up (a failure discards it).
     ``clock`` returns monotonic seconds; tests replace it. ``background=False``
     leaves :meth:`maintain` to the caller (tests with a fake clock).
+    ``host_budget`` (:func:`~django_gevent_pool.hostbudget.budget_for`) makes
+    every open connection hold one of the host's slots as well.
     """
 
     def __init__(
@@ -148,6 +187,7 @@ class ConnectionPool:
         after_reset: Callable[[Any], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         background: bool = True,
+        host_budget: HostBudget | None = None,
     ) -> None:
         if options is None:
             options = PoolOptions()
@@ -168,6 +208,18 @@ class ConnectionPool:
         self._errors = self._driver.errors
         self._after_reset = after_reset
         self._clock = clock
+        if host_budget is None and options.HOST_MAX_CONNS is not None:
+            raise PoolConfigError(
+                f"pool {name!r}: HOST_MAX_CONNS needs the budget itself: pass "
+                "host_budget=hostbudget.budget_for(budget_key(host, port, dbname, user), "
+                "HOST_MAX_CONNS, HOST_LOCK_DIR, name=...)"
+            )
+        if host_budget is not None and self.max_conns > host_budget.size:
+            raise PoolConfigError(
+                f"pool {name!r}: MAX_CONNS ({self.max_conns}) cannot be larger than the "
+                f"host budget ({host_budget.size})"
+            )
+        self._budget = host_budget
         # In a process where gevent patched socket, the driver must yield too.
         self._driver.ensure_cooperative()
 
@@ -180,6 +232,8 @@ class ConnectionPool:
         self._waiting: deque[_Waiter] = deque()
         self._closed = False
         self._invalidated_at = float("-inf")  # connections created before this get pinged
+        # Checkouts wait for a host slot (the budget is told, and housekeeping polls).
+        self._host_wanted = False
         self._counters = stats.new_counters()
         # Seconds each of the latest checkouts took (appends are atomic: no lock).
         self._wait_samples = stats.new_samples()
@@ -265,15 +319,38 @@ class ConnectionPool:
         if waiter is not None:
             item = self._wait(waiter, start, deadline)
         while True:
-            if item is _SLOT:
+            if item is _SLOT or isinstance(item, _HostSlot):
+                host = item.slot if isinstance(item, _HostSlot) else None
                 if waited and self._clock() >= deadline:
                     # Handed a slot as the wait ended, or the checks of idle
                     # connections took the rest of it (a ping that got no
                     # answer): no time is left to connect, and a connect with
                     # no bound would never end on a silent network.
+                    self._give_host(host)
                     self._give_back_slot(opening=True)
                     raise self._timed_out(start, "no time was left to connect")
-                entry = self._open(start, deadline, generation)
+                if self._budget is not None and host is None:
+                    try:
+                        host = self._budget.take()  # never waits
+                    except BaseException:
+                        self._give_back_slot(opening=True)  # a lock file we may not use
+                        raise
+                    if host is None:
+                        # The host's budget is spent: wait in line like any
+                        # checkout of a full pool, for a returned connection or
+                        # for the host slot housekeeping finds.
+                        item, waiter = self._host_starved()
+                        if waiter is not None:
+                            item = self._wait(waiter, start, deadline)
+                        waited = timeout > 0
+                        continue
+                try:
+                    entry = self._open(start, deadline, generation, host)
+                except BaseException:
+                    # The local slot is settled by _open; the host slot is ours
+                    # to free (a no-op after a fork: the parent's).
+                    self._give_host(host)
+                    raise
                 break
             assert isinstance(item, _Entry)
             # With timeout=0 ("don't wait for a busy pool") a ping still gets
@@ -404,7 +481,7 @@ class ConnectionPool:
         for waiter in waiters:
             waiter.signal.set()
         for entry in idle:
-            self._close_quietly(entry.conn)
+            self._close_entry(entry)
 
     def drain(self, timeout: float = 30.0) -> bool:
         """Stop lending, wait up to ``timeout`` s for lent connections, then close all.
@@ -455,6 +532,7 @@ class ConnectionPool:
         self._nconns = 0
         self._waiting = deque()
         self._invalidated_at = float("-inf")
+        self._host_wanted = False  # the budget forgot the parent's wants too
         self._counters = stats.new_counters()
         self._wait_samples.clear()
         self._backoff = Backoff()
@@ -495,6 +573,11 @@ class ConnectionPool:
         """
         now = self._clock()
         self._warn_leaks(now)
+        given_back = False
+        if self._budget is not None:
+            self._serve_host_waiters()
+            # Another process of the host waits for a slot: idle ones go back sooner.
+            given_back = self._budget.wanted()
         dead = self._dead_idle()
         with self._lock:  # critical section: pick what to close, reserve what to open
             if self._closed:
@@ -511,7 +594,7 @@ class ConnectionPool:
                 self._counters["connections_lost"] += len(lost)
                 self._invalidated_at = now
             leaving = {id(e): e for e in lost + expired}.values()
-            to_close = [e.conn for e in leaving] + self._trim_idle()
+            to_close = [*leaving, *self._trim_idle(given_back)]
             grow = (
                 self._nconns < self.options.MIN_CONNS
                 and self._opening == 0
@@ -530,8 +613,8 @@ class ConnectionPool:
                     self.name,
                     len(lost),
                 )
-            for conn in to_close:
-                self._close_quietly(conn)
+            for entry in to_close:
+                self._close_entry(entry)
         except BaseException:
             # Killed in a log handler that yields, or while closing: the slot
             # reserved to grow is given back, and the turn with it.
@@ -543,6 +626,19 @@ class ConnectionPool:
             return False
         started = self._clock()
         generation = self._generation
+        host = None
+        if self._budget is not None:
+            try:
+                host = self._budget.take()  # never waits
+            except BaseException:
+                self._end_turn()
+                self._give_back_slot(opening=True)
+                raise
+            if host is None:
+                # The host's budget is spent: MIN_CONNS waits for a later round.
+                self._end_turn()
+                self._give_back_slot(opening=True)
+                return False
         try:
             try:
                 # Bounded under gevent like a checkout's (a connect on a silent
@@ -567,6 +663,7 @@ class ConnectionPool:
                 self._connect_failed(exc, started)
             else:
                 self._end_turn()
+            self._give_host(host)
             self._give_back_slot(opening=True)
             if not isinstance(exc, Exception):
                 raise
@@ -578,24 +675,57 @@ class ConnectionPool:
         waiter = None
         with self._lock:  # critical section: the new connection goes idle or to a waiter
             woken = self._take_turn_waiters()
-            entry = self._opened(conn, started)
+            entry = self._opened(conn, started, host)
+            closed = entry is None
             if entry is None:
-                to_close = [conn]
+                entry = _Entry(conn, started, None, generation, host)
             elif self._waiting:
                 waiter = self._waiting.popleft()
                 waiter.item = entry
                 self._in_use[id(conn)] = entry
-                to_close = []
             else:
                 self._idle.append(entry)
-                to_close = []
         if waiter is not None:
             waiter.signal.set()
         for signal in woken:
             signal.set()
-        for conn in to_close:
-            self._close_quietly(conn)
+        if closed:
+            self._close_entry(entry)  # the pool closed while it connected
         return True
+
+    def _serve_host_waiters(self) -> None:
+        """Housekeeping's poll for checkouts that wait for a host slot: one each, if free.
+
+        A slot found goes, with a local slot reserved for it, to the first
+        waiter (who connects with both). Once no checkout waits with a local
+        slot free, the budget is told this pool no longer wants any.
+        """
+        budget = self._budget
+        assert budget is not None
+        while True:
+            with self._lock:  # critical section: does anyone still wait for the host?
+                wanting = not self._closed and bool(self._waiting)
+                if not wanting or self._nconns >= self.max_conns:
+                    # Nobody waits, or they wait for a returned connection.
+                    stop = self._host_wanted
+                    self._host_wanted = False
+                    break
+            slot = budget.take()  # never waits; no switch before the hand-off
+            if slot is None:
+                return
+            waiter = None
+            with self._lock:  # critical section: reserve a local slot and hand both over
+                if not self._closed and self._waiting and self._nconns < self.max_conns:
+                    waiter = self._waiting.popleft()
+                    waiter.item = _HostSlot(slot)
+                    self._nconns += 1
+                    self._opening += 1
+            if waiter is None:
+                budget.give(slot)
+            else:
+                waiter.signal.set()
+        if stop:
+            budget.want(False)
 
     def _dead_idle(self) -> dict[int, float]:
         """Idle entries the server closed, by id, with their ``last_used`` when looked at.
@@ -643,6 +773,9 @@ class ConnectionPool:
         if self.options.MIN_CONNS:
             # Idle connections the server closed are found, and replaced, soon.
             interval = min(interval, _MIN_CONNS_LOOK_EVERY)
+        if self._budget is not None:
+            # Another process's demand for host slots is seen soon.
+            interval = min(interval, _HOST_LOOK_EVERY)
         return interval
 
     def _start_maintenance(self) -> None:
@@ -684,8 +817,11 @@ class ConnectionPool:
 
         Below MIN_CONNS with the server failing, the round comes when the
         backoff allows the next attempt. A connect or a lost connection ends
-        the wait early (:meth:`_poke`).
+        the wait early (:meth:`_poke`). While checkouts wait for a host slot,
+        every ~10 ms.
         """
+        if self._host_wanted:
+            return random.uniform(*_HOST_POLL)
         with self._lock:  # critical section: read
             if self._nconns < self.options.MIN_CONNS and self._backoff.failing:
                 return max(0.0, min(interval, self._backoff.retry_at - self._clock()))
@@ -733,9 +869,22 @@ class ConnectionPool:
         """
         with self._lock:  # critical section: a consistent snapshot
             snap = self._snapshot()
+        self._host_stats(snap)
         return stats.with_percentiles(snap, snap.pop("_samples"))  # type: ignore[arg-type]
 
     stats = get_stats
+
+    def _host_stats(self, snap: dict[str, float]) -> None:
+        """With a host budget: ``host_max``, ``host_in_use`` (the host's), ``host_held`` (ours)."""
+        budget = self._budget
+        if budget is None:
+            return
+        snap["host_max"] = budget.size
+        snap["host_held"] = budget.held()
+        try:
+            snap["host_in_use"] = budget.in_use()
+        except Exception:  # stats never fail; the lock file error shows on checkout
+            snap["host_in_use"] = -1
 
     def pop_stats(self) -> dict[str, float]:
         """Like :meth:`get_stats`, then reset the counters to zero."""
@@ -743,6 +892,7 @@ class ConnectionPool:
             snap = self._snapshot()
             self._counters = stats.new_counters()
             self._wait_samples.clear()
+        self._host_stats(snap)
         return stats.with_percentiles(snap, snap.pop("_samples"))  # type: ignore[arg-type]
 
     def __repr__(self) -> str:
@@ -784,7 +934,34 @@ class ConnectionPool:
             self._counters["requests_queued"] += 1
             return None, waiter
 
-    def _wait(self, waiter: _Waiter, start: float, deadline: float) -> _Entry | str:
+    def _host_starved(self) -> tuple[_Entry | None, _Waiter | None]:
+        """A reserved slot found no host slot: give it back; an idle entry, or a queued waiter.
+
+        The waiter goes first in line (it was, or nobody waited when it
+        reserved). Housekeeping is told to poll the budget for it.
+        """
+        with self._lock:  # critical section: swap the slot for what is idle, or queue
+            self._opening -= 1
+            self._nconns -= 1
+            if self._idle and not self._waiting:
+                entry = self._idle.pop()
+                self._in_use[id(entry.conn)] = entry
+                return entry, None
+            waiter = _Waiter(self._generation)
+            self._waiting.appendleft(waiter)
+            self._counters["requests_queued"] += 1
+            self._counters["host_waits"] += 1
+            first = not self._host_wanted
+            self._host_wanted = True
+        if first:
+            assert self._budget is not None
+            try:
+                self._budget.want(True)
+            finally:
+                self._wakeup.wake()  # housekeeping polls from now on
+        return None, waiter
+
+    def _wait(self, waiter: _Waiter, start: float, deadline: float) -> _Entry | _HostSlot | str:
         """Block until ``waiter`` is served or ``deadline``; return what it was handed."""
         try:
             remaining = deadline - self._clock()
@@ -796,6 +973,9 @@ class ConnectionPool:
             item = self._leave_queue(waiter, start)
             if isinstance(item, _Entry):
                 self._release(item)
+            elif isinstance(item, _HostSlot):
+                self._give_host(item.slot)
+                self._give_back_slot(opening=True)
             elif item == _SLOT:
                 self._give_back_slot(opening=True)
             raise
@@ -821,7 +1001,7 @@ class ConnectionPool:
                 )
             raise self._errors.PoolTimeout(
                 f"pool {self.name!r}: no connection available after {waited:.2f} s "
-                f"(MAX_CONNS={self.max_conns}) {counts}"
+                f"({self._limits()}) {counts}"
             )
         if item == _CLOSED:
             raise self._errors.PoolClosed(
@@ -831,7 +1011,7 @@ class ConnectionPool:
             raise self._forked()
         return item
 
-    def _leave_queue(self, waiter: _Waiter, start: float) -> _Entry | str | None:
+    def _leave_queue(self, waiter: _Waiter, start: float) -> _Entry | _HostSlot | str | None:
         """Under the lock: take what the waiter was handed, or unqueue it if nothing."""
         waited_ms = (self._clock() - start) * 1000.0
         with self._lock:  # critical section: either served or removed, never both
@@ -845,7 +1025,9 @@ class ConnectionPool:
                 self._counters["requests_wait_max_ms"] = waited_ms
         return item
 
-    def _open(self, start: float, deadline: float, generation: int) -> _Entry:
+    def _open(
+        self, start: float, deadline: float, generation: int, host: int | None = None
+    ) -> _Entry:
         """Connect with the slot already reserved; give the slot back on any failure.
 
         While the server is failing (the last connect round failed), connects
@@ -916,7 +1098,7 @@ class ConnectionPool:
                 entry = None
                 woken = []
             else:
-                entry = self._opened(conn, now)
+                entry = self._opened(conn, now, host)
                 if entry is not None:
                     self._in_use[id(conn)] = entry
                 woken = self._take_turn_waiters()
@@ -995,7 +1177,7 @@ class ConnectionPool:
             counts = self._counts()
         return self._errors.PoolTimeout(
             f"pool {self.name!r}: no connection available after {waited:.2f} s: {why} "
-            f"(MAX_CONNS={self.max_conns}) {counts}"
+            f"({self._limits()}) {counts}"
         )
 
     def _unavailable(self, start: float, now: float | None = None) -> PoolUnavailable:
@@ -1022,7 +1204,7 @@ class ConnectionPool:
         for signal in woken:
             signal.set()
 
-    def _opened(self, conn: Any, started: float) -> _Entry | None:
+    def _opened(self, conn: Any, started: float, host: int | None = None) -> _Entry | None:
         """Under the lock: a reserved slot now holds ``conn``; None if the pool closed meanwhile.
 
         ``started`` is when the connect began. A success ends any connect
@@ -1038,7 +1220,7 @@ class ConnectionPool:
         if self._closed:
             self._nconns -= 1
             return None
-        return _Entry(conn, now, self.options.MAX_LIFETIME, self._generation)
+        return _Entry(conn, now, self.options.MAX_LIFETIME, self._generation, host)
 
     def _connect_failed(self, exc: BaseException, started: float) -> None:
         """Record a failed connect that began at ``started``; wake who waits for a turn.
@@ -1148,7 +1330,7 @@ class ConnectionPool:
                 self._opening += 1
                 item = _SLOT
         try:
-            self._close_quietly(entry.conn)
+            self._close_entry(entry)
         except BaseException:
             # Killed while closing (a log handler that yields): what this
             # checkout was to get next goes back, slot or connection.
@@ -1211,14 +1393,14 @@ class ConnectionPool:
         if entry.generation != self._generation:
             self._forget_inherited(entry.conn)
             return
-        to_close: list[Any] = []
+        to_close: list[_Entry] = []
         waiter = None
         with self._lock:  # critical section: decide where a clean connection goes
             self._in_use.pop(id(entry.conn), None)
             if self._closed:
                 self._nconns -= 1
                 self._counters["connections_closed"] += 1
-                to_close.append(entry.conn)
+                to_close.append(entry)
             elif self._waiting:
                 waiter = self._waiting.popleft()
                 waiter.item = entry
@@ -1229,18 +1411,24 @@ class ConnectionPool:
                 else:
                     self._nconns -= 1
                     self._counters["connections_closed"] += 1
-                    to_close.append(entry.conn)
+                    to_close.append(entry)
                 # Only here can idle connections be past IDLE_TIMEOUT (nobody waits
                 # while one is idle): a hand-off to a waiter skips the look.
                 to_close.extend(self._trim_idle())
         if waiter is not None:
             waiter.signal.set()
-        for conn in to_close:
-            self._close_quietly(conn)
+        for closing in to_close:
+            self._close_entry(closing)
 
-    def _trim_idle(self) -> list[Any]:
-        """Under the lock: pop idle connections above MIN_CONNS idle past IDLE_TIMEOUT."""
+    def _trim_idle(self, given_back: bool = False) -> list[_Entry]:
+        """Under the lock: pop idle connections above MIN_CONNS idle past IDLE_TIMEOUT.
+
+        ``given_back``: another process of the host waits for a slot, so the
+        bound is 0.5 s idle instead (counted in ``host_given_back``).
+        """
         idle_timeout = self.options.IDLE_TIMEOUT
+        if given_back:
+            idle_timeout = min(idle_timeout or _HOST_GIVE_BACK_AFTER, _HOST_GIVE_BACK_AFTER)
         if idle_timeout is None:
             return []
         now = self._clock()
@@ -1250,9 +1438,11 @@ class ConnectionPool:
             len(self._idle) > self.options.MIN_CONNS
             and now - self._idle[0].last_used >= idle_timeout
         ):
-            out.append(self._idle.pop(0).conn)
+            out.append(self._idle.pop(0))
             self._nconns -= 1
             self._counters["connections_closed"] += 1
+            if given_back:
+                self._counters["host_given_back"] += 1
         return out
 
     def _drop(self, entry: _Entry, reason: str) -> None:
@@ -1272,7 +1462,10 @@ class ConnectionPool:
                 self._counters["returns_bad"] += 1
         try:
             if reason is not _SEVERED:
-                self._close_quietly(entry.conn)
+                self._close_entry(entry)
+            else:
+                # Its socket is shut: the server ends its session on its own.
+                self._give_host(entry.host_slot)
         finally:
             # Also if the close is interrupted: the slot is settled whatever happens.
             self._give_back_slot(opening=False)
@@ -1299,6 +1492,47 @@ class ConnectionPool:
 
     # ------------------------------------------------------------- helpers
 
+    def _close_entry(self, entry: _Entry) -> None:
+        """Close an entry's connection, then free its host slot (if any), whatever happens.
+
+        With a host budget the slot is freed only once the server closed its
+        end of the connection (its backend exited: the server no longer
+        counts it), waiting at most ``_GONE_WITHIN`` s, cooperatively: the
+        next process to take the slot never pushes the server past the budget.
+        """
+        host, entry.host_slot = entry.host_slot, None
+        if host is None or self._budget is None or entry.generation != self._generation:
+            self._close_quietly(entry.conn)
+            return
+        try:
+            self._close_and_wait_gone(entry.conn)
+        finally:
+            # Also when killed while waiting: the slot is settled whatever happens.
+            self._budget.give(host)
+
+    def _close_and_wait_gone(self, conn: Any) -> None:
+        """Close ``conn``; wait until the server closed its end too (bounded)."""
+        twin = None
+        try:
+            if self._driver.status(conn) is not Status.CLOSED:
+                # A second descriptor of the socket keeps it open past the driver's
+                # close: its end-of-file says the backend is gone.
+                twin = os.dup(self._driver.fileno(conn))
+        except Exception:  # no socket to look at: freed once closed
+            twin = None
+        try:
+            self._close_quietly(conn)
+            if twin is not None:
+                sync.wait_fd(twin, write=False, timeout=_GONE_WITHIN)
+        finally:
+            if twin is not None:
+                os.close(twin)
+
+    def _give_host(self, host: int | None) -> None:
+        """Free host slot ``host`` (None: nothing to free)."""
+        if host is not None and self._budget is not None:
+            self._budget.give(host)
+
     def _close_quietly(self, conn: Any) -> None:
         try:
             self._driver.close(conn)
@@ -1309,6 +1543,20 @@ class ConnectionPool:
         """Let go of a connection the parent lent, in a forked child: detached, then closed."""
         self._driver.detach(conn)
         self._close_quietly(conn)
+
+    def _limits(self) -> str:
+        """The limits for a timeout's message; with a host budget, also the host's use."""
+        if self._budget is None:
+            return f"MAX_CONNS={self.max_conns}"
+        budget = self._budget
+        try:
+            used = f"{budget.in_use()} in use on this host"
+        except Exception:  # the message must not fail: the lock file went away
+            used = "host use unknown"
+        return (
+            f"MAX_CONNS={self.max_conns}, HOST_MAX_CONNS={budget.size}: {used}, "
+            f"{budget.held()} by this process"
+        )
 
     def _counts(self) -> str:
         """Under the lock: the state, HikariCP style, for error messages."""
@@ -1350,8 +1598,16 @@ class ConnectionPool:
                 problems.append("opening < 0")
             if not 0 <= self._in_flight <= self._opening:
                 problems.append("connect attempts in flight not within 0..opening")
-            if self._waiting and (self._idle or self._nconns < self.max_conns):
+            if self._waiting and (
+                self._idle or (self._nconns < self.max_conns and not self._host_wanted)
+            ):
                 problems.append("a waiter waits while a connection or slot is free")
+            if self._budget is not None:
+                slots = [e.host_slot for e in [*self._idle, *self._in_use.values()]]
+                if None in slots:
+                    problems.append("an open connection without a host slot")
+                elif len(set(slots)) != len(slots):
+                    problems.append("two connections with one host slot")
             if problems:
                 raise AssertionError(f"{self!r}: {'; '.join(problems)}")
 

@@ -31,6 +31,8 @@ COUNTERS = (
     "pings",
     "usage_ms",
     "sessions_num",
+    "host_waits",
+    "host_given_back",
     *("pins_" + reason for reason in REASONS),
 )
 

@@ -47,6 +47,7 @@ from ..copying import guarded
 from ..drivers import get_driver
 from ..drivers.base import Status
 from ..errors import PoolConfigError
+from ..hostbudget import budget_for, budget_key
 from ..options import PoolOptions
 from ..pool import ConnectionPool
 from ..registry import PoolRegistry
@@ -281,9 +282,16 @@ class PooledDatabaseWrapperMixin:
             isolation_level = _isolation_level(
                 self.alias, self.settings_dict["OPTIONS"], self.pool_driver
             )
-            pool = self._pool_for(conn_params)
+            try:
+                pool = self._pool_for(conn_params)
+            except PoolConfigError as exc:
+                raise ImproperlyConfigured(str(exc)) from exc
             _resolved[self.alias] = (key, pool, isolation_level)
-        conn, self._pool_lease = pool.checkout(session=True)
+        try:
+            conn, self._pool_lease = pool.checkout(session=True)
+        except PoolConfigError as exc:
+            # The host budget's lock file: not ours to open, or another budget in it.
+            raise ImproperlyConfigured(f"DATABASES[{self.alias!r}]: {exc}") from exc
         self._pool = pool
         self._pool_discard = False
         self._pool_tx = pool.options.POOL_MODE == "transaction"
@@ -631,22 +639,35 @@ class PooledDatabaseWrapperMixin:
         return registry.get(
             self.alias,
             fingerprint,
-            functools.partial(self._make_pool, pool_options),
+            functools.partial(self._make_pool, pool_options, params),
             tags={"dbname": conn_params.get("dbname")},
         )
 
-    def _make_pool(self, pool_options: PoolOptions) -> ConnectionPool:
+    def _make_pool(self, pool_options: PoolOptions, params: dict[str, Any]) -> ConnectionPool:
         driver = get_driver(self.pool_driver)  # the pool makes it cooperative
         # A snapshot: the test runner mutates settings_dict in place later, and
         # this pool must keep connecting where its fingerprint says.
         settings_dict = {**self.settings_dict, "OPTIONS": dict(self.settings_dict["OPTIONS"])}
         connect = functools.partial(_open_physical, type(self), settings_dict, self.alias)
+        budget = None
+        if pool_options.HOST_MAX_CONNS is not None:
+            # One budget per server, database and user on this host (no I/O yet).
+            key = budget_key(
+                params.get("host"), params.get("port"), params.get("dbname"), params.get("user")
+            )
+            budget = budget_for(
+                key,
+                pool_options.HOST_MAX_CONNS,
+                pool_options.HOST_LOCK_DIR,
+                name=f"DATABASES[{self.alias!r}]",
+            )
         return ConnectionPool(
             connect,
             driver=driver,
             name=self.alias,
             options=pool_options,
             after_reset=functools.partial(_setup_session, type(self), settings_dict, self.alias),
+            host_budget=budget,
         )
 
     # ----------------------------------------------------------- cursors

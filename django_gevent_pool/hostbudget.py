@@ -1,0 +1,346 @@
+"""One connection budget for every process of a host: ``HOST_MAX_CONNS``.
+
+No Django, no driver, no daemon. The budget of one server, database and user
+is a lock file; each of its ``HOST_MAX_CONNS`` slots is a one-byte range of
+that file, and a process holds a slot by holding a write lock on its byte:
+
+- **Crash-safe.** The locks are open-file-description locks
+  (``F_OFD_SETLK``, Linux), which the kernel drops when the last descriptor of
+  the description closes: a process that exits, even by ``SIGKILL``, frees its
+  slots at once. There is no counter a crash could leave wrong. Where OFD
+  locks do not exist (macOS), POSIX record locks (``F_SETLK``) are used: also
+  dropped at exit, and, as the lock file is opened once per process, with the
+  same meaning.
+- **Never blocks.** Every lock is taken non-blocking; waiting for a slot is
+  the pool's business (it queues its checkouts and polls, cooperatively).
+- **Fork.** A forked child shares its parent's open file description, hence
+  its locks: the child closes its inherited descriptor at once (the parent's
+  slots stay the parent's) and opens its own on first use.
+
+Besides the slots, three control bytes:
+
+- ``_HEADER``: held briefly while a process joins, so two newcomers cannot
+  both find "nobody here" and write different budgets.
+- ``_MEMBERS``: every member holds a shared lock on it. A newcomer that finds
+  members reads the budget they wrote in the file and must agree; one that
+  finds none writes its own (an old file of a finished deployment is not a
+  conflict).
+- ``_DEMAND``: a process whose checkouts wait for a slot holds a shared lock
+  on it; the others see it with one ``F_OFD_GETLK`` and close idle
+  connections sooner, so a busy process gets what idle ones give back.
+
+Who may join: the lock file is created ``0600`` in a directory of the
+process's own user (``HOST_LOCK_DIR``), so the budget is shared by the
+processes of one OS user. A file that cannot be opened raises
+:class:`~django_gevent_pool.errors.PoolConfigError` saying so.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import stat
+import struct
+import tempfile
+import time
+from typing import Any
+
+from . import sync
+from .errors import PoolConfigError
+
+# Byte offsets in the lock file. Slot i is the byte _SLOTS + i.
+_HEADER = 0
+_MEMBERS = 1
+_DEMAND = 2
+_SLOTS = 64
+
+_SETLK: int = getattr(fcntl, "F_OFD_SETLK", fcntl.F_SETLK)
+_GETLK: int = getattr(fcntl, "F_OFD_GETLK", fcntl.F_GETLK)
+#: True where the kernel has open-file-description locks (Linux >= 3.15).
+OFD_LOCKS = hasattr(fcntl, "F_OFD_SETLK")
+
+# struct flock { short l_type; short l_whence; off_t l_start; off_t l_len; pid_t l_pid; }
+# in native alignment; l_pid must be 0 for OFD locks. Padded to the C size.
+_FLOCK = "hhqqi"
+_FLOCK_SIZE = max(struct.calcsize(_FLOCK), 32)
+# Joining waits at most this long for another newcomer's header lock (held for
+# microseconds): longer means a process stopped while joining (SIGSTOP).
+_JOIN_WITHIN = 2.0
+_MAGIC = "django-gevent-pool host budget"
+
+
+def default_lock_dir() -> str:
+    """Where lock files live unless ``HOST_LOCK_DIR`` says otherwise.
+
+    ``/dev/shm`` where it exists (memory-backed, and unaffected by systemd's
+    ``PrivateTmp``, which gives each service its own ``/tmp``), else the
+    system's temporary directory; in both a subdirectory of the user's own.
+    """
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+    return os.path.join(base, f"django-gevent-pool-{os.geteuid()}")
+
+
+def _flock(kind: int, start: int, length: int = 1) -> bytes:
+    packed = struct.pack(_FLOCK, kind, os.SEEK_SET, start, length, 0)
+    return packed + b"\0" * (_FLOCK_SIZE - len(packed))
+
+
+def _try_lock(fd: int, kind: int, start: int, length: int = 1) -> bool:
+    """Take (or, with F_UNLCK, drop) a lock on bytes ``start..start+length``; never waits."""
+    try:
+        fcntl.fcntl(fd, _SETLK, _flock(kind, start, length))
+    except OSError as exc:
+        if exc.errno in (errno.EAGAIN, errno.EACCES):
+            return False
+        raise
+    return True
+
+
+def _conflicts(fd: int, kind: int, start: int) -> bool:
+    """Would a ``kind`` lock on byte ``start`` conflict with another's? (Our own never do.)"""
+    answer = fcntl.fcntl(fd, _GETLK, _flock(kind, start))
+    return struct.unpack(_FLOCK, answer[: struct.calcsize(_FLOCK)])[0] != fcntl.F_UNLCK
+
+
+class HostBudget:
+    """The slots of one server, database and user, shared by the processes of a host.
+
+    Thread- and greenlet-safe: its own OS lock guards a few syscalls that
+    never wait. Slots are numbers; :meth:`take` returns one or None at once,
+    :meth:`give` frees it. Built by :func:`budget_for`, one per key per process.
+    """
+
+    def __init__(self, key: str, size: int, directory: str) -> None:
+        self.key = key
+        self.size = size
+        self.directory = directory
+        digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+        self.path = os.path.join(directory, f"budget-{digest}.lock")
+        self._lock = sync.allocate_lock()
+        # --- below, changed only under self._lock ---
+        self._fd: int | None = None
+        self._held: set[int] = set()
+        self._next = os.getpid() % size  # where the next search starts
+        self._wanting = 0  # pools of this process with checkouts waiting for a slot
+        self._pid = os.getpid()
+
+    # ------------------------------------------------------------ slots
+
+    def take(self) -> int | None:
+        """A free slot, locked for this process, or None when the host uses them all.
+
+        One non-blocking lock attempt per slot, at most ``size``, starting
+        after the last one taken. Raises :class:`PoolConfigError` when the
+        lock file cannot be opened or another budget is configured for it.
+        """
+        with self._lock:  # critical section: non-blocking lock calls only
+            fd = self._joined()
+            for i in range(self.size):
+                slot = (self._next + i) % self.size
+                if slot in self._held:
+                    continue
+                if _try_lock(fd, fcntl.F_WRLCK, _SLOTS + slot):
+                    self._held.add(slot)
+                    self._next = (slot + 1) % self.size
+                    return slot
+            return None
+
+    def give(self, slot: int) -> None:
+        """Free ``slot`` (a no-op for one this process does not hold, e.g. its parent's)."""
+        with self._lock:  # critical section: one unlock
+            if slot not in self._held or self._fd is None:
+                return
+            self._held.discard(slot)
+            _try_lock(self._fd, fcntl.F_UNLCK, _SLOTS + slot)
+
+    def held(self) -> int:
+        """Slots this process holds (every pool of this budget)."""
+        return len(self._held)
+
+    def in_use(self) -> int:
+        """Slots held on the whole host: ours plus one look per other slot (``size`` syscalls)."""
+        with self._lock:  # critical section: non-blocking lock queries only
+            fd = self._joined()
+            others = sum(
+                1
+                for slot in range(self.size)
+                if slot not in self._held and _conflicts(fd, fcntl.F_WRLCK, _SLOTS + slot)
+            )
+            return len(self._held) + others
+
+    # ------------------------------------------------------------ demand
+
+    def want(self, wanting: bool) -> None:
+        """A pool of this process starts (True) or stops (False) waiting for a slot."""
+        with self._lock:  # critical section: count, and one lock call at 0 <-> 1
+            fd = self._joined()
+            before = self._wanting
+            self._wanting = max(0, before + (1 if wanting else -1))
+            if before == 0 and self._wanting == 1:
+                _try_lock(fd, fcntl.F_RDLCK, _DEMAND)
+            elif before == 1 and self._wanting == 0:
+                _try_lock(fd, fcntl.F_UNLCK, _DEMAND)
+
+    def wanted(self) -> bool:
+        """Does a process of the host (this one included) wait for a slot? One syscall."""
+        with self._lock:  # critical section: one lock query
+            if self._wanting:
+                return True
+            if self._fd is None:
+                return False
+            return _conflicts(self._fd, fcntl.F_WRLCK, _DEMAND)
+
+    # ------------------------------------------------------------ joining
+
+    def _joined(self) -> int:
+        """Under the lock: this process's descriptor of the lock file, joining first if needed."""
+        if self._pid != os.getpid():
+            self._after_fork_in_child()
+        if self._fd is None:
+            self._fd = self._join()
+        return self._fd
+
+    def _join(self) -> int:
+        fd = _open_lock_file(self.path, self.directory, self.key)
+        try:
+            deadline = time.monotonic() + _JOIN_WITHIN
+            while not _try_lock(fd, fcntl.F_WRLCK, _HEADER):
+                if time.monotonic() >= deadline:
+                    raise PoolConfigError(
+                        f"host budget of {self.key}: another process has been joining it for "
+                        f"{_JOIN_WITHIN:.0f} s (stopped?); lock file {self.path}"
+                    )
+                # Held for microseconds by a process joining. A real sleep: this
+                # runs under our OS lock, where no greenlet may switch away.
+                sync.original("time", "sleep")(0.001)
+            try:
+                if _conflicts(fd, fcntl.F_WRLCK, _MEMBERS):
+                    theirs = _read_size(fd)
+                    if theirs is not None and theirs != self.size:
+                        raise PoolConfigError(
+                            f"HOST_MAX_CONNS = {self.size} for {self.key}, but the processes "
+                            f"already sharing its budget on this host use {theirs}: every "
+                            f"process on this server, database and user must configure the "
+                            f"same HOST_MAX_CONNS (lock file {self.path})"
+                        )
+                else:
+                    _write_size(fd, self.key, self.size)
+                _try_lock(fd, fcntl.F_RDLCK, _MEMBERS)
+            finally:
+                _try_lock(fd, fcntl.F_UNLCK, _HEADER)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _after_fork_in_child(self) -> None:
+        """Drop the parent's descriptor (closing it frees nothing of the parent's)."""
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+        self._fd = None
+        self._held = set()
+        self._wanting = 0
+        self._pid = os.getpid()
+        self._lock = sync.allocate_lock()
+
+    def __repr__(self) -> str:
+        return f"<HostBudget {self.key} size={self.size} held={len(self._held)} {self.path}>"
+
+
+def _open_lock_file(path: str, directory: str, key: str) -> int:
+    """Open (creating) the lock file, in a directory only this user may write to."""
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        info = os.stat(directory)
+    except OSError as exc:
+        raise PoolConfigError(
+            f"host budget of {key}: cannot create HOST_LOCK_DIR {directory!r}: {exc}"
+        ) from exc
+    if not stat.S_ISDIR(info.st_mode):
+        raise PoolConfigError(f"host budget of {key}: {directory!r} is not a directory")
+    mine = info.st_uid == os.geteuid()
+    if not mine and (directory == default_lock_dir() or info.st_mode & stat.S_IWOTH):
+        # Somebody else made it (or anyone may write in it): they could
+        # replace the lock file with one of theirs.
+        anyone = " and anyone may write in it" if info.st_mode & stat.S_IWOTH else ""
+        raise PoolConfigError(
+            f"host budget of {key}: the lock directory {directory!r} belongs to another "
+            f"user (uid {info.st_uid}){anyone}; "
+            "set OPTIONS['HOST_LOCK_DIR'] to a directory of this user's or its group's"
+        )
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0)
+    try:
+        return os.open(path, flags, 0o600)
+    except OSError as exc:
+        raise PoolConfigError(
+            f"host budget of {key}: cannot open the lock file {path}: {exc}. Every process "
+            "sharing a budget must be able to open it: run them as the same OS user, or give "
+            "them a HOST_LOCK_DIR they share with a lock file they may all write"
+        ) from exc
+
+
+def _read_size(fd: int) -> int | None:
+    text = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+    for line in text.splitlines():
+        name, _, value = line.partition("=")
+        if name == "HOST_MAX_CONNS" and value.strip().isdigit():
+            return int(value)
+    return None
+
+
+def _write_size(fd: int, key: str, size: int) -> None:
+    data = f"{_MAGIC}\nkey={key}\nHOST_MAX_CONNS={size}\n".encode()
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+
+
+# ---------------------------------------------------------------- registry
+
+_BUDGETS: dict[str, HostBudget] = {}
+_REGISTRY_LOCK: Any = None
+
+
+def budget_for(key: str, size: int, directory: str | None, *, name: str) -> HostBudget:
+    """This process's budget for ``key`` (server, database, user), made on first use.
+
+    Two pools of one process with the same key share it. Raises
+    :class:`PoolConfigError`, naming ``name``, when they configure different
+    sizes or lock directories. Does no I/O: the lock file is opened on the
+    first :meth:`HostBudget.take`.
+    """
+    global _REGISTRY_LOCK
+    if _REGISTRY_LOCK is None:
+        _REGISTRY_LOCK = sync.allocate_lock()
+    directory = directory or default_lock_dir()
+    with _REGISTRY_LOCK:  # critical section: find or make
+        budget = _BUDGETS.get(key)
+        if budget is None:
+            budget = _BUDGETS[key] = HostBudget(key, size, directory)
+        elif budget.size != size or budget.directory != directory:
+            raise PoolConfigError(
+                f"{name}: OPTIONS['HOST_MAX_CONNS'] = {size} (lock directory {directory!r}) but "
+                f"another alias of this process uses {budget.size} ({budget.directory!r}) for "
+                f"the same server, database and user ({key}): they share one budget and must agree"
+            )
+        return budget
+
+
+def budget_key(host: str | None, port: Any, dbname: str | None, user: str | None) -> str:
+    """The budget's identity: ``user@host:port/dbname`` (no password, ever)."""
+    host = host or "localhost"
+    return f"{user or ''}@{host}:{port or 5432}/{dbname or ''}"
+
+
+def _after_fork_in_child() -> None:
+    global _REGISTRY_LOCK
+    _REGISTRY_LOCK = None
+    for budget in list(_BUDGETS.values()):
+        budget._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
