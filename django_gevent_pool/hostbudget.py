@@ -45,6 +45,7 @@ import stat
 import struct
 import tempfile
 import time
+import weakref
 from typing import Any
 
 from . import sync
@@ -125,6 +126,7 @@ class HostBudget:
         self._next = os.getpid() % size  # where the next search starts
         self._wanting = 0  # pools of this process with checkouts waiting for a slot
         self._pid = os.getpid()
+        _ALL.add(self)
 
     # ------------------------------------------------------------ slots
 
@@ -188,9 +190,7 @@ class HostBudget:
         with self._lock:  # critical section: one lock query
             if self._wanting:
                 return True
-            if self._fd is None:
-                return False
-            return _conflicts(self._fd, fcntl.F_WRLCK, _DEMAND)
+            return _conflicts(self._joined(), fcntl.F_WRLCK, _DEMAND)
 
     # ------------------------------------------------------------ joining
 
@@ -336,10 +336,13 @@ def budget_key(host: str | None, port: Any, dbname: str | None, user: str | None
     return f"{user or ''}@{host}:{port or 5432}/{dbname or ''}"
 
 
+_ALL: weakref.WeakSet[HostBudget] = weakref.WeakSet()
+
+
 def _after_fork_in_child() -> None:
     global _REGISTRY_LOCK
     _REGISTRY_LOCK = None
-    for budget in list(_BUDGETS.values()):
+    for budget in list(_ALL):
         budget._after_fork_in_child()
 
 
