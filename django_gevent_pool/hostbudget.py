@@ -192,6 +192,11 @@ class HostBudget:
                 return True
             return _conflicts(self._joined(), fcntl.F_WRLCK, _DEMAND)
 
+    def wanted_elsewhere(self) -> bool:
+        """Does another process of the host wait for a slot? One syscall."""
+        with self._lock:  # critical section: one lock query
+            return _conflicts(self._joined(), fcntl.F_WRLCK, _DEMAND)
+
     # ------------------------------------------------------------ joining
 
     def _joined(self) -> int:

@@ -31,7 +31,10 @@ The state machine, guarded by one OS lock whose critical sections never do I/O::
   slot back and queues like any waiter; the housekeeping polls the budget
   every ~10 ms for them, and a returned connection still goes to the first
   waiter. While any process of the host waits, idle connections above
-  ``MIN_CONNS`` are given back after 0.5 s idle instead of ``IDLE_TIMEOUT``.
+  ``MIN_CONNS`` are given back after 0.5 s idle instead of ``IDLE_TIMEOUT``,
+  and a busy process closes one returned connection every 0.1 s instead of
+  lending it again, so that no process keeps the slots for as long as its
+  load lasts.
 - On a silent network (packets dropped, no error) nothing waits without a
   bound: a ping gets ``min(1.5 s, the checkout's deadline)``, a return's
   rollback or ``RESET_QUERY`` 2 s, after which a watchdog cuts the socket; a
@@ -82,6 +85,9 @@ _HOST_POLL = (0.005, 0.015)
 # and then gives back idle connections above MIN_CONNS idle at least this long.
 _HOST_LOOK_EVERY = 0.25
 _HOST_GIVE_BACK_AFTER = 0.5
+# While another process waits for a slot, a busy process closes one returned
+# connection this often instead of lending it again: slots change hands.
+_HOST_STEP_ASIDE_EVERY = 0.1
 # A closed connection's host slot is freed once the server closed its end (its
 # backend has exited, so the server counts it no more), or after this long.
 _GONE_WITHIN = 0.5
@@ -234,6 +240,7 @@ class ConnectionPool:
         self._invalidated_at = float("-inf")  # connections created before this get pinged
         # Checkouts wait for a host slot (the budget is told, and housekeeping polls).
         self._host_wanted = False
+        self._host_step_aside_at = float("-inf")
         self._counters = stats.new_counters()
         # Seconds each of the latest checkouts took (appends are atomic: no lock).
         self._wait_samples = stats.new_samples()
@@ -954,12 +961,35 @@ class ConnectionPool:
             first = not self._host_wanted
             self._host_wanted = True
         if first:
-            assert self._budget is not None
-            try:
-                self._budget.want(True)
-            finally:
-                self._wakeup.wake()  # housekeeping polls from now on
+            self._want_host()
         return None, waiter
+
+    def _want_host(self) -> None:
+        """This pool's checkouts now wait for a host slot: say so, and start polling."""
+        assert self._budget is not None
+        try:
+            self._budget.want(True)
+        finally:
+            self._wakeup.wake()  # housekeeping polls from now on
+
+    def _should_step_aside(self) -> bool:
+        """Give a returned connection's slot up instead of to our own next waiter?
+
+        Yes at most once per ``_HOST_STEP_ASIDE_EVERY`` s, while this process
+        holds more than one slot and another process of the host waits for
+        one: without it, a process whose connections never go idle would keep
+        every slot for as long as its load lasts.
+        """
+        budget = self._budget
+        if budget is None:
+            return False
+        now = self._clock()
+        if now < self._host_step_aside_at or budget.held() <= 1:
+            return False
+        if not budget.wanted_elsewhere():
+            return False
+        self._host_step_aside_at = now + _HOST_STEP_ASIDE_EVERY  # racy: a hint, not a count
+        return True
 
     def _wait(self, waiter: _Waiter, start: float, deadline: float) -> _Entry | _HostSlot | str:
         """Block until ``waiter`` is served or ``deadline``; return what it was handed."""
@@ -1395,12 +1425,24 @@ class ConnectionPool:
             return
         to_close: list[_Entry] = []
         waiter = None
+        step_aside = bool(self._waiting) and self._should_step_aside()
+        first_want = False
         with self._lock:  # critical section: decide where a clean connection goes
             self._in_use.pop(id(entry.conn), None)
             if self._closed:
                 self._nconns -= 1
                 self._counters["connections_closed"] += 1
                 to_close.append(entry)
+            elif self._waiting and step_aside:
+                # Another process of the host waits for a slot while this one
+                # keeps handing its connections to its own waiters: close this
+                # one, so the slot goes to whoever asks first, our waiters too.
+                self._nconns -= 1
+                self._counters["connections_closed"] += 1
+                self._counters["host_stepped_aside"] += 1
+                to_close.append(entry)
+                first_want = not self._host_wanted
+                self._host_wanted = True
             elif self._waiting:
                 waiter = self._waiting.popleft()
                 waiter.item = entry
@@ -1417,6 +1459,8 @@ class ConnectionPool:
                 to_close.extend(self._trim_idle())
         if waiter is not None:
             waiter.signal.set()
+        if first_want:
+            self._want_host()
         for closing in to_close:
             self._close_entry(closing)
 

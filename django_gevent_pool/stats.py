@@ -33,6 +33,7 @@ COUNTERS = (
     "sessions_num",
     "host_waits",
     "host_given_back",
+    "host_stepped_aside",
     *("pins_" + reason for reason in REASONS),
 )
 

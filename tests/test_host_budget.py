@@ -8,6 +8,7 @@ the server side, counting the pool's backends in ``pg_stat_activity``.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -519,3 +520,99 @@ def test_a_forked_child_pool_gets_its_own_slots(
         pool.check_invariants()
     finally:
         pool.close()
+
+
+BUSY = textwrap.dedent(
+    """
+    import sys
+    if sys.argv[1] == "gevent":
+        from gevent import monkey
+        monkey.patch_all()
+    import importlib, json, threading, time
+    from django_gevent_pool import ConnectionPool
+    from django_gevent_pool.hostbudget import HostBudget
+
+    mode, driver, dsn, app, key, size, directory, start, seconds = sys.argv[1:10]
+    db = importlib.import_module(driver)
+    budget = HostBudget(key, int(size), directory)
+
+    def opener():
+        conn = db.connect(dsn, application_name=app)
+        conn.autocommit = True
+        return conn
+
+    pool = ConnectionPool(opener, driver=driver, name=app, host_budget=budget,
+                          options={"HOST_MAX_CONNS": int(size), "POOL_TIMEOUT": 30})
+    begin, end = float(start), float(start) + float(seconds)
+    served = []
+
+    def work():
+        time.sleep(max(0.0, begin - time.time()))
+        n = 0
+        while time.time() < end:
+            with pool.connection() as conn:
+                cur = conn.cursor()
+                cur.execute("SELECT pg_sleep(0.005)")
+                cur.fetchall()
+                cur.close()
+            n += 1
+        served.append(n)
+
+    if mode == "gevent":
+        import gevent
+        gevent.joinall([gevent.spawn(work) for _ in range(10)])
+    else:
+        threads = [threading.Thread(target=work) for _ in range(10)]
+        for t in threads: t.start()
+        for t in threads: t.join()
+    pool.check_invariants()
+    stats = pool.get_stats()
+    pool.close()
+    print(json.dumps({"served": sum(served), "stepped_aside": stats["host_stepped_aside"],
+                      "timeouts": stats["requests_timeouts"]}))
+    """
+)
+
+
+def test_busy_processes_share_the_budget_and_none_starves(
+    dsn: str, admin: Any, app_name: str, budget: HostBudget
+) -> None:
+    """Three processes, ten workers each, all busy on a budget of four: every one is served.
+
+    Without stepping aside, the first process to take the four slots would
+    keep them for as long as its load lasts (its connections never go idle).
+    """
+    start, seconds = time.time() + 1.5, 3.0
+    procs = [
+        subprocess.Popen(
+            [
+                *(sys.executable, "-c", BUSY, MODE, DRIVER, dsn, app_name, budget.key),
+                *(str(budget.size), budget.directory, str(start + 0.3 * i), str(seconds)),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(3)
+    ]
+    seen = [0]
+    try:
+        while any(p.poll() is None for p in procs) and time.time() < start + seconds + 20:
+            seen.append(backends(admin, app_name))
+            sleep(0.01)
+        results = []
+        for proc in procs:
+            out, err = proc.communicate(timeout=30)
+            assert proc.returncode == 0, err[-2000:]
+            results.append(json.loads(out))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+    served = [r["served"] for r in results]
+    print(f"served per process {served}, backends at most {max(seen)}")
+    assert max(seen) <= budget.size, f"saw {max(seen)} backends on a budget of {budget.size}"
+    assert all(r["timeouts"] == 0 for r in results), results
+    assert min(served) >= 0.3 * max(served), f"a process starved: served {served}"
+    assert sum(r["stepped_aside"] for r in results) > 0
