@@ -582,9 +582,13 @@ class ConnectionPool:
         self._warn_leaks(now)
         given_back = False
         if self._budget is not None:
-            self._serve_host_waiters()
-            # Another process of the host waits for a slot: idle ones go back sooner.
-            given_back = self._budget.wanted()
+            try:
+                self._serve_host_waiters()
+                # Another process of the host waits for a slot: idle ones go back sooner.
+                given_back = self._budget.wanted()
+            except PoolConfigError:
+                # The lock file cannot be used: checkouts raise it, with the alias.
+                logger.debug("pool %r: host budget unusable", self.name, exc_info=True)
         dead = self._dead_idle()
         with self._lock:  # critical section: pick what to close, reserve what to open
             if self._closed:
@@ -986,9 +990,12 @@ class ConnectionPool:
         now = self._clock()
         if now < self._host_step_aside_at or budget.held() <= 1:
             return False
+        # Racy updates (no lock): a hint, not a count. Nobody waiting: look again
+        # in 10 ms, not on every return.
         if not budget.wanted_elsewhere():
+            self._host_step_aside_at = now + 0.01
             return False
-        self._host_step_aside_at = now + _HOST_STEP_ASIDE_EVERY  # racy: a hint, not a count
+        self._host_step_aside_at = now + _HOST_STEP_ASIDE_EVERY
         return True
 
     def _wait(self, waiter: _Waiter, start: float, deadline: float) -> _Entry | _HostSlot | str:

@@ -11,6 +11,8 @@ project serves ``make demo``, ``examples/script.py`` and the benchmarks:
   ``dgp-demo``), which lets a test count this pool's connections in
   ``pg_stat_activity``.
 - ``DGP_POOL_MODE``: ``session`` (the default) or ``transaction``.
+- ``DGP_HOST_MAX_CONNS``: one budget for every process of the host (off by
+  default); MAX_CONNS then defaults to it.
 """
 
 from __future__ import annotations
@@ -43,7 +45,10 @@ MIDDLEWARE = [
 ROOT_URLCONF = "demoproject.urls"
 WSGI_APPLICATION = "demoproject.wsgi.application"
 
-MAX_CONNS = int(os.environ.get("DGP_MAX_CONNS", "10"))
+HOST_MAX_CONNS = (
+    int(os.environ["DGP_HOST_MAX_CONNS"]) if "DGP_HOST_MAX_CONNS" in os.environ else None
+)
+MAX_CONNS = int(os.environ.get("DGP_MAX_CONNS", HOST_MAX_CONNS or 10))
 
 DATABASES = {
     "default": {
@@ -67,6 +72,9 @@ DATABASES = {
             # "transaction": a request holds a connection only while a statement
             # or an atomic() block runs, not while it waits on anything else.
             "POOL_MODE": os.environ.get("DGP_POOL_MODE", "session"),
+            # One budget for the web workers, Celery workers and commands of
+            # this host (same server, database and user); None: per process only.
+            "HOST_MAX_CONNS": HOST_MAX_CONNS,
             # Anything lower case goes to libpq untouched.
             "application_name": os.environ.get("DGP_APPNAME", "dgp-demo"),
         },
