@@ -13,6 +13,10 @@ The same state machine runs three times:
   here against :class:`~django_gevent_pool.drivers.base.Driver` alone. Its
   connection refuses every attribute the protocol does not let the pool touch:
   the pool core needs nothing beyond the protocol.
+
+And once more with a host budget (``HOST_MAX_CONNS``): a real lock file, and a
+neighbour (a second descriptor of it, which the kernel treats as another
+process) taking and giving back slots between the pool's steps.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import contextlib
 import os
 import socket
 import sys
+import tempfile
 from typing import Any, ClassVar
 
 import psycopg
@@ -42,6 +47,7 @@ from psycopg import pq
 from django_gevent_pool import ConnectionPool, PoolTimeout, PoolUnavailable
 from django_gevent_pool.drivers import Driver, Status
 from django_gevent_pool.errors import flavoured
+from django_gevent_pool.hostbudget import HostBudget
 
 STATES = ("ACTIVE", "IDLE", "INERROR", "INTRANS", "UNKNOWN")
 
@@ -563,7 +569,11 @@ class PoolMachine(RuleBasedStateMachine):
             conn = self.pool.getconn(timeout=0)
         except PoolTimeout:
             stats = self.pool.get_stats()
-            assert stats["pool_size"] == stats["pool_max"] and stats["pool_available"] == 0
+            assert stats["pool_available"] == 0
+            # A full pool, or (with a host budget) a host whose slots are all taken.
+            assert stats["pool_size"] == stats["pool_max"] or (
+                stats.get("host_in_use") == stats.get("host_max")
+            )
             return None
         except PoolUnavailable:
             # Backing off after a refused connect: only until the clock moves on.
@@ -685,8 +695,119 @@ class FakeDriverMachine(PoolMachine):
         assert REACHED_PAST_THE_DRIVER == []
 
 
+class BudgetMachine(PoolMachine):
+    """The psycopg2-like pool with a host budget, and a neighbour using the same one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lock_dir = tempfile.TemporaryDirectory()
+        self.budget: HostBudget | None = None
+        self.neighbour: HostBudget | None = None
+        self.theirs: list[int] = []
+
+    @rule(
+        max_conns=st.integers(1, 4),
+        size=st.integers(1, 4),
+        min_conns=st.sampled_from([0, 0, 1]),
+        idle_timeout=st.sampled_from([None, 20.0]),
+    )
+    @precondition(lambda self: self.pool is None)
+    def make_budget_pool(
+        self, max_conns: int, size: int, min_conns: int, idle_timeout: float | None
+    ) -> None:
+        max_conns = min(max_conns, size)
+        key = "postgres@model:5432/model"
+        self.budget = HostBudget(key, size, self.lock_dir.name)
+        self.neighbour = HostBudget(key, size, self.lock_dir.name)
+        self.pool = ConnectionPool(
+            self._connect,
+            driver=self.driver,
+            name="model",
+            options={
+                "MAX_CONNS": max_conns,
+                "MIN_CONNS": min(min_conns, max_conns),
+                "HOST_MAX_CONNS": size,
+                "IDLE_TIMEOUT": idle_timeout,
+                "PING_AFTER": None,
+            },
+            clock=lambda: self.now,
+            background=False,
+            host_budget=self.budget,
+        )
+
+    # The parent's pool without a budget is not made here.
+    make_pool = None  # type: ignore[assignment]
+
+    @rule(n=st.integers(1, 3))
+    @precondition(lambda self: self.pool is not None)
+    def a_burst_comes_and_goes(self, n: int) -> None:
+        """``n`` checkouts at once, all given back clean: idle connections to give back."""
+        assert self.pool is not None
+        lent = []
+        for _ in range(n):
+            try:
+                lent.append(self.pool.getconn(timeout=0))
+            except (PoolTimeout, PoolUnavailable, self.OperationalError):
+                break
+        for conn in lent:
+            self.pool.putconn(conn)
+
+    @rule()
+    @precondition(lambda self: self.neighbour is not None)
+    def neighbour_takes(self) -> None:
+        assert self.neighbour is not None
+        slot = self.neighbour.take()
+        if slot is not None:
+            self.theirs.append(slot)
+
+    @rule(data=st.data())
+    @precondition(lambda self: bool(self.theirs))
+    def neighbour_gives_back(self, data: st.DataObject) -> None:
+        assert self.neighbour is not None
+        slot = data.draw(st.sampled_from(self.theirs))
+        self.theirs.remove(slot)
+        self.neighbour.give(slot)
+
+    @rule()
+    @precondition(
+        lambda self: self.pool is not None and len(self.pool._idle) > self.pool.options.MIN_CONNS
+    )
+    def neighbour_waits(self) -> None:
+        """The neighbour wants a slot: idle connections go back after 0.5 s idle."""
+        assert self.neighbour is not None and self.pool is not None
+        before = self.pool.get_stats()
+        self.neighbour.want(True)
+        self.now += 1.0
+        self.pool.maintain()
+        stats = self.pool.get_stats()
+        assert stats["pool_available"] <= stats["pool_min"], "idle ones given back"
+        # Given back, or found lost or expired first: closed either way.
+        assert stats["connections_closed"] > before["connections_closed"]
+        self.neighbour.want(False)
+
+    @invariant()
+    def the_budget_holds(self) -> None:
+        if self.pool is None:
+            return
+        assert self.budget is not None
+        stats = self.pool.get_stats()
+        # One slot per open connection, never one more, and the host never over.
+        assert self.budget.held() == stats["pool_size"]
+        assert stats["host_in_use"] == self.budget.held() + len(self.theirs) <= self.budget.size
+
+    def teardown(self) -> None:
+        lent = 0 if self.pool is None else len(self.pool._in_use)
+        super().teardown()
+        if self.budget is not None:
+            # Closing the pool frees every idle connection's slot; lent ones keep theirs.
+            assert self.budget.held() == lent, "every idle slot back once the pool closed"
+        self.lock_dir.cleanup()
+
+
 PoolMachine.TestCase.settings = SETTINGS
 test_pool_state_machine = PoolMachine.TestCase
+BudgetMachine.TestCase.settings = SETTINGS
+test_pool_state_machine_host_budget = BudgetMachine.TestCase
 PsycopgMachine.TestCase.settings = SETTINGS
 test_pool_state_machine_psycopg = PsycopgMachine.TestCase
 
