@@ -28,6 +28,14 @@ Besides the slots, three control bytes:
 - ``_DEMAND``: a process whose checkouts wait for a slot holds a shared lock
   on it; the others see it with one ``F_OFD_GETLK`` and close idle
   connections sooner, so a busy process gets what idle ones give back.
+- The waiters' bytes: a waiting process also holds one byte of its own there,
+  so how many processes wait can be counted (:meth:`HostBudget.share`): a
+  process holding more than its fair share gives slots up, one below it is
+  served first.
+
+Counting locks costs about two ``F_OFD_GETLK`` calls per process holding
+some, not one per byte: a query returns one conflicting lock, and the ranges
+on either side of it are asked again.
 
 Who may join: the lock file is created ``0600`` in a directory of the
 process's own user (``HOST_LOCK_DIR``), so the budget is shared by the
@@ -55,7 +63,8 @@ from .errors import PoolConfigError
 _HEADER = 0
 _MEMBERS = 1
 _DEMAND = 2
-_SLOTS = 64
+_WAITERS = 64  # one byte per waiting process, up to _SLOTS
+_SLOTS = 4096
 
 _SETLK: int = getattr(fcntl, "F_OFD_SETLK", fcntl.F_SETLK)
 _GETLK: int = getattr(fcntl, "F_OFD_GETLK", fcntl.F_GETLK)
@@ -105,6 +114,27 @@ def _conflicts(fd: int, kind: int, start: int) -> bool:
     return struct.unpack(_FLOCK, answer[: struct.calcsize(_FLOCK)])[0] != fcntl.F_UNLCK
 
 
+def _count_locked(fd: int, start: int, end: int) -> int:
+    """Bytes in ``start..end`` write-locked by others (adjacent bytes of one owner merge)."""
+    count = 0
+    todo = [(start, end)]
+    size = struct.calcsize(_FLOCK)
+    while todo:
+        low, high = todo.pop()
+        if low >= high:
+            continue
+        answer = fcntl.fcntl(fd, _GETLK, _flock(fcntl.F_WRLCK, low, high - low))
+        kind, _, lock_start, lock_len, _ = struct.unpack(_FLOCK, answer[:size])
+        if kind == fcntl.F_UNLCK:
+            continue
+        first = max(low, lock_start)
+        last = high if lock_len == 0 else min(high, lock_start + lock_len)
+        count += max(0, last - first)
+        todo.append((low, first))
+        todo.append((last, high))
+    return count
+
+
 class HostBudget:
     """The slots of one server, database and user, shared by the processes of a host.
 
@@ -125,6 +155,7 @@ class HostBudget:
         self._held: set[int] = set()
         self._next = os.getpid() % size  # where the next search starts
         self._wanting = 0  # pools of this process with checkouts waiting for a slot
+        self._waiter_byte: int | None = None  # ours among the waiters' bytes, while wanting
         self._pid = os.getpid()
         _ALL.add(self)
 
@@ -162,15 +193,17 @@ class HostBudget:
         return len(self._held)
 
     def in_use(self) -> int:
-        """Slots held on the whole host: ours plus one look per other slot (``size`` syscalls)."""
+        """Slots held on the whole host: ours, and the others' counted with a few lock queries."""
         with self._lock:  # critical section: non-blocking lock queries only
             fd = self._joined()
-            others = sum(
-                1
-                for slot in range(self.size)
-                if slot not in self._held and _conflicts(fd, fcntl.F_WRLCK, _SLOTS + slot)
-            )
-            return len(self._held) + others
+            return len(self._held) + _count_locked(fd, _SLOTS, _SLOTS + self.size)
+
+    def share(self) -> tuple[int, int]:
+        """This process's fair share, rounded down and up: the budget divided among the
+        processes that wait for a slot, this one counted whether it waits or not."""
+        with self._lock:  # critical section: non-blocking lock queries only
+            others = _count_locked(self._joined(), _WAITERS, _SLOTS)
+        return self.size // (others + 1), -(-self.size // (others + 1))
 
     # ------------------------------------------------------------ demand
 
@@ -182,8 +215,18 @@ class HostBudget:
             self._wanting = max(0, before + (1 if wanting else -1))
             if before == 0 and self._wanting == 1:
                 _try_lock(fd, fcntl.F_RDLCK, _DEMAND)
+                # A byte of our own among the waiters', so that they can be counted.
+                count = _SLOTS - _WAITERS
+                for i in range(count):
+                    byte = _WAITERS + (self._pid + i) % count
+                    if _try_lock(fd, fcntl.F_WRLCK, byte):
+                        self._waiter_byte = byte
+                        break
             elif before == 1 and self._wanting == 0:
                 _try_lock(fd, fcntl.F_UNLCK, _DEMAND)
+                if self._waiter_byte is not None:
+                    _try_lock(fd, fcntl.F_UNLCK, self._waiter_byte)
+                    self._waiter_byte = None
 
     def wanted(self) -> bool:
         """Does a process of the host (this one included) wait for a slot? One syscall."""
@@ -250,6 +293,7 @@ class HostBudget:
         self._fd = None
         self._held = set()
         self._wanting = 0
+        self._waiter_byte = None
         self._pid = os.getpid()
         self._lock = sync.allocate_lock()
 

@@ -31,10 +31,11 @@ The state machine, guarded by one OS lock whose critical sections never do I/O::
   slot back and queues like any waiter; the housekeeping polls the budget
   every ~10 ms for them, and a returned connection still goes to the first
   waiter. While any process of the host waits, idle connections above
-  ``MIN_CONNS`` are given back after 0.5 s idle instead of ``IDLE_TIMEOUT``,
-  and a busy process closes one returned connection every 0.1 s instead of
-  lending it again, so that no process keeps the slots for as long as its
-  load lasts.
+  ``MIN_CONNS`` are given back after 0.5 s idle instead of ``IDLE_TIMEOUT``;
+  a process holding more than its fair share (the budget divided among the
+  processes that wait) closes a returned connection every 20 ms instead of
+  lending it again, and one at or above its share leaves a free slot to those
+  below theirs: no process keeps the slots for as long as its load lasts.
 - On a silent network (packets dropped, no error) nothing waits without a
   bound: a ping gets ``min(1.5 s, the checkout's deadline)``, a return's
   rollback or ``RESET_QUERY`` 2 s, after which a watchdog cuts the socket; a
@@ -87,7 +88,10 @@ _HOST_LOOK_EVERY = 0.25
 _HOST_GIVE_BACK_AFTER = 0.5
 # While another process waits for a slot, a busy process closes one returned
 # connection this often instead of lending it again: slots change hands.
-_HOST_STEP_ASIDE_EVERY = 0.1
+_HOST_STEP_ASIDE_EVERY = 0.02
+# A process holding one of the slots a budget that does not divide evenly among
+# the waiting processes leaves over gives it up this often.
+_HOST_ROTATE_EVERY = 0.1
 # A closed connection's host slot is freed once the server closed its end (its
 # backend has exited, so the server counts it no more), or after this long.
 _GONE_WITHIN = 0.5
@@ -241,6 +245,7 @@ class ConnectionPool:
         # Checkouts wait for a host slot (the budget is told, and housekeeping polls).
         self._host_wanted = False
         self._host_step_aside_at = float("-inf")
+        self._host_below_share = False  # as last seen by the poll: it polls faster
         self._counters = stats.new_counters()
         # Seconds each of the latest checkouts took (appends are atomic: no lock).
         self._wait_samples = stats.new_samples()
@@ -721,6 +726,13 @@ class ConnectionPool:
                     stop = self._host_wanted
                     self._host_wanted = False
                     break
+            if budget.wanted_elsewhere():
+                low, high = budget.share()
+                if budget.held() >= high:
+                    return  # a free slot is for a process below its share
+                self._host_below_share = budget.held() < low
+            else:
+                self._host_below_share = False
             slot = budget.take()  # never waits; no switch before the hand-off
             if slot is None:
                 return
@@ -832,7 +844,11 @@ class ConnectionPool:
         every ~10 ms.
         """
         if self._host_wanted:
-            return random.uniform(*_HOST_POLL)
+            # Below its share, a process asks more often: freed slots go to it first.
+            low, high = _HOST_POLL
+            if self._host_below_share:
+                low, high = low / 3, high / 3
+            return random.uniform(low, high)
         with self._lock:  # critical section: read
             if self._nconns < self.options.MIN_CONNS and self._backoff.failing:
                 return max(0.0, min(interval, self._backoff.retry_at - self._clock()))
@@ -977,26 +993,34 @@ class ConnectionPool:
             self._wakeup.wake()  # housekeeping polls from now on
 
     def _should_step_aside(self) -> bool:
-        """Give a returned connection's slot up instead of to our own next waiter?
+        """Close a returned connection, to give its slot up, instead of lending it again?
 
-        Yes at most once per ``_HOST_STEP_ASIDE_EVERY`` s, while this process
-        holds more than one slot and another process of the host waits for
-        one: without it, a process whose connections never go idle would keep
-        every slot for as long as its load lasts.
+        Yes, at most once per ``_HOST_STEP_ASIDE_EVERY`` s, while another
+        process of the host waits for a slot and this one holds more than its
+        fair share (:meth:`HostBudget.share`): without it, a process whose
+        connections never go idle would keep every slot for as long as its
+        load lasts. Looked at most every 10 ms otherwise (one lock query).
         """
         budget = self._budget
-        if budget is None:
-            return False
+        assert budget is not None
         now = self._clock()
-        if now < self._host_step_aside_at or budget.held() <= 1:
+        held = budget.held()
+        if now < self._host_step_aside_at or held <= 1:
             return False
-        # Racy updates (no lock): a hint, not a count. Nobody waiting: look again
-        # in 10 ms, not on every return.
+        # Racy updates (no lock): a hint, not a count.
         if not budget.wanted_elsewhere():
             self._host_step_aside_at = now + 0.01
             return False
-        self._host_step_aside_at = now + _HOST_STEP_ASIDE_EVERY
-        return True
+        low, high = budget.share()
+        if held > high:
+            self._host_step_aside_at = now + _HOST_STEP_ASIDE_EVERY
+            return True
+        if held > low:
+            # The budget does not divide evenly: the odd slots change hands slowly.
+            self._host_step_aside_at = now + _HOST_ROTATE_EVERY
+            return True
+        self._host_step_aside_at = now + 0.01
+        return False
 
     def _wait(self, waiter: _Waiter, start: float, deadline: float) -> _Entry | _HostSlot | str:
         """Block until ``waiter`` is served or ``deadline``; return what it was handed."""
@@ -1432,7 +1456,7 @@ class ConnectionPool:
             return
         to_close: list[_Entry] = []
         waiter = None
-        step_aside = bool(self._waiting) and self._should_step_aside()
+        step_aside = self._budget is not None and self._should_step_aside()
         first_want = False
         with self._lock:  # critical section: decide where a clean connection goes
             self._in_use.pop(id(entry.conn), None)
@@ -1440,16 +1464,17 @@ class ConnectionPool:
                 self._nconns -= 1
                 self._counters["connections_closed"] += 1
                 to_close.append(entry)
-            elif self._waiting and step_aside:
+            elif step_aside:
                 # Another process of the host waits for a slot while this one
-                # keeps handing its connections to its own waiters: close this
-                # one, so the slot goes to whoever asks first, our waiters too.
+                # holds more than its share: close this one, its slot goes to
+                # a process below its share (ours wait for theirs, if any).
                 self._nconns -= 1
                 self._counters["connections_closed"] += 1
                 self._counters["host_stepped_aside"] += 1
                 to_close.append(entry)
-                first_want = not self._host_wanted
-                self._host_wanted = True
+                if self._waiting:
+                    first_want = not self._host_wanted
+                    self._host_wanted = True
             elif self._waiting:
                 waiter = self._waiting.popleft()
                 waiter.item = entry
