@@ -26,13 +26,23 @@ django_gevent_pool.W005      MAX_CONNS per process above half of them, or above 
 django_gevent_pool.I006      the server could not be asked, so E005/W005 were not checked
                              (database; information only, see ``check_servers``)
 django_gevent_pool.W007      DJANGO_GEVENT_POOL is set but the app is not installed
+django_gevent_pool.E008      the host budgets (HOST_MAX_CONNS) on one server above its usable
+                             connections (database)
+django_gevent_pool.W008      the same sum above half of them (several hosts can exhaust the
+                             server), or above all of them when the server listens on another
+                             port than the one configured (database)
 ===========================  =================================================================
+
+An alias with a host budget (``HOST_MAX_CONNS``) is left out of E005/W005:
+its processes on one host open at most HOST_MAX_CONNS together, whatever
+their number, so E008/W008 compare the budgets instead. Aliases sharing one
+budget (same server, database and user) count once.
 
 E003 is not used: the pool's option validation already refuses every
 combination that cannot work (MIN_CONNS above REUSE_CONNS, REUSE_CONNS above
 MAX_CONNS, Django's own pool); what remains is W003.
 
-Aliases found to be behind PgBouncer skip E005/W005 whatever its pool mode:
+Aliases found to be behind PgBouncer skip E005/W005 (and E008/W008) whatever its pool mode:
 in session mode every client connection this pool keeps pins a server
 connection, so MAX_CONNS summed over all processes must fit PgBouncer's
 ``default_pool_size``, but nothing here checks that (the number of processes
@@ -69,6 +79,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from . import sync
 from .drivers.psycopg2_waiting import is_psycopg2_cooperative
+from .hostbudget import budget_key
 from .options import PoolOptions
 from .serverinfo import (
     ServerLimits,
@@ -134,7 +145,8 @@ def check_pool_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
                         "alias raises ImproperlyConfigured until then. Pool options are "
                         "upper case (MAX_CONNS, REUSE_CONNS, MIN_CONNS, POOL_TIMEOUT, "
                         "MAX_WAITING, MAX_LIFETIME, IDLE_TIMEOUT, PING_AFTER, LEAK_TIMEOUT, "
-                        "RESET_QUERY, POOL_MODE); lower-case keys go to libpq."
+                        "RESET_QUERY, POOL_MODE, HOST_MAX_CONNS, HOST_LOCK_DIR); lower-case keys "
+                        "go to libpq."
                     ),
                     id=_id("E001"),
                 )
@@ -349,7 +361,9 @@ def check_app_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMess
 def check_servers(
     app_configs: Any = None, databases: Iterable[str] | None = None, **kwargs: Any
 ) -> list[CheckMessage]:
-    """W004, E005, W005 and I006 for the pooled aliases in ``databases``; needs the network.
+    """W004, E005, W005, E008, W008 and I006 for the pooled aliases in ``databases``.
+
+    Needs the network.
 
     Each server is asked once, through a short-lived plain connection (never
     the pool). Aliases found to be behind PgBouncer, in any pool mode, are not
@@ -373,8 +387,10 @@ def check_servers(
     if not wanted:
         return []
     per_process = _max_conns_by_server(pooled)
+    budgets = _budgets_by_server(pooled)
     issues: list[CheckMessage] = []
-    servers: dict[str, tuple[str, dict[str, Any]]] = {}  # label -> first alias and its params
+    # label -> the first alias, its params and the option compared for it
+    servers: dict[str, tuple[str, dict[str, Any], str]] = {}
     for alias in wanted:
         settings_dict = pooled[alias]
         try:
@@ -388,8 +404,9 @@ def check_servers(
         if mode in ("transaction", "statement"):
             issues.extend(_pgbouncer_issues(alias, settings_dict, options, mode, params))
         if mode is None:
-            servers.setdefault(server_label(params), (alias, params))
-    for label, (alias, params) in servers.items():
+            option = "MAX_CONNS" if options.HOST_MAX_CONNS is None else "HOST_MAX_CONNS"
+            servers.setdefault(server_label(params), (alias, params, option))
+    for label, (alias, params, option) in servers.items():
         try:
             with brief_connection(params, timeout=SERVER_TIMEOUT) as conn:
                 limits = server_limits(conn)
@@ -399,7 +416,7 @@ def check_servers(
             reason = " ".join(str(exc).split()) or type(exc).__name__
             issues.append(
                 Info(
-                    f"DATABASES[{alias!r}]: OPTIONS['MAX_CONNS'] not compared with the "
+                    f"DATABASES[{alias!r}]: OPTIONS[{option!r}] not compared with the "
                     f"server's max_connections: cannot reach the server ({reason}).",
                     hint=(
                         "Nothing to do where no server can be reached (a build step). "
@@ -419,12 +436,14 @@ def check_servers(
         elif listening is None and via_tcp:
             proxied_to = "a Unix socket"
         issues.extend(_capacity_issues(label, per_process.get(label, {}), limits, proxied_to))
+        issues.extend(_budget_issues(label, budgets.get(label, {}), limits, proxied_to))
     return issues
 
 
-def _max_conns_by_server(pooled: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
-    """Server label -> {alias: MAX_CONNS} of every valid pooled alias (a process opens them all)."""
-    result: dict[str, dict[str, int]] = {}
+def _valid_pooled(
+    pooled: Mapping[str, dict[str, Any]],
+) -> Iterable[tuple[str, PoolOptions, dict[str, Any]]]:
+    """Every valid pooled alias with its options and check connection parameters."""
     for alias, settings_dict in pooled.items():
         try:
             options = alias_pool_options(alias, settings_dict)
@@ -433,7 +452,44 @@ def _max_conns_by_server(pooled: Mapping[str, dict[str, Any]]) -> dict[str, dict
             )
         except (ImproperlyConfigured, ImportError):
             continue
-        result.setdefault(server_label(params), {})[alias] = options.MAX_CONNS
+        yield alias, options, params
+
+
+def _max_conns_by_server(pooled: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Server label -> {alias: MAX_CONNS} of every valid pooled alias (a process opens them all).
+
+    Aliases with a host budget are left out: the budget, not MAX_CONNS per
+    process, bounds what a host opens (see :func:`_budgets_by_server`).
+    """
+    result: dict[str, dict[str, int]] = {}
+    for alias, options, params in _valid_pooled(pooled):
+        if options.HOST_MAX_CONNS is None:
+            result.setdefault(server_label(params), {})[alias] = options.MAX_CONNS
+    return result
+
+
+def _budgets_by_server(
+    pooled: Mapping[str, dict[str, Any]],
+) -> dict[str, dict[tuple[str, ...], int]]:
+    """Server label -> {aliases sharing one host budget: HOST_MAX_CONNS}.
+
+    Aliases with the same user, database and server share one budget and
+    count once (with the largest HOST_MAX_CONNS among them: the pools refuse
+    to start when they disagree).
+    """
+    by_key: dict[tuple[str, str], tuple[list[str], int]] = {}
+    for alias, options, params in _valid_pooled(pooled):
+        if options.HOST_MAX_CONNS is None:
+            continue
+        label = server_label(params)
+        key = budget_key(
+            params.get("host"), params.get("port"), params.get("dbname"), params.get("user")
+        )
+        aliases, size = by_key.get((label, key), ([], 0))
+        by_key[(label, key)] = ([*aliases, alias], max(size, options.HOST_MAX_CONNS))
+    result: dict[str, dict[tuple[str, ...], int]] = {}
+    for (label, _key), (aliases, size) in by_key.items():
+        result.setdefault(label, {})[tuple(aliases)] = size
     return result
 
 
@@ -511,6 +567,77 @@ def _capacity_issues(
                 "MAX_CONNS, or put PgBouncer in transaction mode in front of the server."
             ),
             id=_id("W005"),
+        )
+    ]
+
+
+def _budget_issues(
+    label: str,
+    budgets: Mapping[tuple[str, ...], int],
+    limits: ServerLimits,
+    proxied_to: str | None = None,
+) -> list[CheckMessage]:
+    """E008 / W008 for the host budgets of one server.
+
+    A budget bounds the connections of one host; what several hosts open
+    together is not bounded by anything here. So the sum of the budgets is an
+    error above the server's usable connections (one host alone can exhaust
+    it), and a warning above half of them (two hosts can). Through something
+    in between (``proxied_to``, as for E005) the error is only a warning.
+    """
+    total = sum(budgets.values())
+    usable = limits.usable
+    if not budgets or 2 * total <= usable:
+        return []
+    if len(budgets) == 1:
+        ((aliases, n),) = budgets.items()
+        names = ", ".join(f"DATABASES[{alias!r}]" for alias in aliases)
+        shared = " (one budget, shared)" if len(aliases) > 1 else ""
+        who = f"{names}: OPTIONS['HOST_MAX_CONNS'] = {n} per host{shared} is"
+    else:
+        names = ", ".join(f"DATABASES[{alias!r}]" for aliases in budgets for alias in aliases)
+        parts = ", ".join(f"{'+'.join(aliases)}: {n}" for aliases, n in budgets.items())
+        who = (
+            f"{names}: the host budgets (OPTIONS['HOST_MAX_CONNS']) add up to {total} per "
+            f"host ({parts}),"
+        )
+    server = (
+        f"the {usable} connections the server at {label} accepts (max_connections "
+        f"{limits.max_connections} - {limits.reserved} reserved)"
+    )
+    between = (
+        ""
+        if proxied_to is None
+        else f" (unless what answers at {label} is a connection pooler such as PgBouncer: the "
+        f"server itself listens on {proxied_to})"
+    )
+    across = (
+        "A host budget bounds the processes of one host only (one container, with its own "
+        "lock directory, is a host of its own); a budget across hosts stays PgBouncer's job: "
+        "put PgBouncer in transaction mode in front of the server."
+    )
+    if total > usable:
+        fit = max(1, usable // 2)
+        message = f"{who} more than {server}: one host alone can exhaust the server{between}."
+        hint = (
+            f"Lower HOST_MAX_CONNS so that hosts x HOST_MAX_CONNS stays below {usable} "
+            f"(e.g. 2 hosts x {fit} = {2 * fit}). {across}"
+        )
+        if proxied_to is not None:
+            return [Warning(message, hint=hint, id=_id("W008"))]
+        return [Error(message, hint=hint, id=_id("E008"))]
+    hosts = -(-usable // total)  # ceil: this many hosts reach the limit
+    fit = max(1, usable // 4)
+    return [
+        Warning(
+            f"{who} more than half of {server}: {hosts} hosts (or containers) sharing the "
+            f"server can exhaust it{between}.",
+            hint=(
+                f"Several hosts may share the server, each with a budget of its own: keep "
+                f"hosts x HOST_MAX_CONNS below {usable} ({hosts} hosts x {total} = "
+                f"{hosts * total} is too many, 4 hosts x {fit} = {4 * fit} fits). {across}"
+            ),
+            id=_id("W008"),
         )
     ]
 

@@ -67,6 +67,11 @@ GAUGE_KEYS = frozenset(
         "requests_wait_p50_ms",
         "requests_wait_p95_ms",
         "requests_wait_p99_ms",
+        # With a host budget (HOST_MAX_CONNS): its size, the slots held on the
+        # whole host (-1: the lock file cannot be read), those this process holds.
+        "host_max",
+        "host_in_use",
+        "host_held",
     }
 )
 
@@ -209,11 +214,12 @@ class _StatsLog:
         for alias, pool in sorted(pools.items()):
             stats = pool.get_stats()
             deltas = self._deltas.take(alias, pool, stats)
+            host, host_args, host_last, host_last_args = _host_parts(stats, deltas)
             self.logger.info(
-                "pool %r: size=%d/%d in_use=%d idle=%d opening=%d waiting=%d | last %.1f s: "
-                "checkouts=%d queued=%d wait_ms=%.3f timeouts=%d too_many=%d errors=%d "
+                "pool %r: size=%d/%d in_use=%d idle=%d opening=%d waiting=%d" + host + " | last "
+                "%.1f s: checkouts=%d queued=%d wait_ms=%.3f timeouts=%d too_many=%d errors=%d "
                 "opened=%d connect_errors=%d lost=%d closed=%d bad_returns=%d rolled_back=%d "
-                "pings=%d sessions=%d pins=%d | wait_p50_ms=%.3f wait_p99_ms=%.3f",
+                "pings=%d sessions=%d pins=%d" + host_last + " | wait_p50_ms=%.3f wait_p99_ms=%.3f",
                 alias,
                 stats["pool_size"],
                 stats["pool_max"],
@@ -221,6 +227,7 @@ class _StatsLog:
                 stats["pool_available"],
                 stats["pool_opening"],
                 stats["requests_waiting"],
+                *host_args,
                 elapsed,
                 deltas.get("requests_num", 0),
                 deltas.get("requests_queued", 0),
@@ -237,6 +244,7 @@ class _StatsLog:
                 deltas.get("pings", 0),
                 deltas.get("sessions_num", 0),
                 sum(v for k, v in deltas.items() if k.startswith("pins_")),
+                *host_last_args,
                 stats.get("requests_wait_p50_ms", 0.0),
                 stats.get("requests_wait_p99_ms", 0.0),
                 extra={
@@ -268,15 +276,43 @@ class _StatsLog:
             sleep(0.005)
 
 
+def _host_parts(
+    stats: Mapping[str, float], deltas: Mapping[str, float]
+) -> tuple[str, tuple[Any, ...], str, tuple[Any, ...]]:
+    """The host budget's parts of a log line (format, arguments), empty without a budget.
+
+    ``host=5/16 held=2``: slots held on the whole host out of HOST_MAX_CONNS
+    (``?`` when the lock file cannot be read), and those this process holds
+    (its aliases sharing the budget together); then, since the previous line,
+    ``host_waits``, ``given_back`` and ``stepped_aside``.
+    """
+    if "host_max" not in stats:
+        return "", (), "", ()
+    in_use = stats.get("host_in_use", -1)
+    return (
+        " host=%s/%d held=%d",
+        ("?" if in_use < 0 else str(int(in_use)), stats["host_max"], stats.get("host_held", 0)),
+        " host_waits=%d given_back=%d stepped_aside=%d",
+        (
+            deltas.get("host_waits", 0),
+            deltas.get("host_given_back", 0),
+            deltas.get("host_stepped_aside", 0),
+        ),
+    )
+
+
 def start_stats_log(
     interval: float = 60.0, *, logger_name: str = "django_gevent_pool.stats"
 ) -> Callable[[], None]:
     """Log one INFO line per pool of this process every ``interval`` s; return a stop function.
 
-    Each line gives the counts now (size/max, in use, idle, opening, waiting),
-    the counters since the previous line (checkouts, queued, total queued
-    wait, timeouts, errors, connections opened/lost/closed, bad returns,
-    rollbacks, pings; the pool's own counters are not reset, the previous
+    Each line gives the counts now (size/max, in use, idle, opening, waiting;
+    with a host budget also ``host=IN_USE/HOST_MAX_CONNS held=N``: the slots
+    held on the whole host, ``?`` when its lock file cannot be read, and those
+    this process holds), the counters since the previous line (checkouts,
+    queued, total queued wait, timeouts, errors, connections opened/lost/closed,
+    bad returns, rollbacks, pings; with a host budget ``host_waits``,
+    ``given_back`` and ``stepped_aside``; the pool's own counters are not reset, the previous
     values are subtracted) and the p50/p99 of the time the latest (up to 2048)
     checkouts took to get a connection. The numbers also travel on the log
     record as ``pool_alias``, ``pool_stats``, ``pool_deltas`` and

@@ -6,7 +6,8 @@
     register_collector()   # or DJANGO_GEVENT_POOL = {"PROMETHEUS": True}
 
 Every metric is labelled by ``alias`` and prefixed ``django_gevent_pool_``.
-Current counts are gauges; the pool's counters are exported as counters that
+Current counts are gauges (the ``host_*`` ones only for aliases with a host
+budget, ``HOST_MAX_CONNS``); the pool's counters are exported as counters that
 only go up: the collector keeps its own totals and adds what each pool's
 counters grew by since the previous scrape, so a ``pop_stats()`` somewhere
 else (which resets the pool's counters) or a pool replaced after a settings
@@ -62,6 +63,24 @@ GAUGES: dict[str, tuple[str, str, float]] = {
         "requests_wait_max_seconds",
         "Longest queued checkout wait since the pool was made or its last pop_stats().",
         0.001,
+    ),
+    # Only for aliases with a host budget (OPTIONS['HOST_MAX_CONNS']).
+    "host_max": (
+        "host_max_connections",
+        "HOST_MAX_CONNS: most connections open at once by all processes of this host sharing "
+        "the budget (same server, database and user).",
+        1.0,
+    ),
+    "host_in_use": (
+        "host_connections_in_use",
+        "Slots of the host budget held by all processes of this host (absent when its lock "
+        "file cannot be read).",
+        1.0,
+    ),
+    "host_held": (
+        "host_connections_held",
+        "Slots of the host budget held by this process (all its aliases sharing the budget).",
+        1.0,
     ),
 }
 
@@ -120,6 +139,23 @@ COUNTERS: dict[str, tuple[str, str, float]] = {
     "sessions_num": (
         "sessions",
         "Units of work served (requests, tasks); checkouts per unit = requests / sessions.",
+        1.0,
+    ),
+    "host_waits": (
+        "host_waits",
+        "Checkouts that queued for a slot of the host budget (HOST_MAX_CONNS); 0 without one.",
+        1.0,
+    ),
+    "host_given_back": (
+        "host_given_back",
+        "Idle connections closed early because another process of the host waited for a "
+        "slot of the budget; 0 without one.",
+        1.0,
+    ),
+    "host_stepped_aside": (
+        "host_stepped_aside",
+        "Returned connections closed instead of lent again, so that a process of the host "
+        "below its share of the budget could have the slot; 0 without one.",
         1.0,
     ),
 }
@@ -183,7 +219,8 @@ class PoolCollector(Collector):
                 rows.append((alias, stats, dict(totals)))
         for alias, stats, totals in rows:
             for key, (_name, _help, scale) in GAUGES.items():
-                if key in stats:
+                # host_in_use is -1 when the budget's lock file cannot be read: no sample.
+                if key in stats and stats[key] >= 0:
                     gauges[key].add_metric([alias], stats[key] * scale)
             for key, quantile in QUANTILES.items():
                 if key in stats:

@@ -1,7 +1,7 @@
 """System checks: each id fires on a real misconfiguration and is silent on a good one.
 
 Settings checks need no server. The database-tagged checks (W004, E005, W005,
-I006) talk to the test server through their own short connections; the
+E008, W008, I006) talk to the test server through their own short connections; the
 condition behind W002 is made real in a fresh monkey-patched subprocess.
 """
 
@@ -200,6 +200,22 @@ def test_e001_invalid_options_become_a_check_error() -> None:
     with override_settings(DATABASES={"default": alias_settings(OPTIONS={"MAX_CONNS": 0})}):
         with pytest.raises(SystemCheckError, match=r"django_gevent_pool\.E001"):
             call_command("check")
+
+
+def test_e001_hint_names_the_host_budget_options() -> None:
+    issues = our_issues(
+        {
+            "default": alias_settings(),
+            "budget": alias_settings(OPTIONS={"HOST_MAX_CONNS": 0}),
+            "lockdir": alias_settings(OPTIONS={"HOST_MAX_CONNS": 4, "HOST_LOCK_DIR": "locks"}),
+        }
+    )
+    assert ids(issues) == ["django_gevent_pool.E001"] * 2
+    messages = {m.msg for m in issues}
+    assert any("DATABASES['budget']" in m and "HOST_MAX_CONNS" in m for m in messages)
+    assert any("DATABASES['lockdir']" in m and "HOST_LOCK_DIR" in m for m in messages)
+    for issue in issues:
+        assert "HOST_MAX_CONNS, HOST_LOCK_DIR" in (issue.hint or "")
 
 
 def test_e001_manage_py_check_reports_instead_of_a_traceback(tmp_path: Path) -> None:
@@ -665,6 +681,101 @@ def test_w005_counts_every_pooled_alias_on_the_same_server() -> None:
     assert "DATABASES['default']" in issues[0].msg and "DATABASES['second']" in issues[0].msg
     alone = our_issues({"default": databases["default"]}, check_databases=["default"])
     assert alone == []
+
+
+def budgeted(host_max: int, **overrides: Any) -> dict[str, Any]:
+    """An alias with a host budget of ``host_max`` (MAX_CONNS 2 per process)."""
+    return alias_settings(OPTIONS={"MAX_CONNS": 2, "HOST_MAX_CONNS": host_max}, **overrides)
+
+
+def test_e008_a_host_budget_above_what_the_server_accepts() -> None:
+    usable = usable_connections()
+    issues = our_issues({"default": budgeted(usable + 1)}, check_databases=["default"])
+    assert ids(issues) == ["django_gevent_pool.E008"]
+    msg = issues[0].msg
+    assert msg.startswith(
+        f"DATABASES['default']: OPTIONS['HOST_MAX_CONNS'] = {usable + 1} per host is more than "
+        f"the {usable} connections the server at "
+    ), msg
+    assert msg.endswith("one host alone can exhaust the server.")
+    assert "a budget across hosts stays PgBouncer's job" in (issues[0].hint or "")
+    fits = our_issues({"default": budgeted(usable // 2)}, check_databases=["default"])
+    assert fits == []
+    with override_settings(DATABASES={"default": budgeted(usable + 1)}):
+        with pytest.raises(SystemCheckError, match=r"django_gevent_pool\.E008"):
+            call_command("check", tags=[checks.TAG], databases=["default"])
+
+
+def test_w008_a_host_budget_above_half_of_the_server_says_hosts_share_it() -> None:
+    usable = usable_connections()
+    half = usable // 2
+    fires = our_issues({"default": budgeted(half + 1)}, check_databases=["default"])
+    assert ids(fires) == ["django_gevent_pool.W008"]
+    assert "2 hosts (or containers) sharing the server can exhaust it" in fires[0].msg
+    hint = fires[0].hint or ""
+    assert f"2 hosts x {half + 1} = {2 * (half + 1)} is too many" in hint
+    assert "Several hosts may share the server" in hint
+    assert "a budget across hosts stays PgBouncer's job" in hint
+
+
+def test_a_budget_replaces_the_per_process_max_conns_checks() -> None:
+    """MAX_CONNS x processes is not what a host opens when a budget bounds them all."""
+    usable = usable_connections()
+    half = usable // 2
+    alone = alias_settings(OPTIONS={"MAX_CONNS": half + 1, "HOST_MAX_CONNS": half + 1})
+    assert ids(our_issues({"default": alone}, check_databases=["default"])) == [
+        "django_gevent_pool.W008"
+    ], "not W005 too"
+    huge = alias_settings(OPTIONS={"MAX_CONNS": 200, "HOST_MAX_CONNS": 200})
+    assert ids(our_issues({"default": huge}, check_databases=["default"])) == [
+        "django_gevent_pool.E008"
+    ], "not E005 too"
+    # Two aliases of quarter + 1 each add up to W005 per process (see above),
+    # unless one of them has a budget: then neither sum is over half.
+    quarter = usable // 4 + 1
+    databases = {
+        "default": alias_settings(OPTIONS={"MAX_CONNS": quarter}),
+        "second": alias_settings(OPTIONS={"MAX_CONNS": quarter, "HOST_MAX_CONNS": quarter}),
+    }
+    assert our_issues(databases, check_databases=["default", "second"]) == []
+
+
+def test_aliases_sharing_one_budget_count_once_other_budgets_add_up() -> None:
+    usable = usable_connections()
+    half = usable // 2
+    shared = {"default": budgeted(half), "replica": budgeted(half)}  # same user, db, server
+    assert our_issues(shared, check_databases=["default", "replica"]) == []
+    quarter = usable // 4 + 1  # each alone fits, the two budgets together do not
+    two = {"default": budgeted(quarter), "admin_db": budgeted(quarter, NAME="postgres")}
+    issues = our_issues(two, check_databases=["default", "admin_db"])
+    assert ids(issues) == ["django_gevent_pool.W008"], "one message per server"
+    assert (
+        "DATABASES['default'], DATABASES['admin_db']: the host budgets "
+        f"(OPTIONS['HOST_MAX_CONNS']) add up to {2 * quarter} per host "
+        f"(default: {quarter}, admin_db: {quarter})"
+    ) in issues[0].msg
+    three = {**shared, "admin_db": budgeted(usable - half + 1, NAME="postgres")}
+    issues = our_issues(three, check_databases=["replica"])
+    assert ids(issues) == ["django_gevent_pool.E008"]
+    assert f"add up to {usable + 1} per host (default+replica: {half}, admin_db:" in (issues[0].msg)
+
+
+def test_e008_through_something_in_between_is_only_a_warning() -> None:
+    with Proxy(server()["test"]) as proxy:
+        through = budgeted(200, HOST="127.0.0.1", PORT=str(proxy.port))
+        issues = our_issues({"default": through}, check_databases=["default"])
+    assert ids(issues) == ["django_gevent_pool.W008"]
+    assert "one host alone can exhaust the server (unless what answers at" in issues[0].msg
+
+
+def test_i006_names_host_max_conns_for_an_alias_with_a_budget() -> None:
+    dead = budgeted(10, HOST="127.0.0.1", PORT=str(closed_port()))
+    issues = our_issues({"default": alias_settings(), "dead": dead}, check_databases=["dead"])
+    assert ids(issues) == ["django_gevent_pool.I006"]
+    assert issues[0].msg.startswith(
+        "DATABASES['dead']: OPTIONS['HOST_MAX_CONNS'] not compared with the server's "
+        "max_connections: cannot reach the server"
+    )
 
 
 def test_i006_unreachable_server_is_information_not_a_warning() -> None:

@@ -30,10 +30,11 @@ from django.db.utils import load_backend
 from django.test import override_settings
 from psycopg2.extensions import parse_dsn
 
+from django_gevent_pool import hostbudget
 from django_gevent_pool.backends.base import close_pools
 from django_gevent_pool.devserver import django_settings
 from django_gevent_pool.management.commands.pool_connections import APPLICATION_NAME
-from django_gevent_pool.serverinfo import configured_databases
+from django_gevent_pool.serverinfo import configured_databases, connection_params
 
 from .proxy import Proxy
 from .support import ENGINE, Workers, connect, server, wait_until
@@ -213,6 +214,107 @@ def test_more_than_the_cap_from_one_host_is_flagged(django_db_blocker: Any, app_
     assert [c["over"] for c in alias["by_client"].values()] == [True]
     assert "OVER THE CAP: counted from " in report["verdict"]
     assert ": 3 > 2 (more processes than --workers" in report["verdict"]
+
+
+BUDGETS_HEADER = "  host budgets (HOST_MAX_CONNS), as the lock files on this host show them:"
+
+
+@pytest.fixture
+def fresh_budgets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's host budgets start afresh (a budget made by another test stays there)."""
+    if not hostbudget.OFD_LOCKS:
+        pytest.skip("a second holder in this process needs open-file-description locks")
+    monkeypatch.setattr(hostbudget, "_BUDGETS", {})
+
+
+def test_the_host_budget_and_its_use_on_this_host(
+    django_db_blocker: Any, app_name: str, fresh_budgets: None, tmp_path: Path
+) -> None:
+    """2 slots held by this process's pool, 1 by another holder of the host: 3/3 in use."""
+    budgeted = alias_settings(app_name, 2)
+    budgeted["OPTIONS"].update(HOST_MAX_CONNS=3, HOST_LOCK_DIR=str(tmp_path))
+    databases = {"default": alias_settings("dgp-command-default", 2), "budgeted": budgeted}
+    with override_settings(DATABASES=databases), django_db_blocker.unblock():
+        settings_dict = configured_databases()["budgeted"]
+        backend = load_backend(ENGINE)
+        wrappers = [backend.DatabaseWrapper(settings_dict, "budgeted") for _ in range(2)]
+        try:
+            for wrapper in wrappers:
+                wrapper.ensure_connection()
+            (budget,) = hostbudget._BUDGETS.values()
+            # Its own open file description: its slot is another process's to us.
+            other = hostbudget.HostBudget(budget.key, budget.size, budget.directory)
+            assert other.take() is not None
+            report = json.loads(run("--database", "budgeted", "--json", "--workers", "4"))
+            text = run("--database", "budgeted", "--workers", "4")
+        finally:
+            for wrapper in wrappers:
+                wrapper.close()
+            close_pools("budgeted")
+
+    info = report["host_budgets"]["budgeted"]
+    assert info == {
+        "key": budget.key,
+        "host_max_conns": 3,
+        "lock_file": budget.path,
+        "in_use": 3,
+        "held_by_this_process": 2,
+        "error": None,
+    }
+    alias = report["aliases"]["budgeted"]
+    assert (alias["max_conns"], alias["host_max_conns"]) == (2, 3)
+    assert alias["expected_max_per_host"] == 3, "min(4 workers x 2, the budget of 3)"
+    assert alias["host_budget"] == info
+    assert alias["connections"] == 2
+    assert (
+        "this app: 2 (cap 2 per process x 4 workers = 8, host budget 3, 3/3 in use on this host)"
+    ) in report["verdict"]
+    lines = text.splitlines()
+    header = lines.index(BUDGETS_HEADER)
+    assert lines[header + 1].split() == [
+        "ALIAS",
+        "HOST_MAX_CONNS",
+        "IN",
+        "USE",
+        "ON",
+        "THIS",
+        "HOST",
+        "HELD",
+        "BY",
+        "THIS",
+        "PROCESS",
+    ]
+    assert lines[header + 2].split() == ["budgeted", "3", "3/3", "2", "FULL"]
+    assert any("min(4 x 2, host budget 3) = 3" in line for line in lines)
+
+
+def test_a_host_budget_that_disagrees_with_the_hosts_is_reported_not_fatal(
+    app_name: str, fresh_budgets: None, tmp_path: Path
+) -> None:
+    budgeted = alias_settings(app_name, 2)
+    budgeted["OPTIONS"].update(HOST_MAX_CONNS=3, HOST_LOCK_DIR=str(tmp_path))
+    databases = {"default": alias_settings("dgp-command-default", 2), "budgeted": budgeted}
+    with override_settings(DATABASES=databases):
+        params = connection_params(
+            "budgeted", configured_databases()["budgeted"], application_name=APPLICATION_NAME
+        )
+        key = hostbudget.budget_key(
+            params.get("host"), params.get("port"), params.get("dbname"), params.get("user")
+        )
+        # Another process of the host shares the budget with HOST_MAX_CONNS = 5.
+        other = hostbudget.HostBudget(key, 5, str(tmp_path))
+        assert other.take() is not None
+        report = json.loads(run("--database", "budgeted", "--json"))
+        text = run("--database", "budgeted")
+    info = report["host_budgets"]["budgeted"]
+    assert info["in_use"] is None and info["held_by_this_process"] is None
+    assert "HOST_MAX_CONNS = 3" in info["error"] and "use 5" in info["error"]
+    assert report["unreachable"] == {}, "the server was still looked at"
+    lines = text.splitlines()
+    header = lines.index(BUDGETS_HEADER)
+    row = lines[header + 2]
+    assert row.split()[:4] == ["budgeted", "3", "?", "?"]
+    assert "cannot read the budget: HOST_MAX_CONNS = 3 for " in row
 
 
 def test_only_pooled_aliases_are_accepted() -> None:

@@ -27,7 +27,7 @@ from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
 from django.test import Client, override_settings
 from django.urls import path
 
-from django_gevent_pool import timing
+from django_gevent_pool import hostbudget, timing
 from django_gevent_pool.backends.base import all_stats, close_pools, get_pool
 from django_gevent_pool.observability import (
     ServerTimingMiddleware,
@@ -47,7 +47,8 @@ SERVER_TIMING = re.compile(
 )
 TINY = "obs_tiny"  # MAX_CONNS=1: the request views below wait on it
 TIMING_OUT = "obs_timeout"  # MAX_CONNS=1, POOL_TIMEOUT=0.3: its checkouts time out
-OUR_ALIASES = ("obs_stats", "obs_view", "obs_log", "obs_prom", TINY, TIMING_OUT)
+BUDGETED = "obs_budget"  # HOST_MAX_CONNS=3 in a lock directory of the test's own
+OUR_ALIASES = ("obs_stats", "obs_view", "obs_log", "obs_prom", BUDGETED, TINY, TIMING_OUT)
 
 
 # ----------------------------------------------------------------- helpers
@@ -74,6 +75,23 @@ def checkouts(wrapper: Any, n: int) -> None:
         with wrapper.cursor() as cur:
             cur.execute("SELECT 1")
         wrapper.close()
+
+
+@pytest.fixture
+def fresh_budgets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This process's host budgets start afresh (a budget made by another test stays there)."""
+    if not hostbudget.OFD_LOCKS:
+        pytest.skip("a second holder in this process needs open-file-description locks")
+    monkeypatch.setattr(hostbudget, "_BUDGETS", {})
+
+
+def neighbour_of(budget: hostbudget.HostBudget) -> hostbudget.HostBudget:
+    """Another holder of ``budget``'s slots, as another process of the host would be.
+
+    Its own open file description of the lock file: with OFD locks, its slots
+    conflict with this process's as another process's do.
+    """
+    return hostbudget.HostBudget(budget.key, budget.size, budget.directory)
 
 
 def stat(alias: str, key: str) -> float:
@@ -309,6 +327,42 @@ def test_the_stats_log_survives_pop_stats_resets_without_negative_counts() -> No
         for r in out.of(alias)
         for value in r.pool_deltas.values()  # type: ignore[attr-defined]
     )
+
+
+def test_the_stats_log_shows_the_host_budget_of_the_pools_that_have_one(
+    fresh_budgets: None, tmp_path: Any
+) -> None:
+    budgeted = make_wrapper(BUDGETED, MAX_CONNS=2, HOST_MAX_CONNS=3, HOST_LOCK_DIR=str(tmp_path))
+    budgeted.ensure_connection()  # held for the whole test
+    plain = make_wrapper("obs_log", MAX_CONNS=2)
+    checkouts(plain, 1)
+    pool = get_pool(BUDGETED)
+    assert pool is not None
+    (budget,) = hostbudget._BUDGETS.values()
+    neighbour = neighbour_of(budget)
+    assert neighbour.take() is not None  # another process of the host holds one slot
+    try:
+        with Records("dgp.tests.stats") as out:
+            start_stats_log(0.05, logger_name="dgp.tests.stats")
+            wait_until(
+                lambda: bool(out.of(BUDGETED)) and bool(out.of("obs_log")),
+                what="a line for each pool",
+            )
+            stop_stats_log()
+    finally:
+        budgeted.close()
+    record = out.of(BUDGETED)[-1]
+    message = record.getMessage()
+    assert message.startswith(
+        f"pool '{BUDGETED}': size=1/2 in_use=1 idle=0 opening=0 waiting=0 host=2/3 held=1 |"
+    ), message
+    assert " host_waits=0 given_back=0 stepped_aside=0 | wait_p50_ms=" in message
+    assert record.pool_stats["host_in_use"] == 2  # type: ignore[attr-defined]
+    # Gauges, not counters: never in the deltas (a gauge going down is no counter reset).
+    assert not {"host_max", "host_in_use", "host_held"} & set(record.pool_deltas)  # type: ignore[attr-defined]
+    assert record.pool_deltas["host_waits"] == 0  # type: ignore[attr-defined]
+    without = out.of("obs_log")[-1].getMessage()
+    assert "host=" not in without and "host_waits=" not in without
 
 
 def test_a_second_start_replaces_the_first() -> None:
@@ -597,6 +651,70 @@ def test_a_collector_over_bare_pools_and_the_multiprocess_warning(
         register_collector(fresh)
     warnings = [r for r in caplog.records if "multiprocess mode" in r.getMessage()]
     assert len(warnings) == 1, "said once, at the first registration"
+
+
+def test_the_prometheus_collector_exports_the_host_budget_by_alias(
+    dsn: str, fresh_budgets: None, tmp_path: Any
+) -> None:
+    """Gauges for the alias with a budget only; its waits and give-backs, made real, counted."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from django_gevent_pool import ConnectionPool
+    from django_gevent_pool.errors import PoolTimeout
+    from django_gevent_pool.prometheus import PoolCollector
+
+    key = hostbudget.budget_key("127.0.0.1", 5432, "obs-prometheus", "postgres")
+    budget = hostbudget.budget_for(key, 4, str(tmp_path), name="jobs")
+    jobs = ConnectionPool(
+        lambda: connect(dsn),
+        driver=DRIVER,
+        name="jobs",
+        options={"MAX_CONNS": 2, "HOST_MAX_CONNS": 4, "POOL_TIMEOUT": 10},
+        host_budget=budget,
+    )
+    plain = ConnectionPool(lambda: connect(dsn), driver=DRIVER, name="plain")
+    neighbour = neighbour_of(budget)
+    registry = CollectorRegistry()
+    registry.register(PoolCollector(lambda: {"jobs": jobs, "plain": plain}))
+
+    def value(name: str, alias: str = "jobs") -> float | None:
+        return metric_values(registry).get((f"django_gevent_pool_{name}", (("alias", alias),)))
+
+    try:
+        held = jobs.getconn()
+        theirs = [neighbour.take() for _ in range(3)]  # the host's other slots
+        assert None not in theirs
+        assert value("host_max_connections") == 4
+        assert value("host_connections_in_use") == 4, "the whole host's"
+        assert value("host_connections_held") == 1, "this process's"
+        assert value("host_waits_total") == 0 and value("host_given_back_total") == 0
+        with pytest.raises(PoolTimeout):
+            jobs.getconn(timeout=0.2)  # a pool slot is free, no host slot is
+        assert value("host_waits_total") == 1
+        for slot in theirs:
+            assert slot is not None
+            neighbour.give(slot)
+        jobs.putconn(held)  # idle now, and another process of the host wants a slot:
+        neighbour.want(True)
+        # The slot is freed once the connection is closed, just after it left the pool.
+        wait_until(lambda: value("host_connections_held") == 0, what="the idle one given back")
+        neighbour.want(False)
+        assert value("host_given_back_total") == 1
+        assert value("connections") == 0
+        # Without a budget: no host gauges, counters at 0.
+        plain.putconn(plain.getconn())
+        assert value("connections", "plain") == 1
+        for name in ("host_max_connections", "host_connections_in_use", "host_connections_held"):
+            assert value(name, "plain") is None, name
+        assert value("host_waits_total", "plain") == 0
+        assert value("host_given_back_total", "plain") == 0
+        assert value("host_stepped_aside_total", "plain") == 0
+    finally:
+        jobs.close()
+        plain.close()
+    text = generate_latest(registry).decode()
+    assert "# HELP django_gevent_pool_host_connections_in_use Slots of the host budget" in text
+    assert "# TYPE django_gevent_pool_host_waits_total counter" in text
 
 
 def test_importing_the_prometheus_module_without_prometheus_client_says_what_to_install(

@@ -6,7 +6,14 @@ workers, on every host), which no single process's pool statistics can. Rows
 are grouped by application_name, client host, user, database and state; each
 pooled alias's rows (same database and user, and same application_name when
 the alias sets one in OPTIONS) are put next to its caps: MAX_CONNS per
-process and, with ``--workers N``, ``N x MAX_CONNS`` per client host.
+process and, with ``--workers N``, ``N x MAX_CONNS`` per client host; with
+a host budget (``HOST_MAX_CONNS``) at most that many per client host.
+
+For the aliases with a host budget, the budget's use on the host the command
+runs on is read from its lock file (no server involved): the slots held by
+all processes of this host, and those held by the command's own process
+(none, unless it has pools of its own). Other hosts' budgets are not visible
+from here; their connections are in ``pg_stat_activity`` all the same.
 
 The command uses its own short-lived psycopg2 connection per alias (never the
 pool), in one read-only transaction, and leaves it out of every count. It
@@ -28,6 +35,8 @@ import psycopg2
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
+from ...errors import PoolConfigError
+from ...hostbudget import budget_for, budget_key
 from ...serverinfo import (
     ServerLimits,
     ServerUnreachable,
@@ -64,6 +73,8 @@ class _Alias:
     max_conns: int
     application_name: str | None
     label: str
+    host_max_conns: int | None = None
+    host_lock_dir: str | None = None
     database: str = ""
     user: str = ""
     own_pid: int = 0
@@ -175,6 +186,11 @@ class Command(BaseCommand):
             "aliases": {},
             "servers": [],
             "unreachable": {},
+            "host_budgets": {
+                entry.alias: _host_budget(entry)
+                for entry in aliases
+                if entry.host_max_conns is not None
+            },
         }
         with ExitStack() as stack:
             servers: dict[tuple[Any, ...], list[tuple[_Alias, Any]]] = {}
@@ -250,6 +266,8 @@ class Command(BaseCommand):
                     max_conns=pool_options.MAX_CONNS,
                     application_name=str(app_name) if app_name else None,
                     label=server_label(params),
+                    host_max_conns=pool_options.HOST_MAX_CONNS,
+                    host_lock_dir=pool_options.HOST_LOCK_DIR,
                 )
             )
         return result
@@ -273,7 +291,10 @@ class Command(BaseCommand):
         rows = [_row(raw) for raw in raw_rows if raw[0] not in own]
         _attribute(rows, entries)
         alias_reports = {
-            entry.alias: _alias_report(entry, rows, entries, workers) for entry in entries
+            entry.alias: _alias_report(
+                entry, rows, entries, workers, report["host_budgets"].get(entry.alias)
+            )
+            for entry in entries
         }
         report["aliases"].update(alias_reports)
         labels = list(dict.fromkeys(entry.label for entry in entries))
@@ -281,6 +302,39 @@ class Command(BaseCommand):
         report["servers"].append(
             _server_report(label, limits, rows, entries, alias_reports, workers, own)
         )
+
+
+def _host_budget(entry: _Alias) -> dict[str, Any]:
+    """The use of ``entry``'s host budget on this host, read from its lock file.
+
+    ``in_use`` counts the slots held by every process of this host sharing the
+    budget, ``held_by_this_process`` those of the command's own process. When
+    the lock file cannot be used (another user's directory, another
+    HOST_MAX_CONNS already in it), both are None and ``error`` says why.
+    """
+    assert entry.host_max_conns is not None
+    params = entry.params
+    key = budget_key(
+        params.get("host"), params.get("port"), params.get("dbname"), params.get("user")
+    )
+    result: dict[str, Any] = {
+        "key": key,
+        "host_max_conns": entry.host_max_conns,
+        "lock_file": None,
+        "in_use": None,
+        "held_by_this_process": None,
+        "error": None,
+    }
+    try:
+        budget = budget_for(
+            key, entry.host_max_conns, entry.host_lock_dir, name=f"DATABASES[{entry.alias!r}]"
+        )
+        result["lock_file"] = budget.path
+        result["in_use"] = budget.in_use()
+        result["held_by_this_process"] = budget.held()
+    except (PoolConfigError, OSError) as exc:
+        result["error"] = _one_line(exc)
+    return result
 
 
 def _one_line(exc: BaseException) -> str:
@@ -357,10 +411,17 @@ def _shared_with(entry: _Alias, entries: list[_Alias]) -> list[str]:
 
 
 def _alias_report(
-    entry: _Alias, rows: list[_Row], entries: list[_Alias], workers: int | None
+    entry: _Alias,
+    rows: list[_Row],
+    entries: list[_Alias],
+    workers: int | None,
+    host_budget: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     mine = [row for row in rows if row.owner == entry.alias]
     expected = None if workers is None else workers * entry.max_conns
+    if entry.host_max_conns is not None:
+        # The budget caps every client host, whatever the number of processes.
+        expected = entry.host_max_conns if expected is None else min(expected, entry.host_max_conns)
     by_client: dict[str, dict[str, Any]] = {}
     for client, count in sorted(Counter(row.client for row in mine).items()):
         by_client[client] = {
@@ -374,6 +435,8 @@ def _alias_report(
         "user": entry.user,
         "application_name": entry.application_name,
         "max_conns": entry.max_conns,
+        "host_max_conns": entry.host_max_conns,
+        "host_budget": host_budget,
         "workers": workers,
         "expected_max_per_host": expected,
         "connections": len(mine),
@@ -424,10 +487,22 @@ def _server_report(
 
 def _cap(alias_report: dict[str, Any], workers: int | None) -> str:
     max_conns = alias_report["max_conns"]
+    host_max = alias_report.get("host_max_conns")
+    hosts = len(alias_report["by_client"])
+    if host_max is not None:
+        cap = f"cap {max_conns} per process"
+        if workers is not None:
+            cap += f" x {workers} workers = {workers * max_conns}"
+        cap += f", host budget {host_max}"
+        budget = alias_report.get("host_budget") or {}
+        if budget.get("in_use") is not None:
+            cap += f", {budget['in_use']}/{host_max} in use on this host"
+        if hosts > 1:
+            cap += f", per host, {hosts} hosts"
+        return cap
     if workers is None:
         return f"cap {max_conns} per process; --workers N gives the expected total"
     cap = f"cap {max_conns} per process x {workers} workers = {workers * max_conns}"
-    hosts = len(alias_report["by_client"])
     if hosts > 1:
         cap += f" per host, {hosts} hosts"
     return cap
@@ -497,7 +572,6 @@ def _human(report: dict[str, Any]) -> list[str]:
         noted: set[str] = set()
         for alias in server["aliases"]:
             rep = report["aliases"][alias]
-            expected = rep["expected_max_per_host"]
             alias_rows.append(
                 [
                     alias,
@@ -505,9 +579,7 @@ def _human(report: dict[str, Any]) -> list[str]:
                     rep["user"],
                     rep["application_name"] or "(any)",
                     str(rep["max_conns"]),
-                    "-"
-                    if expected is None
-                    else f"{rep['workers']} x {rep['max_conns']} = {expected}",
+                    _expected(rep),
                     str(rep["connections"]),
                     ", ".join(f"{state} {n}" for state, n in rep["by_state"].items()) or "-",
                 ]
@@ -545,6 +617,22 @@ def _human(report: dict[str, Any]) -> list[str]:
                 alias_rows,
             )
         )
+        budget_rows = [
+            _budget_row(alias, report["host_budgets"][alias])
+            for alias in server["aliases"]
+            if alias in report["host_budgets"]
+        ]
+        if budget_rows:
+            lines.append("")
+            lines.append(
+                "  host budgets (HOST_MAX_CONNS), as the lock files on this host show them:"
+            )
+            lines.extend(
+                _table(
+                    ["ALIAS", "HOST_MAX_CONNS", "IN USE ON THIS HOST", "HELD BY THIS PROCESS", ""],
+                    budget_rows,
+                )
+            )
         if host_rows:
             lines.append("")
             lines.append("  this app, by client host:")
@@ -587,6 +675,35 @@ def _human(report: dict[str, Any]) -> list[str]:
     if report["verdict"]:
         lines.append(report["verdict"])
     return lines
+
+
+def _expected(rep: dict[str, Any]) -> str:
+    """The EXPECTED MAX/HOST cell: workers x MAX_CONNS, bounded by the host budget if any."""
+    expected, workers, host_max = (
+        rep["expected_max_per_host"],
+        rep["workers"],
+        rep["host_max_conns"],
+    )
+    if expected is None:
+        return "-"
+    if host_max is None:
+        return f"{workers} x {rep['max_conns']} = {expected}"
+    if workers is None:
+        return f"host budget {host_max}"
+    return f"min({workers} x {rep['max_conns']}, host budget {host_max}) = {expected}"
+
+
+def _budget_row(alias: str, budget: dict[str, Any]) -> list[str]:
+    host_max = budget["host_max_conns"]
+    if budget["error"] is not None:
+        return [alias, str(host_max), "?", "?", f"cannot read the budget: {budget['error']}"]
+    return [
+        alias,
+        str(host_max),
+        f"{budget['in_use']}/{host_max}",
+        str(budget["held_by_this_process"]),
+        "FULL" if budget["in_use"] >= host_max else "",
+    ]
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> list[str]:
