@@ -1,7 +1,7 @@
 """``make bench`` / ``make bench-quick``: our pool against the alternatives, side by side.
 
-    .venv/bin/python benchmarks/run.py            # full: 3 rounds, about 16 minutes
-    .venv/bin/python benchmarks/run.py --quick    # quick: 1 shorter round, about 3.5 minutes
+    .venv/bin/python benchmarks/run.py            # full: 3 rounds, about 19 minutes
+    .venv/bin/python benchmarks/run.py --quick    # quick: 1 shorter round, about 4 minutes
 
 1. Makes (or refreshes) the benchmark's own environment ``.bench-venv`` --
    Django, gevent, gunicorn, psycopg2, psycopg 3 + psycopg-pool, psycogreen,
@@ -20,6 +20,10 @@
    samples ``pg_stat_activity`` every 20 ms. The competitor is stopped (by PID)
    and its server connections drained before the next one starts. The order of
    the competitors rotates from round to round.
+   Then **skewed** (``benchkit/skewed.py``): 4 gunicorn workers sharing 16
+   server connections, a static split (MAX_CONNS = 4 each) against one host
+   budget (HOST_MAX_CONNS = MAX_CONNS = 16), under a load pinned to workers by
+   ``skewload.py`` (one busy worker, the others nearly idle; then all busy).
 4. Prints the tables and the targets of the issue (PASS/MISS). When a target
    is missed (full runs), profiles our side with py-spy. Writes
    ``benchmarks/results/latest.{json,md,png}`` (``quick.*`` for ``--quick``),
@@ -56,15 +60,30 @@ if str(BENCH_DIR) not in sys.path:
 from benchapp.competitors import COMPETITORS, DBNAME, ITEMS, VIEWS  # noqa: E402
 from benchkit import env as bench_env  # noqa: E402
 from benchkit import report  # noqa: E402
-from benchkit.runner import GUARD_MARGIN, TMP, Config, Run  # noqa: E402
+from benchkit.runner import TMP, Config, Run  # noqa: E402
 from benchkit.servers import Server  # noqa: E402
 
 RESULTS = BENCH_DIR / "results"
 STARTED_AT = "DGPB_STARTED_AT"
 COMMAND = "DGPB_COMMAND"
 
-FULL = {"rounds": 3, "http_seconds": 4.0, "sleep_seconds": 5.0, "micro_seconds": 1.5}
-QUICK = {"rounds": 1, "http_seconds": 1.5, "sleep_seconds": 2.5, "micro_seconds": 1.0}
+FULL = {
+    "rounds": 3,
+    "http_seconds": 4.0,
+    "sleep_seconds": 5.0,
+    "micro_seconds": 1.5,
+    "skew_seconds": 8.0,
+    "skew_warmup": 2.0,
+}
+QUICK = {
+    "rounds": 1,
+    "http_seconds": 1.5,
+    "sleep_seconds": 2.5,
+    "micro_seconds": 1.0,
+    "skew_seconds": 4.0,
+    "skew_warmup": 1.0,
+}
+SCENARIOS = ("micro", "http", "skewed")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -72,7 +91,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Benchmark django-gevent-pool against the alternatives."
     )
-    parser.add_argument("--quick", action="store_true", help="one short round (about 3.5 minutes)")
+    parser.add_argument("--quick", action="store_true", help="one short round (about 4 minutes)")
     parser.add_argument("--rounds", type=int, help="repetitions of every measurement")
     parser.add_argument("--http-seconds", type=float, help="seconds of wrk per view")
     parser.add_argument(
@@ -85,7 +104,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--greenlets", type=int, default=200, help="micro greenlets (200)")
     parser.add_argument("--competitors", help="comma-separated subset (raw is always run)")
     parser.add_argument("--views", help=f"comma-separated subset of {','.join(VIEWS)} (all)")
-    parser.add_argument("--scenarios", default="micro,http", help="micro,http (both)")
+    parser.add_argument(
+        "--scenarios", default=",".join(SCENARIOS), help=f"{','.join(SCENARIOS)} (all)"
+    )
+    parser.add_argument(
+        "--skew-seconds", type=float, help="skewed: seconds measured per phase (after a warm-up)"
+    )
+    parser.add_argument("--skew-warmup", type=float, help="skewed: warm-up seconds per phase")
+    parser.add_argument("--skew-workers", type=int, default=4, help="skewed: gunicorn workers (4)")
+    parser.add_argument(
+        "--skew-budget", type=int, default=16, help="skewed: connections of the host (16)"
+    )
+    parser.add_argument(
+        "--skew-pool-timeout", type=float, default=2.0, help="skewed: POOL_TIMEOUT seconds (2)"
+    )
+    parser.add_argument(
+        "--skew-light-pace",
+        type=float,
+        default=1.0,
+        help="skewed: seconds between two requests of a light worker's client (1)",
+    )
     parser.add_argument("--output", help="results/<name>.{json,md,png} (latest, or quick)")
     parser.add_argument(
         "--profile",
@@ -115,6 +153,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
     unknown = [v for v in views if v not in VIEWS]
     if unknown:
         raise SystemExit(f"unknown views {unknown}; known: {', '.join(VIEWS)}")
+    scenarios = tuple(args.scenarios.split(","))
+    unknown = [s for s in scenarios if s not in SCENARIOS]
+    if unknown:
+        raise SystemExit(f"unknown scenarios {unknown}; known: {', '.join(SCENARIOS)}")
+    if args.skew_workers < 2 or args.skew_budget % args.skew_workers:
+        raise SystemExit("--skew-budget must be a multiple of --skew-workers (>= 2)")
     return Config(
         quick=args.quick,
         rounds=int(base["rounds"]),
@@ -129,10 +173,16 @@ def config_from_args(args: argparse.Namespace) -> Config:
         micro_greenlets=args.greenlets,
         competitors=chosen,
         views=tuple(v for v in VIEWS if v in views),
-        scenarios=tuple(args.scenarios.split(",")),
+        scenarios=scenarios,
         output=args.output or ("quick" if args.quick else "latest"),
         profile=args.profile,
         profile_seconds=args.profile_seconds,
+        skew_workers=args.skew_workers,
+        skew_budget=args.skew_budget,
+        skew_pool_timeout=args.skew_pool_timeout,
+        skew_warmup=float(base["skew_warmup"]),
+        skew_seconds=float(base["skew_seconds"]),
+        skew_light_pace=args.skew_light_pace,
     )
 
 
@@ -239,13 +289,14 @@ def main(argv: list[str]) -> int:
     dsn, where = devserver.server_dsn()
     server = Server.from_dsn(dsn)
     print(f"server: {where} ({server.version()})", flush=True)
-    needed = config.workers * config.max_conns + GUARD_MARGIN + 5
+    needed = config.guard_limit() + 5
     headroom = server.headroom()
     if headroom < needed:
         print(
             f"the server has {headroom} free connections; one competitor needs {needed} "
-            f"({config.workers} workers x MAX_CONNS {config.max_conns} + margin). Try later "
-            "or pass --max-conns / --workers.",
+            f"({config.workers} workers x MAX_CONNS {config.max_conns}, or the skewed "
+            f"scenario's budget {config.skew_budget}, + margin). Try later "
+            "or pass --max-conns / --workers / --skew-budget.",
             file=sys.stderr,
         )
         return 2

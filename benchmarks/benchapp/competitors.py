@@ -36,6 +36,9 @@ WAIT_SECONDS = 0.05
 #: The views every competitor is measured on, in order (the path is ``/<view>/``).
 VIEWS = ("item", "sleep", "tx", "wait")
 
+#: Seconds the ``/skewed/`` view holds its connection on the server (``pg_sleep``).
+SKEW_HOLD_SECONDS = 0.05
+
 #: Items seeded with primary keys 1..ITEMS (``/item/<pk>/`` and ``/tx/`` pick from them).
 ITEMS = 1000
 
@@ -209,6 +212,29 @@ COMPETITORS: tuple[Competitor, ...] = (
 
 BY_KEY: dict[str, Competitor] = {c.key: c for c in COMPETITORS}
 
+#: The two configurations of ours compared by the ``skewed`` scenario (not HTTP
+#: competitors: served only by that scenario, with its own worker count).
+SKEW_STATIC = "skew-static"
+SKEW_HOST = "skew-host"
+SKEW_CONFIGS: dict[str, Competitor] = {
+    SKEW_STATIC: Competitor(
+        SKEW_STATIC,
+        "static split (MAX_CONNS = budget / workers)",
+        "psycopg2",
+        hide_psycopg=False,
+        ours=True,
+        notes="ours on psycopg2, each worker its fixed share of the budget, no HOST_MAX_CONNS",
+    ),
+    SKEW_HOST: Competitor(
+        SKEW_HOST,
+        "host budget (HOST_MAX_CONNS = budget)",
+        "psycopg2",
+        hide_psycopg=False,
+        ours=True,
+        notes="ours on psycopg2, HOST_MAX_CONNS = MAX_CONNS = the budget, one lock directory",
+    ),
+}
+
 #: Micro-only variant: our pool without Django (``ConnectionPool.getconn``/``putconn``).
 MICRO_BARE = "ours-bare"
 
@@ -227,8 +253,14 @@ def database(
     password: str,
     max_conns: int,
     pool_timeout: float = 10.0,
+    host_max_conns: int | None = None,
+    host_lock_dir: str | None = None,
 ) -> dict[str, Any]:
-    """The ``DATABASES["default"]`` entry of competitor ``key`` (Django-served ones only)."""
+    """The ``DATABASES["default"]`` entry of competitor ``key`` (Django-served ones only).
+
+    ``host_max_conns`` and ``host_lock_dir`` go to ours as ``HOST_MAX_CONNS``
+    and ``HOST_LOCK_DIR`` when set (the ``skewed`` scenario's host budget).
+    """
     common: dict[str, Any] = {
         "NAME": DBNAME,
         "USER": user,
@@ -280,16 +312,20 @@ def database(
             "CONN_MAX_AGE": 0,
             "OPTIONS": {"application_name": name},
         }
-    if key in OUR_ENGINES:
+    if key in OUR_ENGINES or key in SKEW_CONFIGS:
+        host: dict[str, Any] = {}
+        if host_max_conns is not None:
+            host = {"HOST_MAX_CONNS": host_max_conns, "HOST_LOCK_DIR": host_lock_dir}
         return {
             **common,
-            "ENGINE": OUR_ENGINES[key],
+            "ENGINE": OUR_ENGINES.get(key, OUR_ENGINES["ours"]),
             "CONN_MAX_AGE": 0,
             "OPTIONS": {
                 "MAX_CONNS": max_conns,
                 "REUSE_CONNS": max_conns,
                 "POOL_TIMEOUT": pool_timeout,
                 **OUR_EXTRA_OPTIONS.get(key, {}),
+                **host,
                 "application_name": name,
             },
         }
@@ -306,7 +342,7 @@ def make_psycopg2_cooperative(key: str) -> None:
     monkey-patching, as in a gunicorn gevent worker without ``--preload``), and
     ours on psycopg 3 installs its own when its pool is made.
     """
-    competitor = BY_KEY.get(key)
+    competitor = BY_KEY.get(key) or SKEW_CONFIGS.get(key)
     if competitor is not None and competitor.driver == "psycopg":
         return
     if key == MICRO_BARE or (competitor is not None and competitor.ours):
@@ -340,11 +376,19 @@ def unavailable(key: str) -> str | None:
 
 
 def env_settings() -> dict[str, Any]:
-    """Server and sizing parameters handed down by the orchestrator (``DGPB_*``)."""
+    """Server and sizing parameters handed down by the orchestrator (``DGPB_*``).
+
+    ``DGPB_POOL_TIMEOUT``, ``DGPB_HOST_MAX_CONNS`` and ``DGPB_HOST_LOCK_DIR``
+    are set by the ``skewed`` scenario only.
+    """
+    host_max = os.environ.get("DGPB_HOST_MAX_CONNS")
     return {
         "host": os.environ.get("DGPB_HOST", "127.0.0.1"),
         "port": os.environ.get("DGPB_PORT", "5432"),
         "user": os.environ.get("DGPB_USER", "postgres"),
         "password": os.environ.get("DGPB_PASSWORD", ""),
         "max_conns": int(os.environ.get("DGPB_MAX_CONNS", "20")),
+        "pool_timeout": float(os.environ.get("DGPB_POOL_TIMEOUT", "10")),
+        "host_max_conns": int(host_max) if host_max else None,
+        "host_lock_dir": os.environ.get("DGPB_HOST_LOCK_DIR") or None,
     }

@@ -31,6 +31,8 @@ else:
         path("sleep/", views.sleep),
         path("tx/", views.tx),
         path("wait/", views.wait),
+        path("skewed/", views.skewed),
+        path("pid/", views.pid),
         path("warm/", views.warm),
         *common,
     ]

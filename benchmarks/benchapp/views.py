@@ -7,6 +7,9 @@ connection, and Django gives it back (or closes it) when the request finishes
 ``wait_raw`` and ``warm_raw`` replace ``wait`` and ``warm`` for the
 ``raw-per-query`` reference (``urls.py``): the same work on raw psycopg2
 connections taken for each query only.
+
+``skewed`` and ``pid`` serve the ``skewed`` scenario (``benchkit/skewed.py``):
+every worker runs the same view; the skew is in the traffic each worker gets.
 """
 
 from __future__ import annotations
@@ -19,11 +22,11 @@ from collections.abc import Callable
 from typing import Any
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import OperationalError, connection, transaction
 from django.db.models import F
 from django.http import HttpRequest, HttpResponse, JsonResponse
 
-from benchapp.competitors import SLEEP_SECONDS, WAIT_SECONDS, env_settings
+from benchapp.competitors import SKEW_HOLD_SECONDS, SLEEP_SECONDS, WAIT_SECONDS, env_settings
 from benchapp.models import Item, Order
 
 _ITEM_FIELDS = ("id", "name", "price", "stock")
@@ -99,6 +102,49 @@ def wait(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"first": first, "second": second, "waited": WAIT_SECONDS})
 
 
+def _is_pool_timeout(exc: BaseException) -> bool:
+    """Does ``exc`` come from our pool's checkout timeout (Django chains ours as the cause)?"""
+    from django_gevent_pool.errors import PoolTimeout
+
+    seen: BaseException | None = exc
+    for _ in range(10):  # a chain is a few links long; never loop on a cycle
+        if seen is None:
+            return False
+        if isinstance(seen, PoolTimeout):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _sized(response: HttpResponse) -> HttpResponse:
+    """``response`` with its Content-Length (the scenario's client reads keep-alive responses)."""
+    response["Content-Length"] = str(len(response.content))
+    return response
+
+
+@measured
+def skewed(request: HttpRequest) -> HttpResponse:
+    """``/skewed/``: hold a connection for SKEW_HOLD_SECONDS (``pg_sleep``) in this worker.
+
+    A checkout that timed out (our pool's ``PoolTimeout``, through Django's
+    ``OperationalError``) answers 503 with ``"error": "pool timeout"``, so the
+    client tells it from any other failure (a 500).
+    """
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_sleep(%s)", [SKEW_HOLD_SECONDS])
+    except OperationalError as exc:
+        if not _is_pool_timeout(exc):
+            raise
+        return _sized(JsonResponse({"pid": os.getpid(), "error": "pool timeout"}, status=503))
+    return _sized(JsonResponse({"pid": os.getpid()}))
+
+
+def pid(request: HttpRequest) -> HttpResponse:
+    """``/pid/``: which worker answers this keep-alive connection; no database."""
+    return _sized(JsonResponse({"pid": os.getpid()}))
+
+
 @measured
 def wait_raw(request: HttpRequest) -> JsonResponse:
     """``/wait/`` of the reference: each query on a raw connection taken for it alone.
@@ -128,6 +174,9 @@ def warm(request: HttpRequest) -> JsonResponse:
     far more than MAX_CONNS connections (its issues 26, 45, 56, 96), and on a
     shared server with max_connections = 100 others would get "too many
     clients". Once full, it never opens more.
+
+    ``?n=<count>`` holds that many instead of MAX_CONNS (the ``skewed``
+    scenario starts every worker with its share of the host's budget).
     """
     import gevent
 
@@ -138,7 +187,7 @@ def warm(request: HttpRequest) -> JsonResponse:
         finally:
             connection.close()
 
-    count = env_settings()["max_conns"]
+    count = int(request.GET.get("n") or env_settings()["max_conns"])
     greenlets = [gevent.spawn(hold) for _ in range(count)]
     gevent.joinall(greenlets, timeout=30, raise_error=True)
     return JsonResponse({"pid": os.getpid(), "warmed": count})

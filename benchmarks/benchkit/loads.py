@@ -1,4 +1,5 @@
-"""The two loads: ``wrk`` against a competitor's gunicorn, and ``micro.py`` in its own process."""
+"""The loads: ``wrk`` against a competitor's gunicorn, ``micro.py`` in its own process, and
+``skewload.py`` (the ``skewed`` scenario's client, pinning connections to workers)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from .servers import HOST
 BENCH_DIR = Path(__file__).resolve().parent.parent
 WRK_SCRIPT = BENCH_DIR / "benchkit" / "wrk.lua"
 MICRO = BENCH_DIR / "micro.py"
+SKEWLOAD = BENCH_DIR / "skewload.py"
 RESULT_MARK = "DGPB-RESULT "
 #: Seconds a request may take before wrk counts it as a timeout.
 WRK_TIMEOUT = 10
@@ -108,5 +110,44 @@ def run_micro(
         raise RuntimeError(
             f"micro.py --competitor={competitor} failed ({proc.returncode}):\n{stderr[-3000:]}"
         )
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result
+
+
+def run_skewload(
+    python: str,
+    port: int,
+    plan: list[dict[str, Any]],
+    warmup: float,
+    seconds: float,
+    log_path: Path,
+    on_start: Callable[[subprocess.Popen[str]], None] | None = None,
+) -> dict[str, Any]:
+    """Run ``skewload.py`` against the gunicorn on ``port`` with ``plan``; its JSON result.
+
+    One plan entry per worker (``group``, ``clients``, ``pace``). Bounded: the
+    process is killed (by PID) if it outlives pinning, warm-up and window by a minute.
+    """
+    command = [
+        python,
+        str(SKEWLOAD),
+        f"--port={port}",
+        f"--plan={json.dumps(plan)}",
+        f"--warmup={warmup}",
+        f"--seconds={seconds}",
+        f"--request-timeout={WRK_TIMEOUT}",
+    ]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if on_start is not None:
+        on_start(proc)
+    try:
+        stdout, stderr = proc.communicate(timeout=warmup + seconds + 60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate(timeout=15)
+    log_path.write_text(stdout + stderr)
+    lines = [line for line in stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"skewload.py failed ({proc.returncode}):\n{stderr[-3000:]}")
     result: dict[str, Any] = json.loads(lines[-1])
     return result

@@ -20,6 +20,9 @@ from benchapp.competitors import (
     OURS_PSYCOPG3,
     OURS_TRANSACTION,
     RAW_PER_QUERY,
+    SKEW_CONFIGS,
+    SKEW_HOST,
+    SKEW_STATIC,
     SLEEP_SECONDS,
     VIEWS,
     WAIT_SECONDS,
@@ -205,6 +208,7 @@ def summarize(
         "micro": micro,
         "psycopg3": psycopg3_comparison(http, micro),
         "pool_mode": pool_mode_comparison(http, micro, config["workers"]),
+        "skewed": skewed_summary(records),
         "skipped": dict(skipped or {}),
         "sleep_ceiling_rps": config["workers"] * config["max_conns"] / SLEEP_SECONDS,
         # What a pool lending one connection per request can serve on /wait/ at most.
@@ -461,6 +465,222 @@ def pool_mode_lines(summary: dict[str, Any], config: dict[str, Any]) -> list[str
 def skipped_lines(summary: dict[str, Any]) -> list[str]:
     """Competitors left out of the run, and why."""
     return [f"{key} skipped: {why}" for key, why in summary.get("skipped", {}).items()]
+
+
+# ------------------------------------------------------------------ skewed
+
+
+def _timeout_share(served: float, timeouts: float) -> float:
+    return timeouts / (served + timeouts) if served + timeouts else 0.0
+
+
+def _phase_summary(rows: list[dict[str, Any]], phase: str) -> dict[str, Any]:
+    """One configuration's phase over the rounds: medians of rates, sums of counts."""
+    out: dict[str, Any] = {"rounds": len(rows)}
+    groups = ("busy", "light") if phase == "skewed" else ("even",)
+    for group in groups:
+        tallies = [r["groups"].get(group, {}) for r in rows]
+        served = sum(t.get("served", 0) for t in tallies)
+        timeouts = sum(t.get("timeouts", 0) for t in tallies)
+        out[group] = {
+            "rps": median(t.get("rps", 0.0) for t in tallies),
+            "p50_ms": _optional_median(t.get("p50_ms") for t in tallies),
+            "p99_ms": _optional_median(t.get("p99_ms") for t in tallies),
+            "served": served,
+            "timeouts": timeouts,
+            "timeout_share": _timeout_share(served, timeouts),
+            "errors": sum(t.get("errors", 0) for t in tallies),
+        }
+    pools = [w for r in rows for w in r["pool"].values()]
+    out["pool"] = {
+        name: sum(w.get(name, 0.0) for w in pools)
+        for name in (
+            "requests_timeouts",
+            "host_waits",
+            "host_given_back",
+            "connections_num",
+            "connections_closed",
+        )
+    }
+    out["peak_server_conns"] = max(r["peak_total"] for r in rows)
+    out["peak_per_worker"] = max(max(r["peak_per_worker"].values(), default=0) for r in rows)
+    if phase == "even":
+        spreads = []
+        for row in rows:
+            served = [w["served"] for w in row["workers"].values()]
+            spreads.append(min(served) / max(served) if served and max(served) else 0.0)
+        out["min_max"] = median(spreads)
+        out["min_max_worst"] = min(spreads, default=0.0)
+        out["per_worker_served"] = [
+            sorted(w["served"] for w in row["workers"].values()) for row in rows
+        ]
+    return out
+
+
+def skewed_summary(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The skewed scenario: each configuration per phase, and host budget / static split.
+
+    Ratios are taken round by round (the two configurations run one after the
+    other in each round) and the median reported: throughput > 1 and p99 < 1
+    mean the host budget did better. Empty when the scenario was not run.
+    """
+    rows = [r for r in records if r["scenario"] == "skewed"]
+    if not rows:
+        return {}
+    first = rows[0]
+    out: dict[str, Any] = {
+        "setup": {
+            "workers": first["worker_count"],
+            "budget": first["budget"],
+            "pool_timeout": first["pool_timeout"],
+            "plans": {r["phase"]: r["plan"] for r in rows},
+        },
+        "configs": {},
+    }
+    for key in (SKEW_STATIC, SKEW_HOST):
+        mine = [r for r in rows if r["competitor"] == key]
+        if mine:
+            out["configs"][key] = {
+                "label": SKEW_CONFIGS[key].label,
+                "max_conns": mine[0]["max_conns"],
+                "host_max_conns": mine[0]["host_max_conns"],
+                **{
+                    phase: _phase_summary([r for r in mine if r["phase"] == phase], phase)
+                    for phase in ("skewed", "even")
+                    if any(r["phase"] == phase for r in mine)
+                },
+            }
+    ratios: dict[str, list[float]] = {}
+    for round_no in sorted({r["round"] for r in rows}):
+        for phase, group in (("skewed", "busy"), ("skewed", "light"), ("even", "even")):
+            pair = {
+                r["competitor"]: r["groups"].get(group, {})
+                for r in rows
+                if r["round"] == round_no and r["phase"] == phase
+            }
+            static, host = pair.get(SKEW_STATIC), pair.get(SKEW_HOST)
+            if not static or not host:
+                continue
+            for field in ("rps", "p50_ms", "p99_ms"):
+                if static.get(field) and host.get(field) is not None:
+                    ratios.setdefault(f"{group}_{field}", []).append(host[field] / static[field])
+    out["host_over_static"] = {name: median(values) for name, values in ratios.items()}
+    return out
+
+
+def _fmt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+SKEW_HEADER = (
+    "configuration",
+    "MAX_CONNS",
+    "busy req/s",
+    "busy p50 ms",
+    "busy p99 ms",
+    "busy timeouts",
+    "light p99 ms",
+    "light timeouts",
+    "even req/s",
+    "even p99 ms",
+    "even timeouts",
+    "per worker min/max",
+    "server conns",
+)
+
+
+def _fmt_timeouts(group: dict[str, Any]) -> str:
+    if not group:
+        return "-"
+    return f"{group['timeouts']} ({group['timeout_share'] * 100:.0f}%)"
+
+
+def skewed_rows(found: dict[str, Any]) -> list[tuple[str, ...]]:
+    """One row per configuration of the skewed scenario."""
+    rows = []
+    for row in found["configs"].values():
+        skewed, even = row.get("skewed", {}), row.get("even", {})
+        busy, light = skewed.get("busy", {}), skewed.get("light", {})
+        all_even = even.get("even", {})
+
+        peak = max(skewed.get("peak_server_conns", 0), even.get("peak_server_conns", 0))
+        rows.append(
+            (
+                row["label"],
+                str(row["max_conns"]),
+                f"{busy.get('rps', 0):.0f}",
+                _fmt_ms(busy.get("p50_ms")),
+                _fmt_ms(busy.get("p99_ms")),
+                _fmt_timeouts(busy),
+                _fmt_ms(light.get("p99_ms")),
+                _fmt_timeouts(light),
+                f"{all_even.get('rps', 0):.0f}",
+                _fmt_ms(all_even.get("p99_ms")),
+                _fmt_timeouts(all_even),
+                "-" if "min_max" not in even else f"{even['min_max']:.2f}",
+                str(peak),
+            )
+        )
+    return rows
+
+
+def skewed_title(found: dict[str, Any], config: dict[str, Any]) -> str:
+    """What the skewed scenario ran, in one sentence."""
+    setup = found["setup"]
+    workers, budget = setup["workers"], setup["budget"]
+    return (
+        f"skewed load: {workers} gunicorn workers sharing {budget} server connections, "
+        f"POOL_TIMEOUT={setup['pool_timeout']:g} s, /skewed/ = pg_sleep({SLEEP_SECONDS}) on a "
+        f"pooled connection; skewed phase: {config.get('skew_busy_clients', '?')} closed-loop "
+        f"keep-alive clients pinned to one worker, one client per other worker sending a "
+        f"request every {config.get('skew_light_pace', '?'):g} s (light); even phase, right "
+        f"after: {config.get('skew_even_clients', '?')} clients pinned to each worker; "
+        f"{config.get('skew_seconds', '?'):g} s measured per phase after "
+        f"{config.get('skew_warmup', '?'):g} s of warm-up; every worker starts with "
+        f"{budget // workers} connections open"
+    )
+
+
+def skewed_lines(found: dict[str, Any]) -> list[str]:
+    """Host budget / static split, and the checks, as lines."""
+    ratios = found.get("host_over_static", {})
+    lines = []
+
+    def fmt(name: str) -> str:
+        value = ratios.get(name)
+        return "-" if value is None else f"{value:.2f}x"
+
+    if ratios:
+        lines.append(
+            "host budget / static split, same round (medians): busy worker "
+            f"{fmt('busy_rps')} req/s, p50 {fmt('busy_p50_ms')}, p99 {fmt('busy_p99_ms')}; "
+            f"light workers p99 {fmt('light_p99_ms')}; even phase {fmt('even_rps')} req/s, "
+            f"p99 {fmt('even_p99_ms')}"
+        )
+    budget = found["setup"]["budget"]
+    for key, row in found["configs"].items():
+        peaks = [row[p]["peak_server_conns"] for p in ("skewed", "even") if p in row]
+        pool = [row[p]["pool"] for p in ("skewed", "even") if p in row]
+        line = (
+            f"{row['label']}: peak server connections {max(peaks, default=0)} "
+            f"(budget {budget}: {'kept' if max(peaks, default=0) <= budget else 'EXCEEDED'}); "
+            f"pool timeouts counted by the workers {sum(p['requests_timeouts'] for p in pool):.0f}"
+        )
+        if key == SKEW_HOST:
+            line += (
+                f", host waits {sum(p['host_waits'] for p in pool):.0f}, idle connections "
+                f"given back {sum(p['host_given_back'] for p in pool):.0f}, connections "
+                f"opened {sum(p['connections_num'] for p in pool):.0f}"
+            )
+        even = row.get("even")
+        if even:
+            served = " ; ".join("/".join(str(n) for n in r) for r in even["per_worker_served"])
+            line += (
+                f"; even phase, requests served per worker (each round) {served}: min/max "
+                f"{even['min_max']:.2f} (worst round {even['min_max_worst']:.2f})"
+            )
+        lines.append(line)
+    return lines
 
 
 # ------------------------------------------------------------------ targets
@@ -856,6 +1076,14 @@ def text_report(summary: dict[str, Any], found: list[Target], config: dict[str, 
     if modes:
         out += ["", "POOL_MODE (transaction mode / session mode, ours on psycopg2):"]
         out += ["  " + line for line in modes]
+    found_skew = summary.get("skewed")
+    if found_skew:
+        out += [
+            "",
+            skewed_title(found_skew, config),
+            *_plain_table(SKEW_HEADER, skewed_rows(found_skew)),
+            *("  " + line for line in skewed_lines(found_skew)),
+        ]
     skipped = skipped_lines(summary)
     if skipped:
         out += ["", *skipped]
@@ -931,6 +1159,18 @@ def rst_report(
             "``POOL_MODE`` (transaction mode / session mode, ours on psycopg2):",
             "",
             *(f"- {line}" for line in modes),
+            "",
+        ]
+    found_skew = summary.get("skewed")
+    if found_skew:
+        out += [
+            f"**{skewed_title(found_skew, config)}** (busy/light timeouts: 503s answering "
+            "the pool's checkout timeout, and their share of the responses; server conns: "
+            "peak in ``pg_stat_activity``)",
+            "",
+            *_rst_table(SKEW_HEADER, skewed_rows(found_skew)),
+            "",
+            *(f"- {line}" for line in skewed_lines(found_skew)),
             "",
         ]
     skipped = skipped_lines(summary)

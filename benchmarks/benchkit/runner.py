@@ -36,6 +36,7 @@ from benchapp.competitors import (
 )
 
 from . import env as bench_env
+from . import skewed
 from .loads import run_micro, run_wrk
 from .servers import (
     HOST,
@@ -78,6 +79,15 @@ class Config:
     output: str
     profile: str  # "auto" (when a target is missed, full runs only), "always" or "never"
     profile_seconds: float
+    # The skewed scenario (benchkit/skewed.py): a host budget against a static split.
+    skew_workers: int = 4
+    skew_budget: int = 16
+    skew_pool_timeout: float = 2.0
+    skew_warmup: float = 1.0
+    skew_seconds: float = 5.0
+    skew_busy_clients: int = 200
+    skew_light_pace: float = 1.0
+    skew_even_clients: int = 50
 
     def view_seconds(self, view: str) -> float:
         """Seconds of wrk on ``view``."""
@@ -96,8 +106,21 @@ class Config:
         )
         micro_keys = sum(1 for k in self.competitors if BY_KEY[k].in_micro) + 1
         micro = micro_keys * (1.5 + self.micro_warmup * 3 + self.micro_seconds * 3)
-        per_round = ("http" in self.scenarios) * http + ("micro" in self.scenarios) * micro
+        # Per configuration: start, warm, two phases (pinning, warm-up, window, drain), stop.
+        skewed = 2 * (6.0 + 2 * (3.0 + self.skew_warmup + self.skew_seconds))
+        per_round = (
+            ("http" in self.scenarios) * http
+            + ("micro" in self.scenarios) * micro
+            + ("skewed" in self.scenarios) * skewed
+        )
         return self.rounds * per_round
+
+    def guard_limit(self) -> int:
+        """Server connections beyond which the guard kills what runs."""
+        need = self.workers * self.max_conns
+        if "skewed" in self.scenarios:
+            need = max(need, self.skew_budget)
+        return need + GUARD_MARGIN
 
 
 class Run:
@@ -109,7 +132,7 @@ class Run:
         self.tools = tools
         self.dbname = DBNAME
         self.records: list[dict[str, Any]] = []
-        self.guard_limit = config.workers * config.max_conns + GUARD_MARGIN
+        self.guard_limit = config.guard_limit()
         self.guard_tripped: list[str] = []
         #: Competitors left out of this run, and why (an option this package refuses).
         self.skipped: dict[str, str] = {}
@@ -381,14 +404,21 @@ class Run:
         micro_keys = [k for k in http_keys if BY_KEY[k].in_micro]
         if "ours" in micro_keys:
             micro_keys.insert(micro_keys.index("ours"), MICRO_BARE)
-        for round_no in range(config.rounds):
-            print(f"round {round_no + 1}/{config.rounds}", flush=True)
-            if "micro" in config.scenarios:
-                self.micro_round(round_no, rotate(micro_keys, round_no))
-            if "http" in config.scenarios:
-                self.server_sleep_rate(round_no)
-                for key in rotate([k for k in http_keys if config.served(k)], round_no):
-                    self.http_competitor(round_no, key)
+        locks = skewed.lock_root() if "skewed" in config.scenarios else None
+        try:
+            for round_no in range(config.rounds):
+                print(f"round {round_no + 1}/{config.rounds}", flush=True)
+                if "micro" in config.scenarios:
+                    self.micro_round(round_no, rotate(micro_keys, round_no))
+                if "http" in config.scenarios:
+                    self.server_sleep_rate(round_no)
+                    for key in rotate([k for k in http_keys if config.served(k)], round_no):
+                        self.http_competitor(round_no, key)
+                if locks is not None:
+                    skewed.skewed_round(self, round_no, locks)
+        finally:
+            if locks is not None:
+                skewed.remove_lock_root(locks)
 
     def server_sleep_rate(self, round_no: int) -> None:
         """The sleep view's real ceiling this round: the server alone, MAX_CONNS per worker."""
