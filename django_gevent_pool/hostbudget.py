@@ -147,8 +147,7 @@ class HostBudget:
         self.key = key
         self.size = size
         self.directory = directory
-        digest = hashlib.sha256(key.encode()).hexdigest()[:20]
-        self.path = os.path.join(directory, f"budget-{digest}.lock")
+        self.path = _lock_path(key, directory)
         self._lock = sync.allocate_lock()
         # --- below, changed only under self._lock ---
         self._fd: int | None = None
@@ -301,6 +300,12 @@ class HostBudget:
         return f"<HostBudget {self.key} size={self.size} held={len(self._held)} {self.path}>"
 
 
+def _lock_path(key: str, directory: str) -> str:
+    """The lock file of ``key``'s budget: named by a digest (the key names a database)."""
+    digest = hashlib.sha256(key.encode()).hexdigest()[:20]
+    return os.path.join(directory, f"budget-{digest}.lock")
+
+
 def _open_lock_file(path: str, directory: str, key: str) -> int:
     """Open (creating) the lock file, in a directory only this user may write to."""
     try:
@@ -377,6 +382,39 @@ def budget_for(key: str, size: int, directory: str | None, *, name: str) -> Host
                 f"the same server, database and user ({key}): they share one budget and must agree"
             )
         return budget
+
+
+def observe(key: str, size: int, directory: str | None) -> tuple[int, int | None, str]:
+    """Look at a budget's lock file without joining it: ``(in use, members' size, path)``.
+
+    ``in use`` counts the slots held by every process of the host (this one
+    included); ``members' size`` is the ``HOST_MAX_CONNS`` the processes using
+    the budget wrote, or None when nobody uses it. A missing file is a budget
+    nobody used yet: ``(0, None, path)``. For reports (``pool_connections``):
+    unlike :meth:`HostBudget.take`, this never makes the caller a member, so a
+    process starting meanwhile with another budget is not refused because of it.
+    Raises OSError when the file exists but cannot be opened.
+    """
+    path = _lock_path(key, directory or default_lock_dir())
+    try:
+        fd = os.open(path, os.O_RDWR | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOFOLLOW", 0))
+    except FileNotFoundError:
+        return 0, None, path
+    try:
+        members = _conflicts(fd, fcntl.F_WRLCK, _MEMBERS)
+        return (
+            _count_locked(fd, _SLOTS, _SLOTS + size),
+            _read_size(fd) if members else None,
+            path,
+        )
+    finally:
+        os.close(fd)
+
+
+def held_here(key: str) -> int:
+    """Slots this process holds in the budget of ``key`` (0 when it has none)."""
+    budget = _BUDGETS.get(key)
+    return 0 if budget is None else budget.held()
 
 
 def budget_key(host: str | None, port: Any, dbname: str | None, user: str | None) -> str:

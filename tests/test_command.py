@@ -307,14 +307,29 @@ def test_a_host_budget_that_disagrees_with_the_hosts_is_reported_not_fatal(
         report = json.loads(run("--database", "budgeted", "--json"))
         text = run("--database", "budgeted")
     info = report["host_budgets"]["budgeted"]
-    assert info["in_use"] is None and info["held_by_this_process"] is None
-    assert "HOST_MAX_CONNS = 3" in info["error"] and "use 5" in info["error"]
+    # Only looked at: the command did not join the budget, so it was not refused.
+    assert info["in_use"] == 1 and info["held_by_this_process"] == 0
+    assert info["error"] == ("the processes using this budget configured HOST_MAX_CONNS = 5, not 3")
     assert report["unreachable"] == {}, "the server was still looked at"
     lines = text.splitlines()
     header = lines.index(BUDGETS_HEADER)
     row = lines[header + 2]
-    assert row.split()[:4] == ["budgeted", "3", "?", "?"]
-    assert "cannot read the budget: HOST_MAX_CONNS = 3 for " in row
+    assert row.split()[:5] == ["budgeted", "3", "1/3", "0", "MISMATCH:"]
+    # And a process that joins with 5 now is not refused because of the command.
+    assert hostbudget.HostBudget(key, 5, str(tmp_path)).take() is not None
+
+
+def test_a_host_budget_nobody_used_yet_reads_as_empty(
+    app_name: str, fresh_budgets: None, tmp_path: Path
+) -> None:
+    budgeted = alias_settings(app_name, 2)
+    budgeted["OPTIONS"].update(HOST_MAX_CONNS=3, HOST_LOCK_DIR=str(tmp_path / "none"))
+    databases = {"default": alias_settings("dgp-command-default", 2), "budgeted": budgeted}
+    with override_settings(DATABASES=databases):
+        report = json.loads(run("--database", "budgeted", "--json"))
+    info = report["host_budgets"]["budgeted"]
+    assert (info["in_use"], info["held_by_this_process"], info["error"]) == (0, 0, None)
+    assert not (tmp_path / "none").exists(), "looking created nothing"
 
 
 def test_only_pooled_aliases_are_accepted() -> None:

@@ -35,8 +35,7 @@ import psycopg2
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from ...errors import PoolConfigError
-from ...hostbudget import budget_for, budget_key
+from ...hostbudget import budget_key, held_here, observe
 from ...serverinfo import (
     ServerLimits,
     ServerUnreachable,
@@ -308,9 +307,10 @@ def _host_budget(entry: _Alias) -> dict[str, Any]:
     """The use of ``entry``'s host budget on this host, read from its lock file.
 
     ``in_use`` counts the slots held by every process of this host sharing the
-    budget, ``held_by_this_process`` those of the command's own process. When
-    the lock file cannot be used (another user's directory, another
-    HOST_MAX_CONNS already in it), both are None and ``error`` says why.
+    budget, ``held_by_this_process`` those of the command's own process. The
+    file is only looked at: the command does not join the budget. When it
+    cannot be read (another user's), both are None and ``error`` says why;
+    when its processes use another HOST_MAX_CONNS, ``error`` says so too.
     """
     assert entry.host_max_conns is not None
     params = entry.params
@@ -326,14 +326,18 @@ def _host_budget(entry: _Alias) -> dict[str, Any]:
         "error": None,
     }
     try:
-        budget = budget_for(
-            key, entry.host_max_conns, entry.host_lock_dir, name=f"DATABASES[{entry.alias!r}]"
-        )
-        result["lock_file"] = budget.path
-        result["in_use"] = budget.in_use()
-        result["held_by_this_process"] = budget.held()
-    except (PoolConfigError, OSError) as exc:
+        in_use, theirs, path = observe(key, entry.host_max_conns, entry.host_lock_dir)
+    except OSError as exc:
         result["error"] = _one_line(exc)
+        return result
+    result["lock_file"] = path
+    result["in_use"] = in_use
+    result["held_by_this_process"] = held_here(key)
+    if theirs is not None and theirs != entry.host_max_conns:
+        result["error"] = (
+            f"the processes using this budget configured HOST_MAX_CONNS = {theirs}, "
+            f"not {entry.host_max_conns}"
+        )
     return result
 
 
@@ -695,8 +699,16 @@ def _expected(rep: dict[str, Any]) -> str:
 
 def _budget_row(alias: str, budget: dict[str, Any]) -> list[str]:
     host_max = budget["host_max_conns"]
-    if budget["error"] is not None:
+    if budget["in_use"] is None:
         return [alias, str(host_max), "?", "?", f"cannot read the budget: {budget['error']}"]
+    if budget["error"] is not None:
+        return [
+            alias,
+            str(host_max),
+            f"{budget['in_use']}/{host_max}",
+            str(budget["held_by_this_process"]),
+            f"MISMATCH: {budget['error']}",
+        ]
     return [
         alias,
         str(host_max),
