@@ -490,8 +490,12 @@ class ConnectionPool:
             for waiter in waiters:
                 waiter.item = _CLOSED
             self._counters["connections_closed"] += len(idle)
+            # Housekeeping stops with the pool: the host must not see it wanting on.
+            unwant, self._host_wanted = self._host_wanted, False
         for waiter in waiters:
             waiter.signal.set()
+        if unwant and self._budget is not None:
+            self._budget.want(False)
         for entry in idle:
             self._close_entry(entry)
 

@@ -616,3 +616,22 @@ def test_busy_processes_share_the_budget_and_none_starves(
     assert all(r["timeouts"] == 0 for r in results), results
     assert min(served) >= 0.3 * max(served), f"a process starved: served {served}"
     assert sum(r["stepped_aside"] for r in results) > 0
+
+
+def test_a_pool_closed_while_checkouts_wait_for_the_host_stops_wanting(
+    dsn: str, app_name: str, budget: HostBudget, neighbours: list[Neighbour], workers: Workers
+) -> None:
+    neighbours.append(other := Neighbour(budget))
+    other.take(4)
+    pool = make_pool(dsn, app_name, budget, POOL_TIMEOUT=10)
+    for _ in range(3):
+        workers.spawn(pool.getconn)
+    wait_until(lambda: pool.get_stats()["requests_waiting"] == 3, what="3 waiting for the host")
+    assert budget.wanted(), "our checkouts wait for the host"
+    assert other.ask("want on") == "ok" and budget.wanted_elsewhere()
+    other.ask("want off")
+    pool.close()
+    workers.join(10)
+    assert len(workers.errors) == 3  # PoolClosed, each
+    # The closed pool's housekeeping is gone: nothing may keep advertising its demand.
+    assert not budget.wanted()
