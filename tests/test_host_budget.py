@@ -635,3 +635,49 @@ def test_a_pool_closed_while_checkouts_wait_for_the_host_stops_wanting(
     assert len(workers.errors) == 3  # PoolClosed, each
     # The closed pool's housekeeping is gone: nothing may keep advertising its demand.
     assert not budget.wanted()
+
+
+@pytest.mark.skipif(MODE != "gevent", reason="the hub is gevent's")
+def test_waiting_for_the_host_never_blocks_the_hub(
+    dsn: str, app_name: str, budget: HostBudget, neighbours: list[Neighbour]
+) -> None:
+    """20 checkouts wait for a host slot while a 10 ms ticker keeps its rhythm."""
+    import gevent
+
+    neighbours.append(other := Neighbour(budget))
+    slots = other.take(4)
+    pool = make_pool(dsn, app_name, budget, POOL_TIMEOUT=1.0)
+    gaps: list[float] = []
+    running = [True]
+
+    def ticker() -> None:
+        last = time.monotonic()
+        while running[0]:
+            gevent.sleep(0.01)
+            now = time.monotonic()
+            gaps.append(now - last)
+            last = now
+
+    def checkout() -> str:
+        try:
+            with pool.connection() as conn:
+                select_one(conn)
+            return "served"
+        except PoolTimeout:
+            return "timeout"
+
+    try:
+        tick = gevent.spawn(ticker)
+        waiting = [gevent.spawn(checkout) for _ in range(20)]
+        gevent.sleep(0.5)
+        other.ask(f"give {slots[0]}")  # one slot: all served through one connection
+        gevent.joinall(waiting, timeout=10)
+        running[0] = False
+        tick.join(1)
+        outcomes = [g.value for g in waiting]
+        assert outcomes == ["served"] * 20, outcomes
+        assert pool.get_stats()["connections_num"] == 1
+        assert max(gaps) < 0.1, f"the hub stalled {max(gaps) * 1000:.0f} ms"
+        pool.check_invariants()
+    finally:
+        pool.close()
