@@ -31,6 +31,8 @@ django_gevent_pool.E008      the host budgets (HOST_MAX_CONNS) on one server abo
 django_gevent_pool.W008      the same sum above half of them (several hosts can exhaust the
                              server), or above all of them when the server listens on another
                              port than the one configured (database)
+django_gevent_pool.E009      aliases sharing one host budget (same server, database and user)
+                             configure different HOST_MAX_CONNS or HOST_LOCK_DIR
 ===========================  =================================================================
 
 An alias with a host budget (``HOST_MAX_CONNS``) is left out of E005/W005:
@@ -154,6 +156,41 @@ def check_pool_settings(app_configs: Any = None, **kwargs: Any) -> list[CheckMes
             continue
         issues.extend(_django_settings(alias, settings_dict))
         issues.extend(_conflicts(alias, settings_dict, options))
+    issues.extend(_budget_disagreements(pooled_databases()))
+    return issues
+
+
+def _budget_disagreements(pooled: Mapping[str, dict[str, Any]]) -> list[CheckMessage]:
+    """E009: aliases of one host budget that configure it differently (their pools would
+    refuse to start, the second one at its first connection)."""
+    by_key: dict[str, list[tuple[str, int, str | None]]] = {}
+    for alias, options, params in _valid_pooled(pooled):
+        if options.HOST_MAX_CONNS is None:
+            continue
+        key = budget_key(
+            params.get("host"), params.get("port"), params.get("dbname"), params.get("user")
+        )
+        by_key.setdefault(key, []).append((alias, options.HOST_MAX_CONNS, options.HOST_LOCK_DIR))
+    issues: list[CheckMessage] = []
+    for key, members in by_key.items():
+        if len({(size, lock_dir) for _, size, lock_dir in members}) < 2:
+            continue
+        described = ", ".join(
+            f"DATABASES[{alias!r}]: HOST_MAX_CONNS = {size}, HOST_LOCK_DIR = {lock_dir!r}"
+            for alias, size, lock_dir in members
+        )
+        issues.append(
+            Error(
+                f"aliases sharing the host budget of {key} configure it differently "
+                f"({described}): the second to connect fails with ImproperlyConfigured.",
+                hint=(
+                    "Aliases on the same server, database and user share one budget per "
+                    "host: give them the same OPTIONS['HOST_MAX_CONNS'] and "
+                    "OPTIONS['HOST_LOCK_DIR']."
+                ),
+                id=_id("E009"),
+            )
+        )
     return issues
 
 

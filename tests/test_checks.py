@@ -218,6 +218,32 @@ def test_e001_hint_names_the_host_budget_options() -> None:
         assert "HOST_MAX_CONNS, HOST_LOCK_DIR" in (issue.hint or "")
 
 
+def test_e009_aliases_sharing_a_host_budget_must_agree_on_it() -> None:
+    issues = our_issues(
+        {
+            "default": alias_settings(OPTIONS={"HOST_MAX_CONNS": 4}),
+            "replica": alias_settings(OPTIONS={"HOST_MAX_CONNS": 6}),
+            "agrees": alias_settings(OPTIONS={"HOST_MAX_CONNS": 4}),
+        }
+    )
+    assert ids(issues) == ["django_gevent_pool.E009"]
+    (issue,) = issues
+    assert "DATABASES['default']: HOST_MAX_CONNS = 4" in issue.msg
+    assert "DATABASES['replica']: HOST_MAX_CONNS = 6" in issue.msg
+    assert "the second to connect fails with ImproperlyConfigured" in issue.msg
+    # Aliases that agree, or that are on budgets of their own, are silent.
+    assert (
+        our_issues(
+            {
+                "default": alias_settings(OPTIONS={"HOST_MAX_CONNS": 4}),
+                "agrees": alias_settings(OPTIONS={"HOST_MAX_CONNS": 4}),
+                "other_user": alias_settings(USER="nobody", OPTIONS={"HOST_MAX_CONNS": 9}),
+            }
+        )
+        == []
+    )
+
+
 def test_e001_manage_py_check_reports_instead_of_a_traceback(tmp_path: Path) -> None:
     (tmp_path / "e001_settings.py").write_text(
         textwrap.dedent(
