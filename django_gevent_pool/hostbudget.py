@@ -401,12 +401,10 @@ def observe(key: str, size: int, directory: str | None) -> tuple[int, int | None
     except FileNotFoundError:
         return 0, None, path
     try:
-        members = _conflicts(fd, fcntl.F_WRLCK, _MEMBERS)
-        return (
-            _count_locked(fd, _SLOTS, _SLOTS + size),
-            _read_size(fd) if members else None,
-            path,
-        )
+        theirs = _read_size(fd) if _conflicts(fd, fcntl.F_WRLCK, _MEMBERS) else None
+        # The members' slots, however many they configured.
+        span = max(size, theirs or 0)
+        return _count_locked(fd, _SLOTS, _SLOTS + span), theirs, path
     finally:
         os.close(fd)
 
