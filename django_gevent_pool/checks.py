@@ -530,6 +530,21 @@ def _budgets_by_server(
     return result
 
 
+def _server_phrases(label: str, limits: ServerLimits, proxied_to: str | None) -> tuple[str, str]:
+    """What E005/W005 and E008/W008 say of the server, and of what may sit in between."""
+    server = (
+        f"the {limits.usable} connections the server at {label} accepts (max_connections "
+        f"{limits.max_connections} - {limits.reserved} reserved)"
+    )
+    between = (
+        ""
+        if proxied_to is None
+        else f" (unless what answers at {label} is a connection pooler such as PgBouncer: the "
+        f"server itself listens on {proxied_to})"
+    )
+    return server, between
+
+
 def _capacity_issues(
     label: str,
     max_conns: Mapping[str, int],
@@ -556,16 +571,7 @@ def _capacity_issues(
         names = ", ".join(f"DATABASES[{alias!r}]" for alias in max_conns)
         parts = ", ".join(f"{alias}: {n}" for alias, n in max_conns.items())
         who = f"{names}: OPTIONS['MAX_CONNS'] add up to {total} per process ({parts}),"
-    server = (
-        f"the {usable} connections the server at {label} accepts (max_connections "
-        f"{limits.max_connections} - {limits.reserved} reserved)"
-    )
-    between = (
-        ""
-        if proxied_to is None
-        else f" (unless what answers at {label} is a connection pooler such as PgBouncer: the "
-        f"server itself listens on {proxied_to})"
-    )
+    server, between = _server_phrases(label, limits, proxied_to)
     if total > usable and proxied_to is not None:
         fit = max(1, usable // 4)
         return [
@@ -638,16 +644,7 @@ def _budget_issues(
             f"{names}: the host budgets (OPTIONS['HOST_MAX_CONNS']) add up to {total} per "
             f"host ({parts}),"
         )
-    server = (
-        f"the {usable} connections the server at {label} accepts (max_connections "
-        f"{limits.max_connections} - {limits.reserved} reserved)"
-    )
-    between = (
-        ""
-        if proxied_to is None
-        else f" (unless what answers at {label} is a connection pooler such as PgBouncer: the "
-        f"server itself listens on {proxied_to})"
-    )
+    server, between = _server_phrases(label, limits, proxied_to)
     across = (
         "A host budget bounds the processes of one host only (one container, with its own "
         "lock directory, is a host of its own); a budget across hosts stays PgBouncer's job: "

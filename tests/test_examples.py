@@ -297,9 +297,25 @@ def gunicorn(env: dict[str, str], port: int, log: Path) -> Iterator[subprocess.P
         "DGP_NO_CONTROL_SOCKET": "1",
     }
     command = [sys.executable, "-m", "gunicorn", "-c", str(EXAMPLES / "gunicorn.conf.py")]
+    with running_gunicorn(command, env, log, port, WORKERS) as (proc, _workers):
+        yield proc
+
+
+@contextmanager
+def running_gunicorn(
+    command: list[str],
+    env: dict[str, str],
+    log: Path,
+    port: int,
+    workers_wanted: int,
+    cwd: Path | None = None,
+) -> Iterator[tuple[subprocess.Popen[bytes], list[int]]]:
+    """Start gunicorn; up when its ``workers_wanted`` workers are forked and ``/stats/``
+    answers (30 s at most). Yields it and its workers' pids; on exit it is stopped,
+    then every worker it forked is killed, by PID."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+            command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
     workers: set[int] = set()
     try:
@@ -308,13 +324,13 @@ def gunicorn(env: dict[str, str], port: int, log: Path) -> Iterator[subprocess.P
             assert proc.poll() is None, f"gunicorn exited:\n{log.read_text()}"
             workers = worker_pids(proc.pid) or workers
             try:
-                if len(workers) == WORKERS and http_get(port, "/stats/", timeout=2)[0] == 200:
+                if len(workers) == workers_wanted and http_get(port, "/stats/", 2)[0] == 200:
                     break
             except (OSError, http.client.HTTPException):
                 pass
             assert time.monotonic() < deadline, f"gunicorn not up in 30 s:\n{log.read_text()}"
-            time.sleep(0.1)
-        yield proc
+            time.sleep(0.05)
+        yield proc, sorted(workers)
     finally:
         workers |= worker_pids(proc.pid)
         if proc.poll() is None:

@@ -36,7 +36,7 @@ import psycopg2
 import pytest
 
 from .support import ENGINE, MODE, backends, next_app_name, server, wait_until
-from .test_examples import free_port, http_get, worker_pids
+from .test_examples import free_port, http_get, running_gunicorn
 
 ROOT = Path(__file__).resolve().parent.parent
 APP = ROOT / "tests" / "budgetapp"
@@ -242,38 +242,8 @@ def gunicorn(env: dict[str, str], log: Path) -> Iterator[tuple[int, list[int]]]:
     """``tests/budgetapp/gunicorn_conf.py``: its port and its workers' pids; stopped by PID."""
     port = int(env["DGP_HB_BIND"].rsplit(":", 1)[1])
     command = [sys.executable, "-m", "gunicorn", "-c", str(APP / "gunicorn_conf.py")]
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    workers: set[int] = set()
-    try:
-        deadline = time.monotonic() + 30
-        while True:  # up when every worker is forked and one of them answers
-            assert proc.poll() is None, f"gunicorn exited:\n{log.read_text()}"
-            workers = worker_pids(proc.pid) or workers
-            try:
-                if len(workers) == GUNICORN_WORKERS and http_get(port, "/stats/", 2)[0] == 200:
-                    break
-            except (OSError, http.client.HTTPException):
-                pass
-            assert time.monotonic() < deadline, f"gunicorn not up in 30 s:\n{log.read_text()}"
-            time.sleep(0.05)
-        yield port, sorted(workers)
-    finally:
-        workers |= worker_pids(proc.pid)
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
-        for pid in workers:  # only the workers this gunicorn forked, by PID
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+    with running_gunicorn(command, env, log, port, GUNICORN_WORKERS, cwd=ROOT) as (_, workers):
+        yield port, workers
 
 
 class Load:

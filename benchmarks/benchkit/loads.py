@@ -94,22 +94,39 @@ def run_micro(
         f"--warmup={warmup}",
         f"--seconds={seconds}",
     ]
+    return _json_child(
+        command,
+        env,
+        on_start,
+        warmup + seconds + 60,
+        log_path,
+        f"micro.py --competitor={competitor}",
+    )
+
+
+def _json_child(
+    command: list[str],
+    env: dict[str, str] | None,
+    on_start: Callable[[subprocess.Popen[str]], None] | None,
+    timeout: float,
+    log_path: Path,
+    what: str,
+) -> dict[str, Any]:
+    """Run a measuring child to its end (killed after ``timeout`` s); its last JSON line."""
     proc = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     if on_start is not None:
         on_start(proc)
     try:
-        stdout, stderr = proc.communicate(timeout=warmup + seconds + 60)
+        stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         stdout, stderr = proc.communicate(timeout=15)
     log_path.write_text(stdout + stderr)
     lines = [line for line in stdout.splitlines() if line.startswith("{")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(
-            f"micro.py --competitor={competitor} failed ({proc.returncode}):\n{stderr[-3000:]}"
-        )
+        raise RuntimeError(f"{what} failed ({proc.returncode}):\n{stderr[-3000:]}")
     result: dict[str, Any] = json.loads(lines[-1])
     return result
 
@@ -137,17 +154,4 @@ def run_skewload(
         f"--seconds={seconds}",
         f"--request-timeout={WRK_TIMEOUT}",
     ]
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    if on_start is not None:
-        on_start(proc)
-    try:
-        stdout, stderr = proc.communicate(timeout=warmup + seconds + 60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        stdout, stderr = proc.communicate(timeout=15)
-    log_path.write_text(stdout + stderr)
-    lines = [line for line in stdout.splitlines() if line.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"skewload.py failed ({proc.returncode}):\n{stderr[-3000:]}")
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
+    return _json_child(command, None, on_start, warmup + seconds + 60, log_path, "skewload.py")
