@@ -1477,6 +1477,8 @@ class ConnectionPool:
                 self._counters["host_stepped_aside"] += 1
                 to_close.append(entry)
                 if self._waiting:
+                    # Its first waiter now waits for a slot of the host.
+                    self._counters["host_waits"] += 1
                     first_want = not self._host_wanted
                     self._host_wanted = True
             elif self._waiting:

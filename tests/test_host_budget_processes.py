@@ -484,6 +484,68 @@ def test_sigkill_of_the_holder_frees_its_slots_for_a_waiting_process_at_once(
     assert sampler.peak(until=killed_at) == n
 
 
+@GEVENT_WORKERS_ONLY
+def test_sigkill_of_a_gunicorn_worker_frees_its_slots_for_a_waiting_process(
+    tmp_path: Path, admin: Any
+) -> None:
+    """A gunicorn gevent worker holds the whole budget (requests holding their
+    connections); a management command waits; SIGKILL the worker: the command is
+    served within 1 s (0.5 s slack), and the master's new worker takes nothing."""
+    n = KILL_BUDGET
+    base = next_app_name()
+    env = budget_env(
+        tmp_path, f"{base}-web", n, DGP_HB_BIND=f"127.0.0.1:{free_port()}", DGP_HB_WORKERS="1"
+    )
+    port = int(env["DGP_HB_BIND"].rsplit(":", 1)[1])
+    command = [sys.executable, "-m", "gunicorn", "-c", str(APP / "gunicorn_conf.py")]
+    outcomes: list[str] = []
+
+    def hold() -> None:
+        try:
+            http_get(port, "/hold/?seconds=20", timeout=30)
+            outcomes.append("served")
+        except (OSError, http.client.HTTPException):
+            outcomes.append("cut")  # its worker was killed
+
+    with (
+        sampling(f"{base}-") as sampler,
+        commands() as started,
+        running_gunicorn(command, env, tmp_path / "gunicorn.log", port, 1, cwd=ROOT) as (_, pids),
+    ):
+        (worker,) = pids
+        holders = [threading.Thread(target=hold, daemon=True) for _ in range(n)]
+        for thread in holders:
+            thread.start()
+        web = f"{base}-web-{worker}"
+        wait_until(lambda: backends(admin, web) == n, what=f"the worker to hold {n}")
+        waiter = start_command(
+            budget_env(tmp_path, f"{base}-waiter", n, DGP_HB_POOL_TIMEOUT="30"),
+            tmp_path,
+            "waiter",
+            "budget_wait",
+            "--max-seconds=40",
+        )
+        started.append(waiter)
+        queued = waiter.wait_event("queued")
+        assert queued["stats"]["host_in_use"] == n and queued["stats"]["pool_size"] == 0, queued
+        killed_at = time.monotonic()
+        os.kill(worker, signal.SIGKILL)
+        got = waiter.wait_event("got", timeout=10)
+        assert waiter.finish() == 0, waiter.output()
+        for thread in holders:
+            thread.join(40)
+        wait_until(lambda: backends(admin, web) == 0, what="the killed worker's backends")
+
+    delay = got["got"] - killed_at
+    print(
+        f"served {delay:.3f} s after the SIGKILL of worker {worker}; peak before the kill "
+        f"{sampler.peak(until=killed_at)}, after it {sampler.peak(since=killed_at)}"
+    )
+    assert outcomes == ["cut"] * n, outcomes
+    assert 0 < delay <= 1.0 + 0.5, f"served {delay:.3f} s after the SIGKILL"
+    assert sampler.peak(until=killed_at) == n
+
+
 # ------------------------------------------------------------------ 3. Celery
 
 CELERY_BUDGET = 6

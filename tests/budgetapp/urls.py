@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 from django.conf import settings
 from django.db import connection
@@ -35,9 +36,24 @@ def work(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"pid": os.getpid(), "db": backend})
 
 
+def hold(request: HttpRequest) -> JsonResponse:
+    """Hold a connection, idle in the server, for ``?seconds=`` (a request that waits on
+    something else with its connection: time.sleep is gevent's in a gevent worker)."""
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT pg_backend_pid()")
+        backend = int(cursor.fetchone()[0])
+    time.sleep(float(request.GET.get("seconds", "1")))
+    return JsonResponse({"pid": os.getpid(), "db": backend})
+
+
 def stats(request: HttpRequest) -> JsonResponse:
     """This worker's pools (``get_stats()`` by alias), without touching the database."""
     return JsonResponse({"pid": os.getpid(), "pools": all_stats()})
 
 
-urlpatterns = [path("db/", db), path("work/", work), path("stats/", stats)]
+urlpatterns = [
+    path("db/", db),
+    path("work/", work),
+    path("hold/", hold),
+    path("stats/", stats),
+]
