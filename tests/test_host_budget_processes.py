@@ -406,7 +406,13 @@ def test_gunicorn_workers_never_exceed_the_budget_and_idle_ones_give_back(
     # What the pools say: the busy worker waited for the host, the idle ones gave back.
     assert set(worker_stats) == set(pids), f"not every worker answered /stats/: {worker_stats}"
     assert worker_stats[busy]["host_waits"] >= 1, worker_stats[busy]
-    assert sum(worker_stats[pid]["host_given_back"] for pid in pids if pid != busy) >= 1, given_back
+    # Closed idle (given back), or on return while the busy worker waited (stepped aside).
+    gave = sum(
+        worker_stats[pid]["host_given_back"] + worker_stats[pid]["host_stepped_aside"]
+        for pid in pids
+        if pid != busy
+    )
+    assert gave >= 1, given_back
     for pid, stats in worker_stats.items():
         assert stats["host_max"] == n
         assert stats["pool_max"] == n
@@ -666,7 +672,11 @@ def test_celery_worker_and_a_management_command_share_one_budget(
     assert min(r["got"] for r in late) - released_at <= 3.0
     assert more is not None and more - released_at <= 3.0
     assert full is not None, "the worker never used the whole budget after the release"
-    assert ended["stats"]["host_given_back"] >= 1, ended["stats"]
+    # Its connections went back to the host: closed idle (given back) or, as they
+    # came back while the worker waited and it held more than its share, closed
+    # on return (stepped aside).
+    gave = ended["stats"]["host_given_back"] + ended["stats"]["host_stepped_aside"]
+    assert gave >= 1, ended["stats"]
     assert ended["stats"]["host_held"] == 0, ended["stats"]
     assert last["requests_timeouts"] == 0, last
     assert last["host_waits"] >= 1, last
