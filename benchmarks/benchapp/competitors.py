@@ -58,6 +58,12 @@ OURS_TRANSACTION = "ours-transaction"
 #: connection taken for each query only (``benchapp/views.py``: ``wait_raw``).
 RAW_PER_QUERY = "raw-per-query"
 
+#: django-pg-real-pool: another pool that gives the connection back per statement.
+PG_REAL_POOL = "pg-real-pool"
+
+#: The ORM reference of transaction mode: the bare queue given back per statement.
+QUEUE_PER_STATEMENT = "queue-per-statement"
+
 #: Our engine per competitor that is ours.
 OUR_ENGINES = {
     "ours": "django_gevent_pool.backends.postgresql_psycopg2",
@@ -152,6 +158,17 @@ COMPETITORS: tuple[Competitor, ...] = (
         notes="pool_size = workers x MAX_CONNS; Django CONN_MAX_AGE=60 to PgBouncer",
     ),
     Competitor(
+        PG_REAL_POOL,
+        "django-pg-real-pool 1.1.0",
+        "psycopg",
+        hide_psycopg=False,
+        notes=(
+            "Django's native pool (psycopg 3 + psycopg_pool, min_size=max_size=MAX_CONNS) that"
+            " gives the connection back after each cursor outside atomic() (Django's own"
+            " connect() and close() per statement) and after each transaction; no pinning"
+        ),
+    ),
+    Competitor(
         "django-queue",
         "Django on a bare queue (no pool)",
         "psycopg2",
@@ -195,6 +212,19 @@ COMPETITORS: tuple[Competitor, ...] = (
             " back to the pool after each statement outside atomic(), and after each"
             " outermost atomic()"
         ),
+    ),
+    Competitor(
+        QUEUE_PER_STATEMENT,
+        "Django ORM + bare conn. per statement (ref.)",
+        "psycopg2",
+        hide_psycopg=True,
+        notes=(
+            "the wait view only: the same ORM view on Django's backend taking a connection from"
+            " MAX_CONNS in a plain gevent Queue for each statement (benchapp/queueperstatement:"
+            " the bare queue plus django-pg-real-pool's give-back mixin): no pool logic, no"
+            " pinning; what a connection per statement costs Django alone"
+        ),
+        views=("wait",),
     ),
     Competitor(
         RAW_PER_QUERY,
@@ -304,6 +334,23 @@ def database(
                 "pool": {"min_size": max_conns, "max_size": max_conns, "timeout": pool_timeout},
                 "application_name": name,
             },
+        }
+    if key == PG_REAL_POOL:
+        return {
+            **common,
+            "ENGINE": "django_pg_real_pool",
+            "CONN_MAX_AGE": 0,
+            "OPTIONS": {
+                "pool": {"min_size": max_conns, "max_size": max_conns, "timeout": pool_timeout},
+                "application_name": name,
+            },
+        }
+    if key == QUEUE_PER_STATEMENT:
+        return {
+            **common,
+            "ENGINE": "benchapp.queueperstatement",
+            "CONN_MAX_AGE": 0,
+            "OPTIONS": {"application_name": name},
         }
     if key == "django-queue":
         return {
