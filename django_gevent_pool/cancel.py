@@ -23,17 +23,16 @@ the wait callback): the rest runs in a background greenlet under a gevent
 hub, else in a short-lived OS thread, and ends by itself within
 :data:`CANCEL_TIMEOUT`.
 
-:func:`cut` shuts a connection's socket in both directions without touching
-psycopg2's lock or libpq's state: whoever waits on it (a query, a ping) gets an
-error at once, and a later ``close()`` has nothing left to flush.
+:func:`.drivers.sockets.cut`, which any driver can use, shuts a
+connection's socket in both directions without touching psycopg2's lock or
+libpq's state: whoever waits on it (a query, a ping) gets an error at once, and
+a later ``close()`` has nothing left to flush.
 """
 
 from __future__ import annotations
 
-import _socket
 import ctypes
 import logging
-import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -275,22 +274,3 @@ def _blocking_cancel(lib: _LibPQ, ptr: int) -> Callable[[], None] | None:
 def _error(lib: _LibPQ, cancel_conn: int) -> str:
     message = lib.error(cancel_conn)
     return message.decode(errors="replace").strip() if message else "unknown error"
-
-
-def cut(conn: Any) -> None:
-    """Shut ``conn``'s socket in both directions, without psycopg2's lock; never raises.
-
-    The party waiting on the connection (a query, a ping) wakes with an error
-    at once, the server ends the backend when it next reads, and closing the
-    connection later sends nothing that could wait on a silent network.
-    """
-    try:
-        sock = _socket.socket(fileno=os.dup(conn.fileno()))
-    except Exception:  # no socket left: nothing to shut
-        return
-    try:
-        sock.shutdown(_socket.SHUT_RDWR)
-    except OSError:
-        pass
-    finally:
-        sock.close()

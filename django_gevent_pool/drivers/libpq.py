@@ -14,7 +14,7 @@ from typing import Any
 
 from .. import cancel
 from .base import Status
-from .sockets import detach
+from .sockets import cut, detach
 
 #: libpq's PQTRANS_* codes, as both drivers report them.
 STATUS = {
@@ -33,11 +33,11 @@ class LibpqDriver:
         conn.rollback()
 
     def cut(self, conn: Any) -> None:
-        cancel.cut(conn)
+        cut(conn)
 
     def sever(self, conn: Any) -> None:
         send = cancel.start_cancel(conn)
-        cancel.cut(conn)
+        cut(conn)
         cancel.finish_cancel(send)
 
     def close(self, conn: Any) -> None:

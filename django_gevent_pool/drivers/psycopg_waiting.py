@@ -322,12 +322,13 @@ def _sever(conn: Any) -> None:
     except Exception:  # a broken object: nothing to cancel
         return
     from .. import cancel
+    from . import sockets
 
     send = cancel.start_cancel(conn)  # never raises; None if it could not start
     try:
         cancel.finish_cancel(send, wait=cancel.CANCEL_HEAD_START)
     finally:
-        cancel.cut(conn)
+        sockets.cut(conn)
         try:
             # The socket is shut: the Terminate message goes nowhere, nothing waits.
             conn.pgconn.finish()

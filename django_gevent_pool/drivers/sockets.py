@@ -1,13 +1,43 @@
-"""Socket-level operations any driver's connection allows, given its ``fileno()``."""
+"""Socket-level operations any driver's connection allows, given its socket descriptor."""
 
 from __future__ import annotations
 
+import _socket
 import os
 from typing import Any
 
 
+def cut(conn: Any) -> None:
+    """Shut ``conn``'s socket (``conn.fileno()``) in both directions; never raises."""
+    try:
+        fd = conn.fileno()
+    except Exception:  # no socket left: nothing to shut
+        return
+    cut_fd(fd)
+
+
+def cut_fd(fd: int) -> None:
+    """Shut socket ``fd`` in both directions, without the driver's lock; never raises.
+
+    The party waiting on the connection (a query, a ping) wakes with an error
+    at once, the server ends the session when it next reads, and closing the
+    connection later sends nothing that could wait on a silent network. The
+    descriptor itself stays open (its owner closes it).
+    """
+    try:
+        sock = _socket.socket(fileno=os.dup(fd))
+    except Exception:  # not a socket any more: nothing to shut
+        return
+    try:
+        sock.shutdown(_socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        sock.close()
+
+
 def detach(conn: Any) -> None:
-    """Point ``conn``'s socket descriptor at /dev/null, for a forked child.
+    """Point ``conn``'s socket descriptor (``conn.fileno()``) at /dev/null, for a forked child.
 
     Whatever the child then does with the connection object (close, garbage
     collection, a wait that was in flight) goes nowhere, instead of onto a
