@@ -14,11 +14,12 @@ from .base import Driver, Status
 MODULES = {
     "psycopg2": "django_gevent_pool.drivers.psycopg2",
     "psycopg": "django_gevent_pool.drivers.psycopg",
+    "pymysql": "django_gevent_pool.drivers.pymysql",
 }
 
 
 def get_driver(name: str) -> Driver:
-    """The driver called ``name`` (``"psycopg2"``, ``"psycopg"``); ValueError if unknown.
+    """The driver called ``name`` (``"psycopg2"``, ``"psycopg"``, ``"pymysql"``); ValueError if not.
 
     Raises ``ImportError`` if the driver's package is not installed.
     """

@@ -1,0 +1,530 @@
+"""The pool on PyMySQL against a real MySQL or MariaDB server: cap, return states, kills.
+
+The pool core is the one PostgreSQL uses; what differs lives in
+``drivers/pymysql.py`` and is proven here on the server: every session of a
+test belongs to a user of its own, so ``information_schema.PROCESSLIST``
+counts the pool's connections and shows what they run; ``KILL`` ends them
+as an administrator would, and a session's ``wait_timeout`` as the server
+does by itself.
+
+The server is ``$DGP_MYSQL`` (``host:port``, user root, no password; the
+database ``test``), by default 127.0.0.1:3306. With none reachable the module
+skips and says why (fails under ``DGP_REQUIRE_MYSQL=1``, which ``.ci/run``
+sets when a server answers there). It runs in the psycopg2 runs of ``make test`` (gevent and
+threads): the PostgreSQL driver under test changes nothing here.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+from django_gevent_pool import ConnectionPool, PoolTimeout
+from django_gevent_pool.drivers import Status
+from django_gevent_pool.drivers import pymysql as mysql_driver
+
+from .support import DRIVER, Workers, sleep, wait_until
+
+pymysql = pytest.importorskip("pymysql")
+
+if DRIVER != "psycopg2":
+    pytest.skip(
+        "the MySQL tests run in the psycopg2 runs only (the PostgreSQL driver changes nothing)",
+        allow_module_level=True,
+    )
+
+PoolFactory = Callable[..., ConnectionPool]
+_users = itertools.count()
+
+
+def _server() -> dict[str, Any]:
+    host, _, port = os.environ.get("DGP_MYSQL", "127.0.0.1:3306").rpartition(":")
+    return {"host": host or "127.0.0.1", "port": int(port), "user": "root", "password": ""}
+
+
+@pytest.fixture(scope="module")
+def root_params() -> dict[str, Any]:
+    params = _server()
+    try:
+        conn = pymysql.connect(**params, connect_timeout=2, autocommit=True)
+    except pymysql.err.MySQLError as exc:
+        why = f"no MySQL server at {params['host']}:{params['port']} ({exc}); set DGP_MYSQL"
+        if os.environ.get("DGP_REQUIRE_MYSQL") == "1":
+            pytest.fail(f"DGP_REQUIRE_MYSQL=1 but {why}")
+        pytest.skip(why)
+    conn.close()
+    return params
+
+
+@pytest.fixture
+def admin(root_params: dict[str, Any]) -> Iterator[Any]:
+    conn = pymysql.connect(**root_params, autocommit=True)
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def params(root_params: dict[str, Any], admin: Any) -> Iterator[dict[str, Any]]:
+    """Connection parameters of a user of this test's own (its sessions are the pool's)."""
+    user = f"dgp_{os.getpid()}_{next(_users)}"
+    with admin.cursor() as cur:
+        for host in ("%", "localhost", "127.0.0.1"):
+            cur.execute(f"CREATE USER '{user}'@'{host}' IDENTIFIED BY 'pw'")
+            cur.execute(f"GRANT ALL ON test.* TO '{user}'@'{host}'")
+    yield {**root_params, "user": user, "password": "pw", "database": "test"}
+    with admin.cursor() as cur:
+        cur.execute("SELECT ID FROM information_schema.PROCESSLIST WHERE USER = %s", [user])
+        for (thread_id,) in cur.fetchall():
+            try:
+                cur.execute(f"KILL {int(thread_id)}")
+            except pymysql.err.MySQLError:
+                pass  # ended meanwhile
+        for host in ("%", "localhost", "127.0.0.1"):
+            cur.execute(f"DROP USER IF EXISTS '{user}'@'{host}'")
+
+
+@pytest.fixture
+def make_pool(params: dict[str, Any]) -> Iterator[PoolFactory]:
+    made: list[ConnectionPool] = []
+
+    def make(**options: Any) -> ConnectionPool:
+        extra = options.pop("connect", {})
+        pool = ConnectionPool(
+            lambda: mysql_driver.connect(**{**params, "autocommit": True, **extra}),
+            driver="pymysql",
+            name=params["user"],
+            options=options,
+        )
+        made.append(pool)
+        return pool
+
+    yield make
+    for pool in made:
+        pool.close()
+
+
+@pytest.fixture
+def held_lock(admin: Any, params: dict[str, Any]) -> Iterator[str]:
+    """A user lock the administrator holds: ``SELECT GET_LOCK(name, n)`` waits on it.
+
+    The long statement the kill tests interrupt: a lock wait, not ``SLEEP()``.
+    On MariaDB 10.11 a ``KILL`` of a session in ``SLEEP()`` while others run
+    ``SLEEP()`` can stall them all until the ``KILL``'s connection goes away
+    (seen here: 2 s, the ``KILL``'s read timeout); a lock wait, like real
+    work (``BENCHMARK``), ends at once.
+    """
+    name = f"dgp_hold_{params['user']}"
+    assert one(admin, "SELECT GET_LOCK(%s, 1)", [name]) == 1
+    yield name
+    one(admin, "SELECT RELEASE_LOCK(%s)", [name])
+
+
+def sessions(
+    admin: Any, user: str, *, running: str | None = None, besides: tuple[str, ...] = ()
+) -> list[int]:
+    """Thread ids of ``user``'s sessions: those running ``running``, none running ``besides``."""
+    sql = "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = %s"
+    args: list[Any] = [user]
+    if running is not None:
+        sql += " AND INFO LIKE %s"
+        args.append(running + "%")
+    for other in besides:
+        sql += " AND (INFO IS NULL OR INFO NOT LIKE %s)"
+        args.append(other + "%")
+    with admin.cursor() as cur:
+        cur.execute(sql, args)
+        return [int(row[0]) for row in cur.fetchall()]
+
+
+def one(conn: Any, sql: str, args: Any = None) -> Any:
+    with conn.cursor() as cur:
+        cur.execute(sql, args)
+        row = cur.fetchone()
+        return None if row is None else row[0]
+
+
+# ----------------------------------------------------------------- the cap
+
+
+def test_the_cap_holds_on_the_server_under_30_workers(
+    make_pool: PoolFactory, admin: Any, params: dict[str, Any], workers: Workers
+) -> None:
+    pool = make_pool(MAX_CONNS=4, POOL_TIMEOUT=10)
+    finished: list[int] = []
+    peak = 0
+
+    def visit() -> None:
+        try:
+            for _ in range(5):
+                conn = pool.getconn()
+                try:
+                    one(conn, "SELECT SLEEP(0.02)")
+                finally:
+                    pool.putconn(conn)
+        finally:
+            finished.append(1)
+
+    for _ in range(30):
+        workers.spawn(visit)
+    deadline = time.monotonic() + 20
+    while len(finished) < 30 and time.monotonic() < deadline:
+        peak = max(peak, len(sessions(admin, params["user"])))
+        sleep(0.005)
+    workers.join()
+    assert not workers.errors
+    assert peak == 4, f"the server saw {peak} sessions at most (MAX_CONNS=4)"
+    assert pool.get_stats()["connections_num"] == 4
+    pool.check_invariants()
+
+
+# ------------------------------------------------------------ return states
+
+
+def test_a_connection_returned_in_a_transaction_is_rolled_back(
+    make_pool: PoolFactory, admin: Any
+) -> None:
+    with admin.cursor() as cur:
+        cur.execute("CREATE TABLE IF NOT EXISTS test.dgp_rows (id INT PRIMARY KEY) ENGINE=InnoDB")
+        cur.execute("DELETE FROM test.dgp_rows")
+    pool = make_pool(MAX_CONNS=1)
+    conn = pool.getconn()
+    thread_id = conn.thread_id()
+    conn.begin()
+    one(conn, "INSERT INTO dgp_rows VALUES (1)")
+    assert mysql_driver.DRIVER.status(conn) is Status.INTRANS
+    pool.putconn(conn)
+    assert one(admin, "SELECT COUNT(*) FROM test.dgp_rows") == 0
+    again = pool.getconn()
+    assert again.thread_id() == thread_id  # rolled back and kept, not reconnected
+    assert mysql_driver.DRIVER.status(again) is Status.IDLE
+    assert one(again, "SELECT @@in_transaction") == 0
+    pool.putconn(again)
+    assert pool.get_stats()["returns_rolled_back"] == 1
+
+
+def test_a_failed_statement_with_autocommit_off_counts_as_in_a_transaction(
+    make_pool: PoolFactory, admin: Any
+) -> None:
+    """An error packet carries no status: the pool must not trust the last OK packet's."""
+    with admin.cursor() as cur:
+        cur.execute("CREATE TABLE IF NOT EXISTS test.dgp_rows (id INT PRIMARY KEY) ENGINE=InnoDB")
+        cur.execute("DELETE FROM test.dgp_rows")
+        cur.execute("INSERT INTO test.dgp_rows VALUES (7)")
+    pool = make_pool(MAX_CONNS=1, connect={"autocommit": False})
+    conn = pool.getconn()
+    one(conn, "ROLLBACK")  # an OK packet: no transaction, autocommit off
+    assert mysql_driver.DRIVER.status(conn) is Status.IDLE
+    with pytest.raises(pymysql.err.MySQLError):
+        # Locks row 7 before failing on it: the transaction is open on the server.
+        one(conn, "INSERT INTO dgp_rows SELECT id FROM dgp_rows WHERE id = 7 FOR UPDATE")
+    assert one(admin, "SELECT COUNT(*) FROM information_schema.INNODB_TRX") >= 0
+    assert mysql_driver.DRIVER.status(conn) is Status.INTRANS
+    pool.putconn(conn)
+    assert pool.get_stats()["returns_rolled_back"] == 1
+    # The row lock went with the rollback: another session takes it at once.
+    with admin.cursor() as cur:
+        cur.execute("SET SESSION innodb_lock_wait_timeout = 1")
+        cur.execute("BEGIN")
+        cur.execute("SELECT id FROM test.dgp_rows WHERE id = 7 FOR UPDATE")
+        cur.execute("ROLLBACK")
+
+
+def test_an_error_in_autocommit_leaves_the_connection_idle_and_reused(
+    make_pool: PoolFactory,
+) -> None:
+    pool = make_pool(MAX_CONNS=1)
+    conn = pool.getconn()
+    thread_id = conn.thread_id()
+    with pytest.raises(pymysql.err.ProgrammingError):
+        one(conn, "SELECT * FROM no_such_table")
+    assert mysql_driver.DRIVER.status(conn) is Status.IDLE
+    pool.putconn(conn)
+    again = pool.getconn()
+    assert again.thread_id() == thread_id
+    assert one(again, "SELECT 1") == 1
+    pool.putconn(again)
+    stats = pool.get_stats()
+    assert stats["returns_rolled_back"] == 0 and stats["returns_bad"] == 0
+
+
+def test_reset_query_runs_on_return_and_wipes_session_state(make_pool: PoolFactory) -> None:
+    pool = make_pool(MAX_CONNS=1, RESET_QUERY="SET @owner = NULL; SET SESSION sql_mode = DEFAULT")
+    conn = pool.getconn()
+    default_mode = one(conn, "SELECT @@SESSION.sql_mode")
+    one(conn, "SET @owner = 'first'")
+    one(conn, "SET SESSION sql_mode = 'ANSI'")
+    pool.putconn(conn)
+    again = pool.getconn()
+    assert one(again, "SELECT @owner") is None
+    assert one(again, "SELECT @@SESSION.sql_mode") == default_mode
+    pool.putconn(again)
+
+
+# ------------------------------------------------------------------- kills
+
+
+@pytest.mark.gevent_only
+def test_greenlets_killed_mid_query_leave_no_statement_running_on_the_server(
+    admin: Any, params: dict[str, Any], held_lock: str
+) -> None:
+    """24 greenlets on 5 connections, half of them timed out mid-query: nothing leaks.
+
+    A killed greenlet's connection is closed at once (PyMySQL closes the
+    socket) and its slot goes to the next greenlet, while its session runs on
+    until the background ``KILL`` (from a short connection of its own) lands:
+    the server briefly sees those, and the ``KILL`` connections, beside the
+    pool's 5. The pool's live sessions are told apart by their thread ids.
+    """
+    import gevent
+
+    opened: list[int] = []
+
+    def connect() -> Any:
+        conn = mysql_driver.connect(**{**params, "autocommit": True})
+        opened.append(int(conn.thread_id()))
+        return conn
+
+    pool = ConnectionPool(connect, driver="pymysql", name="kills", options={"MAX_CONNS": 5})
+    killed: list[int] = []
+    peak = 0
+    started = time.monotonic()
+
+    def visit(n: int) -> None:
+        conn = pool.getconn()
+        try:
+            if n % 2:
+                thread_id = int(conn.thread_id())
+                try:
+                    with gevent.Timeout(0.05):
+                        one(conn, "SELECT GET_LOCK(%s, 3)", [held_lock])
+                except gevent.Timeout:
+                    killed.append(thread_id)
+            else:
+                one(conn, "SELECT SLEEP(0.01)")
+        finally:
+            pool.putconn(conn)
+
+    greenlets = [gevent.spawn(visit, n) for n in range(24)]
+    while not all(g.dead for g in greenlets):
+        live = set(sessions(admin, params["user"])) & set(opened) - set(killed)
+        peak = max(peak, len(live))
+        gevent.sleep(0.005)
+    gevent.joinall(greenlets, raise_error=True)
+    assert time.monotonic() - started < 1.5  # nothing stalls behind the kills
+    assert len(killed) == 12
+    started = time.monotonic()
+    wait_until(
+        lambda: not set(killed) & set(sessions(admin, params["user"])),
+        what="the killed greenlets' sessions to end on the server",
+        timeout=1.0,
+    )
+    assert time.monotonic() - started < 1.0
+    assert peak <= 5
+    stats = pool.get_stats()
+    assert stats["pool_in_use"] == 0
+    pool.check_invariants()
+    # What is left is usable.
+    conns = [pool.getconn() for _ in range(5)]
+    assert [one(c, "SELECT 1") for c in conns] == [1] * 5
+    for c in conns:
+        pool.putconn(c)
+    pool.close()
+
+
+def test_a_connection_returned_while_its_query_runs_is_severed_and_its_session_killed(
+    make_pool: PoolFactory, admin: Any, params: dict[str, Any], workers: Workers, held_lock: str
+) -> None:
+    """Returned by another greenlet or thread mid-query: ACTIVE, so cut and KILLed."""
+    pool = make_pool(MAX_CONNS=1)
+    conn = pool.getconn()
+    thread_id = conn.thread_id()
+    failures: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            one(conn, "SELECT GET_LOCK(%s, 5)", [held_lock])
+        except BaseException as exc:  # the test asserts on it
+            failures.append(exc)
+
+    workers.spawn(run)
+    wait_until(
+        lambda: thread_id in sessions(admin, params["user"], running="SELECT GET_LOCK"),
+        what="the query to run",
+    )
+    assert mysql_driver.DRIVER.status(conn) is Status.ACTIVE
+    started = time.monotonic()
+    pool.putconn(conn)
+    wait_until(lambda: bool(failures), what="the running query to fail", timeout=1.0)
+    wait_until(
+        lambda: thread_id not in sessions(admin, params["user"]),
+        what="the session to be killed",
+        timeout=1.0,
+    )
+    assert time.monotonic() - started < 1.0
+    workers.join()
+    assert isinstance(failures[0], pymysql.err.MySQLError)
+    assert pool.get_stats()["returns_bad"] == 1
+    fresh = pool.getconn()
+    assert fresh.thread_id() != thread_id and one(fresh, "SELECT 1") == 1
+    pool.putconn(fresh)
+
+
+def test_idle_connections_killed_by_the_server_are_replaced_without_an_error(
+    make_pool: PoolFactory, admin: Any, params: dict[str, Any], workers: Workers
+) -> None:
+    pool = make_pool(MAX_CONNS=4)
+    conns = [pool.getconn() for _ in range(4)]
+    before = {c.thread_id() for c in conns}
+    for c in conns:
+        pool.putconn(c)
+    with admin.cursor() as cur:
+        for thread_id in before:
+            cur.execute(f"KILL {thread_id}")
+    wait_until(lambda: not sessions(admin, params["user"]), what="the kills")
+    started = time.monotonic()
+
+    def visit() -> int:
+        conn = pool.getconn()
+        try:
+            one(conn, "SELECT SLEEP(0.05)")
+            return int(conn.thread_id())
+        finally:
+            pool.putconn(conn)
+
+    for _ in range(20):
+        workers.spawn(visit)
+    workers.join()
+    assert not workers.errors
+    assert time.monotonic() - started < 1.0 + 0.05 * 20 / 4
+    assert not before & set(workers.results)
+    assert pool.get_stats()["connections_lost"] >= 1
+
+
+def test_wait_timeout_closing_idle_connections_costs_no_error(make_pool: PoolFactory) -> None:
+    pool = make_pool(MAX_CONNS=2, connect={"init_command": "SET SESSION wait_timeout = 1"})
+    conn = pool.getconn()
+    thread_id = conn.thread_id()
+    pool.putconn(conn)
+    sleep(2.2)
+    again = pool.getconn()
+    assert again.thread_id() != thread_id
+    assert one(again, "SELECT 1") == 1
+    pool.putconn(again)
+
+
+def test_a_ping_after_idle_is_com_ping(make_pool: PoolFactory) -> None:
+    pool = make_pool(MAX_CONNS=1, PING_AFTER=0.1)
+    conn = pool.getconn()
+    pool.putconn(conn)
+    sleep(0.2)
+    again = pool.getconn()
+    assert again is conn
+    pool.putconn(again)
+    assert pool.get_stats()["pings"] == 1
+
+
+# ------------------------------------------------------------------ errors
+
+
+def test_the_pool_errors_are_pymysql_operational_errors(make_pool: PoolFactory) -> None:
+    pool = make_pool(MAX_CONNS=1, POOL_TIMEOUT=0.2)
+    held = pool.getconn()
+    with pytest.raises(PoolTimeout) as caught:
+        pool.getconn()
+    assert isinstance(caught.value, pymysql.err.OperationalError)
+    assert "MAX_CONNS=1" in str(caught.value)
+    pool.putconn(held)
+
+
+# -------------------------------------------------- lifetime, idle, fork
+
+
+def test_idle_timeout_and_lifetime_close_sessions_on_the_server(
+    make_pool: PoolFactory, admin: Any, params: dict[str, Any]
+) -> None:
+    idle = make_pool(MAX_CONNS=2, IDLE_TIMEOUT=0.3)
+    conn = idle.getconn()
+    thread_id = conn.thread_id()
+    idle.putconn(conn)
+    wait_until(
+        lambda: thread_id not in sessions(admin, params["user"]),
+        what="the idle session to be closed",
+        timeout=0.3 + 1.0,
+    )
+    aged = make_pool(MAX_CONNS=1, MAX_LIFETIME=0.3)
+    conn = aged.getconn()
+    thread_id = conn.thread_id()
+    aged.putconn(conn)
+    sleep(0.4)
+    again = aged.getconn()
+    assert again.thread_id() != thread_id
+    aged.putconn(again)
+    assert thread_id not in sessions(admin, params["user"])
+
+
+FORK_SCRIPT = textwrap.dedent(
+    """
+    import gc, json, os, sys
+    if sys.argv[1] == "gevent":
+        from gevent import monkey
+        monkey.patch_all()
+    from django_gevent_pool import ConnectionPool
+    from django_gevent_pool.drivers import pymysql as mysql_driver
+
+    params = json.loads(sys.argv[2])
+
+    def tid(conn):
+        with conn.cursor() as cur:
+            cur.execute("SELECT CONNECTION_ID()")
+            return cur.fetchone()[0]
+
+    pool = ConnectionPool(lambda: mysql_driver.connect(**params), driver="pymysql",
+                          options={"MAX_CONNS": 3})
+    a, b = pool.getconn(), pool.getconn()
+    parent = [tid(a), tid(b)]
+    pool.putconn(a)                      # a idle, b in use
+    r, w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        c = pool.getconn()
+        out = {"pool": tid(c)}
+        pool.putconn(c)
+        pool.putconn(b)                  # lent before the fork: must not reach the parent's
+        pool.close()
+        del a, b, c, pool
+        gc.collect()
+        os.write(w, json.dumps(out).encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    got = json.loads(os.read(r, 4096))
+    a2 = pool.getconn()
+    print(json.dumps({"parent": parent, "child": got, "same_a": a2 is a,
+                      "now": [tid(a2), tid(b)]}))
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["plain", "gevent"])
+def test_a_forked_child_never_uses_or_closes_the_parents_connections(
+    params: dict[str, Any], mode: str
+) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", FORK_SCRIPT, mode, json.dumps({**params, "autocommit": True})],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["child"]["pool"] not in result["parent"]
+    assert result["same_a"]
+    assert result["now"] == result["parent"]  # both sessions survived the child
