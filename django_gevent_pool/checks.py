@@ -33,7 +33,13 @@ django_gevent_pool.W008      the same sum above half of them (several hosts can 
                              port than the one configured (database)
 django_gevent_pool.E009      aliases sharing one host budget (same server, database and user)
                              configure different HOST_MAX_CONNS or HOST_LOCK_DIR
+django_gevent_pool.W010      gevent patched socket and an alias uses Django's MySQL backend
+                             on mysqlclient, which blocks the hub
 ===========================  =================================================================
+
+The server checks (W004, E005/W005, I006, E008/W008) read PostgreSQL's
+settings: aliases on ``django_gevent_pool.backends.mysql`` are not compared
+with a MySQL server's ``max_connections`` yet.
 
 An alias with a host budget (``HOST_MAX_CONNS``) is left out of E005/W005:
 its processes on one host open at most HOST_MAX_CONNS together, whatever
@@ -88,8 +94,10 @@ from .serverinfo import (
     ServerUnreachable,
     alias_pool_options,
     brief_connection,
+    configured_databases,
     configured_port,
     connection_params,
+    is_mysql_engine,
     pool_mode,
     pooled_databases,
     server_label,
@@ -121,6 +129,7 @@ def register() -> None:
     _registered = True
     checks.register(check_pool_settings, TAG)
     checks.register(check_psycopg2_cooperative, TAG)
+    checks.register(check_mysqlclient, TAG)
     checks.register(check_app_settings, TAG)
     checks.register(check_servers, Tags.database, TAG)
 
@@ -366,6 +375,38 @@ def _psycopg3_not_cooperative() -> list[CheckMessage]:
     ]
 
 
+def check_mysqlclient(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """W010: gevent patched ``socket``, and an alias uses Django's MySQL backend on mysqlclient.
+
+    mysqlclient is C: it waits on the server in ``libmysqlclient``, where
+    gevent cannot switch, so each query blocks every greenlet of the process.
+    Fires only where gevent's monkey-patching already ran (as W002).
+    """
+    if not sync.patched("socket"):
+        return []
+    mysqldb = sys.modules.get("MySQLdb")
+    if mysqldb is not None and getattr(mysqldb, "__name__", "") == "pymysql":
+        return []  # PyMySQL stands in for MySQLdb: pure Python, cooperative
+    stock = [
+        alias
+        for alias, settings_dict in configured_databases().items()
+        if str(settings_dict.get("ENGINE", "")).rstrip(".") == "django.db.backends.mysql"
+    ]
+    return [
+        Warning(
+            f"DATABASES[{alias!r}] uses Django's MySQL backend, whose driver (mysqlclient) "
+            "waits on the server in C: gevent has monkey-patched socket in this process, but "
+            "every query of this alias blocks every greenlet until the server answers.",
+            hint=(
+                "Use ENGINE 'django_gevent_pool.backends.mysql' (PyMySQL, pooled and "
+                "cooperative; pip install 'django-gevent-pool[mysql]')."
+            ),
+            id=_id("W010"),
+        )
+        for alias in stock
+    ]
+
+
 def _describe(callback: Any) -> str:
     module = getattr(callback, "__module__", None) or "?"
     name = getattr(callback, "__qualname__", None) or repr(callback)
@@ -419,7 +460,11 @@ def check_servers(
     """
     if not databases:
         return []
-    pooled = pooled_databases()
+    pooled = {
+        alias: settings_dict
+        for alias, settings_dict in pooled_databases().items()
+        if not is_mysql_engine(settings_dict.get("ENGINE"))  # PostgreSQL's settings only
+    }
     wanted = [alias for alias in dict.fromkeys(databases) if alias in pooled]
     if not wanted:
         return []
@@ -482,6 +527,8 @@ def _valid_pooled(
 ) -> Iterable[tuple[str, PoolOptions, dict[str, Any]]]:
     """Every valid pooled alias with its options and check connection parameters."""
     for alias, settings_dict in pooled.items():
+        if is_mysql_engine(settings_dict.get("ENGINE")):
+            continue  # the server checks read PostgreSQL's settings only
         try:
             options = alias_pool_options(alias, settings_dict)
             params = connection_params(

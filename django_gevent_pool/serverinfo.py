@@ -65,6 +65,11 @@ def is_pooled_engine(engine: Any) -> bool:
     return isinstance(engine, str) and engine.startswith(ENGINE_PREFIX)
 
 
+def is_mysql_engine(engine: Any) -> bool:
+    """True for this package's MySQL engine (the server views here speak PostgreSQL only)."""
+    return isinstance(engine, str) and engine.rstrip(".") == ENGINE_PREFIX + "mysql"
+
+
 def configured_databases() -> dict[str, dict[str, Any]]:
     """``settings.DATABASES`` with Django's defaults filled in, on copies.
 

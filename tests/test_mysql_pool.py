@@ -7,18 +7,13 @@ counts the pool's connections and shows what they run; ``KILL`` ends them
 as an administrator would, and a session's ``wait_timeout`` as the server
 does by itself.
 
-The server is ``$DGP_MYSQL`` (``host:port``, user root, no password; the
-database ``test``), by default 127.0.0.1:3306. With none reachable the module
-skips and says why (fails under ``DGP_REQUIRE_MYSQL=1``, which ``.ci/run``
-sets when a server answers there). It runs in the psycopg2 runs of ``make test`` (gevent and
-threads): the PostgreSQL driver under test changes nothing here.
+The server, the skip when there is none and the runs this module is part of:
+``tests/mysql_support.py``.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
 import subprocess
 import sys
 import textwrap
@@ -32,64 +27,15 @@ from django_gevent_pool import ConnectionPool, PoolTimeout
 from django_gevent_pool.drivers import Status
 from django_gevent_pool.drivers import pymysql as mysql_driver
 
-from .support import DRIVER, Workers, sleep, wait_until
+from .mysql_support import admin, one, only_in_psycopg2_runs, params, root_params, sessions
+from .support import Workers, sleep, wait_until
+
+__all__ = ["admin", "params", "root_params"]  # fixtures
 
 pymysql = pytest.importorskip("pymysql")
-
-if DRIVER != "psycopg2":
-    pytest.skip(
-        "the MySQL tests run in the psycopg2 runs only (the PostgreSQL driver changes nothing)",
-        allow_module_level=True,
-    )
+only_in_psycopg2_runs()
 
 PoolFactory = Callable[..., ConnectionPool]
-_users = itertools.count()
-
-
-def _server() -> dict[str, Any]:
-    host, _, port = os.environ.get("DGP_MYSQL", "127.0.0.1:3306").rpartition(":")
-    return {"host": host or "127.0.0.1", "port": int(port), "user": "root", "password": ""}
-
-
-@pytest.fixture(scope="module")
-def root_params() -> dict[str, Any]:
-    params = _server()
-    try:
-        conn = pymysql.connect(**params, connect_timeout=2, autocommit=True)
-    except pymysql.err.MySQLError as exc:
-        why = f"no MySQL server at {params['host']}:{params['port']} ({exc}); set DGP_MYSQL"
-        if os.environ.get("DGP_REQUIRE_MYSQL") == "1":
-            pytest.fail(f"DGP_REQUIRE_MYSQL=1 but {why}")
-        pytest.skip(why)
-    conn.close()
-    return params
-
-
-@pytest.fixture
-def admin(root_params: dict[str, Any]) -> Iterator[Any]:
-    conn = pymysql.connect(**root_params, autocommit=True)
-    yield conn
-    conn.close()
-
-
-@pytest.fixture
-def params(root_params: dict[str, Any], admin: Any) -> Iterator[dict[str, Any]]:
-    """Connection parameters of a user of this test's own (its sessions are the pool's)."""
-    user = f"dgp_{os.getpid()}_{next(_users)}"
-    with admin.cursor() as cur:
-        for host in ("%", "localhost", "127.0.0.1"):
-            cur.execute(f"CREATE USER '{user}'@'{host}' IDENTIFIED BY 'pw'")
-            cur.execute(f"GRANT ALL ON test.* TO '{user}'@'{host}'")
-    yield {**root_params, "user": user, "password": "pw", "database": "test"}
-    with admin.cursor() as cur:
-        cur.execute("SELECT ID FROM information_schema.PROCESSLIST WHERE USER = %s", [user])
-        for (thread_id,) in cur.fetchall():
-            try:
-                cur.execute(f"KILL {int(thread_id)}")
-            except pymysql.err.MySQLError:
-                pass  # ended meanwhile
-        for host in ("%", "localhost", "127.0.0.1"):
-            cur.execute(f"DROP USER IF EXISTS '{user}'@'{host}'")
 
 
 @pytest.fixture
@@ -126,30 +72,6 @@ def held_lock(admin: Any, params: dict[str, Any]) -> Iterator[str]:
     assert one(admin, "SELECT GET_LOCK(%s, 1)", [name]) == 1
     yield name
     one(admin, "SELECT RELEASE_LOCK(%s)", [name])
-
-
-def sessions(
-    admin: Any, user: str, *, running: str | None = None, besides: tuple[str, ...] = ()
-) -> list[int]:
-    """Thread ids of ``user``'s sessions: those running ``running``, none running ``besides``."""
-    sql = "SELECT ID FROM information_schema.PROCESSLIST WHERE USER = %s"
-    args: list[Any] = [user]
-    if running is not None:
-        sql += " AND INFO LIKE %s"
-        args.append(running + "%")
-    for other in besides:
-        sql += " AND (INFO IS NULL OR INFO NOT LIKE %s)"
-        args.append(other + "%")
-    with admin.cursor() as cur:
-        cur.execute(sql, args)
-        return [int(row[0]) for row in cur.fetchall()]
-
-
-def one(conn: Any, sql: str, args: Any = None) -> Any:
-    with conn.cursor() as cur:
-        cur.execute(sql, args)
-        row = cur.fetchone()
-        return None if row is None else row[0]
 
 
 # ----------------------------------------------------------------- the cap

@@ -155,6 +155,12 @@ def pool_options_for(
         validated = PoolOptions.from_mapping(options, name=f"DATABASES[{alias!r}]")
     except PoolConfigError as exc:
         raise ImproperlyConfigured(str(exc)) from exc
+    if driver == "pymysql" and validated[0].POOL_MODE == "transaction":
+        raise ImproperlyConfigured(
+            f"DATABASES[{alias!r}]['OPTIONS']['POOL_MODE']: 'transaction' is not available on "
+            "MySQL yet (its pinning knows PostgreSQL's session state only: MySQL's user "
+            "variables, GET_LOCK() and LOCK TABLES would reach the next request); use 'session'"
+        )
     _isolation_level(alias, options, driver)
     return validated
 
@@ -595,7 +601,7 @@ class PooledDatabaseWrapperMixin:
         # connect() sets it on every checkout; a pooled connection comes back
         # with the alias's AUTOCOMMIT already (or is discarded), so this is
         # mostly a no-op that still takes psycopg2's connection lock.
-        if self._pool is None or self.connection.autocommit != autocommit:
+        if self._pool is None or _autocommit_of(self.connection) != autocommit:
             super()._set_autocommit(autocommit)  # type: ignore[misc]
 
     def init_connection_state(self) -> None:
@@ -604,7 +610,11 @@ class PooledDatabaseWrapperMixin:
             return
         # The PostgreSQL part (time zone, role) ran once when the pool opened
         # this connection; only Django's once-per-alias version check is left.
+        # (MySQL's part, SQL_AUTO_IS_NULL and the isolation level, too; Django
+        # sets no time zone on a MySQL session.)
         BaseDatabaseWrapper.init_connection_state(self)  # type: ignore[arg-type]
+        if self.pool_driver == "pymysql":
+            return
         # What the stock setup leaves cached on the wrapper, as it leaves it
         # (code and tests read or reset it: `del connection.timezone_name`).
         timezone_name = self.timezone_name  # type: ignore[attr-defined]
@@ -640,7 +650,7 @@ class PooledDatabaseWrapperMixin:
             self.alias,
             fingerprint,
             functools.partial(self._make_pool, pool_options, params),
-            tags={"dbname": conn_params.get("dbname")},
+            tags={"dbname": _dbname(conn_params)},
         )
 
     def _make_pool(self, pool_options: PoolOptions, params: dict[str, Any]) -> ConnectionPool:
@@ -653,7 +663,10 @@ class PooledDatabaseWrapperMixin:
         if pool_options.HOST_MAX_CONNS is not None:
             # One budget per server, database and user on this host (no I/O yet).
             key = budget_key(
-                params.get("host"), params.get("port"), params.get("dbname"), params.get("user")
+                params.get("host") or params.get("unix_socket"),
+                params.get("port"),
+                _dbname(params),
+                params.get("user"),
             )
             budget = budget_for(
                 key,
@@ -732,7 +745,7 @@ class PooledDatabaseWrapperMixin:
             if len(cursors) >= _CURSORS_KEPT:
                 # A long checkout (a script, a command) makes cursors without
                 # end: forget the ones closed already.
-                cursors[:] = [c for c in cursors if not c.closed]
+                cursors[:] = [c for c in cursors if not _cursor_closed(c)]
         return cursor
 
     def _close_lease_cursors(self) -> None:
@@ -788,6 +801,22 @@ class PooledDatabaseWrapperMixin:
         self.close()  # type: ignore[attr-defined]
 
 
+def _autocommit_of(conn: Any) -> bool:
+    """A driver connection's autocommit, as the client knows it (no round trip)."""
+    autocommit = conn.autocommit
+    if callable(autocommit):  # PyMySQL: a method; the last OK packet's flag
+        return bool(conn.get_autocommit())
+    return bool(autocommit)
+
+
+def _cursor_closed(cursor: Any) -> bool:
+    """Is a driver cursor closed? (PyMySQL's have no ``closed``: they drop their connection.)"""
+    closed = getattr(cursor, "closed", None)
+    if closed is None:
+        return getattr(cursor, "connection", None) is None
+    return bool(closed)
+
+
 _GuardedCursorWrapper = guarded(CursorWrapper)
 _TransactionCursorWrapper = transactional(CursorWrapper)
 _GuardedTransactionCursorWrapper = transactional(_GuardedCursorWrapper)
@@ -795,6 +824,14 @@ _GuardedTransactionCursorWrapper = transactional(_GuardedCursorWrapper)
 # The physical connections connection_created was sent for (transaction mode),
 # until a reset wipes what its receivers set up.
 _greeted: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+def _dbname(params: dict[str, Any]) -> Any:
+    """The database a driver's connection parameters name (libpq's ``dbname``, PyMySQL's)."""
+    for key in ("dbname", "database", "db"):
+        if params.get(key):
+            return params[key]
+    return None
 
 
 def _wipe(pool: ConnectionPool, *, loaded: bool) -> tuple[bool, bool]:
@@ -879,6 +916,8 @@ def _isolation_level(alias: str, options: dict[str, Any], driver: str | None = N
     Raises ``ImproperlyConfigured`` for a value that is not one of
     ``IsolationLevel``'s, with Django's own message after the alias's name.
     """
+    if driver == "pymysql":
+        return _mysql_isolation_level(alias, options)
     # Through import_stock: this may run before the backend module (manage.py
     # check validates OPTIONS first), and a plain import would bind Django's
     # PostgreSQL backend to whichever driver it finds for the whole process.
@@ -896,6 +935,26 @@ def _isolation_level(alias: str, options: dict[str, Any], driver: str | None = N
             f"DATABASES[{alias!r}]['OPTIONS']['isolation_level']: Invalid transaction "
             f"isolation level {value} specified. Use one of the psycopg.IsolationLevel values."
         ) from exc
+
+
+def _mysql_isolation_level(alias: str, options: dict[str, Any]) -> str | None:
+    """Django's MySQL ``isolation_level`` (lower case; None: the server's), validated."""
+    # Our MySQL engine first: it makes PyMySQL Django's MySQLdb.
+    from .mysql.base import _stock
+
+    value = options.get("isolation_level", "read committed")
+    if not value:
+        return None
+    level = str(value).lower()
+    allowed = _stock.DatabaseWrapper.isolation_levels
+    if level not in allowed:
+        raise ImproperlyConfigured(
+            f"DATABASES[{alias!r}]['OPTIONS']['isolation_level']: Invalid transaction "
+            f"isolation level {value!r} specified. Use one of "
+            + ", ".join(repr(v) for v in sorted(allowed))
+            + ", or None."
+        )
+    return level
 
 
 def _open_physical(cls: type, settings_dict: dict[str, Any], alias: str) -> Any:

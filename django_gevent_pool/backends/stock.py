@@ -48,6 +48,7 @@ def default_driver() -> str:
 _ENGINE_DRIVERS = {
     "django_gevent_pool.backends.postgresql_psycopg2": PSYCOPG2,
     "django_gevent_pool.backends.postgresql_psycopg3": PSYCOPG,
+    "django_gevent_pool.backends.mysql": "pymysql",
 }
 
 

@@ -43,6 +43,7 @@ from ...serverinfo import (
     brief_connection,
     configured_databases,
     connection_params,
+    is_mysql_engine,
     pooled_databases,
     server_label,
     server_limits,
@@ -244,6 +245,18 @@ class Command(BaseCommand):
             chosen = list(pooled)
             if not chosen:
                 raise CommandError("no DATABASES alias uses a django_gevent_pool ENGINE")
+        mysql = [alias for alias in chosen if is_mysql_engine(pooled[alias].get("ENGINE"))]
+        if requested and mysql:
+            raise CommandError(
+                f"DATABASES[{mysql[0]!r}] is a MySQL alias: this command reads PostgreSQL's "
+                "activity only (the pool's own counts are in get_stats() and Prometheus)"
+            )
+        chosen = [alias for alias in chosen if alias not in mysql]
+        if not chosen:
+            raise CommandError(
+                "no DATABASES alias uses a django_gevent_pool PostgreSQL ENGINE (this command "
+                "reads PostgreSQL's activity only)"
+            )
         result = []
         for alias in chosen:
             settings_dict = pooled[alias]

@@ -1,0 +1,235 @@
+"""``django_gevent_pool.backends.mysql``: Django's MySQL backend on PyMySQL, pooled.
+
+Each test runs Django in a child process of its own (``settings.configure``
+with one MySQL alias; the suite's own Django is configured for PostgreSQL),
+greenlets under gevent's monkey-patching or OS threads without it, against
+the real server as a user of the test's own, whose sessions the parent
+counts in ``information_schema.PROCESSLIST`` while the child runs.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from typing import Any
+
+import pytest
+
+from .mysql_support import admin, one, only_in_psycopg2_runs, params, root_params, sessions
+from .support import sleep
+
+__all__ = ["admin", "params", "root_params"]  # fixtures
+
+pytest.importorskip("pymysql")
+only_in_psycopg2_runs()
+
+PRELUDE = textwrap.dedent(
+    """
+    import json, sys
+    mode, params = sys.argv[1], json.loads(sys.argv[2])
+    if mode == "gevent":
+        from gevent import monkey
+        monkey.patch_all()
+    import threading
+    from django.conf import settings
+    options = {"MAX_CONNS": 4, "POOL_TIMEOUT": 10, **json.loads(sys.argv[3])}
+    settings.configure(
+        DATABASES={"default": {
+            "ENGINE": "django_gevent_pool.backends.mysql",
+            "NAME": params["database"], "USER": params["user"], "PASSWORD": params["password"],
+            "HOST": params["host"], "PORT": str(params["port"]), "OPTIONS": options,
+        }},
+        INSTALLED_APPS=["django_gevent_pool"],
+        USE_TZ=True,
+    )
+    import django
+    django.setup()
+    from django.db import connection, connections, transaction
+    from django_gevent_pool.backends.base import get_pool
+
+    def spawn_all(func, n):
+        if mode == "gevent":
+            import gevent
+            gevent.joinall([gevent.spawn(func, i) for i in range(n)], raise_error=True)
+        else:
+            threads = [threading.Thread(target=func, args=(i,)) for i in range(n)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    """
+)
+
+SERVE = PRELUDE + textwrap.dedent(
+    """
+    from django_gevent_pool.backends.mysql.base import _stock as stock
+    reads = []
+    real = stock.DatabaseWrapper.mysql_server_data.func
+    stock.DatabaseWrapper.mysql_server_data.func = lambda self: reads.append(1) or real(self)
+
+    with connection.cursor() as cur:
+        cur.execute("CREATE TABLE IF NOT EXISTS dgp_visits (n INT) ENGINE=InnoDB")
+        cur.execute("DELETE FROM dgp_visits")
+    connection.close()
+    seen = []
+
+    def visit(i):
+        with connection.cursor() as cur:
+            cur.execute("SELECT SLEEP(0.02)")
+            cur.execute("SELECT CONNECTION_ID(), @@SESSION.sql_auto_is_null")
+            seen.append(cur.fetchone())
+        assert connection.mysql_is_mariadb in (True, False)  # a server fact, per wrapper
+        with transaction.atomic():
+            with connection.cursor() as cur:
+                cur.execute("INSERT INTO dgp_visits VALUES (%s)", [i])
+        if mode != "gevent" or i % 2:
+            connection.close()  # the others end holding it: the greenlet-end return
+
+    spawn_all(visit, 40)
+    if mode == "gevent":
+        import gevent
+        gevent.sleep(0.2)  # the greenlet-end returns run in greenlets of their own
+    with connection.cursor() as cur:
+        cur.execute("SELECT COUNT(*) FROM dgp_visits")
+        rows = cur.fetchone()[0]
+    connection.close()
+    stats = get_pool().get_stats()
+    print(json.dumps({
+        "sessions": sorted({s[0] for s in seen}), "auto_is_null": sorted({s[1] for s in seen}),
+        "rows": rows, "in_use": stats["pool_in_use"], "opened": stats["connections_num"],
+        "server_data_reads": len(reads),
+        "driver": type(connections["default"].Database).__name__,
+    }))
+    """
+)
+
+
+def run_child(script: str, mode: str, params: dict[str, Any], options: Any = None) -> Any:
+    return subprocess.Popen(
+        [sys.executable, "-c", script, mode, json.dumps(params), json.dumps(options or {})],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def result(child: Any, timeout: float = 60) -> dict[str, Any]:
+    out, err = child.communicate(timeout=timeout)
+    assert child.returncode == 0, err
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mode", ["gevent", "threads"])
+def test_40_requests_share_4_connections_with_one_server_look_per_pool(
+    admin: Any, params: dict[str, Any], mode: str
+) -> None:
+    child = run_child(SERVE, mode, params)
+    peak = 0
+    deadline = time.monotonic() + 60
+    while child.poll() is None and time.monotonic() < deadline:
+        peak = max(peak, len(sessions(admin, params["user"])))
+        sleep(0.005)
+    got = result(child)
+    assert got["rows"] == 40
+    assert 1 <= peak <= 4, f"the server saw {peak} sessions of the app (MAX_CONNS=4)"
+    assert len(got["sessions"]) <= 4 and got["opened"] <= 4
+    assert got["in_use"] == 0  # closed or ended greenlets: every connection came back
+    assert got["auto_is_null"] == [0]  # Django's session setup ran on each connection
+    # Django's server look (version, sql_mode...) once for the pool, not per request.
+    assert got["server_data_reads"] == 1
+
+
+TEST_DB = PRELUDE + textwrap.dedent(
+    """
+    from django.test.utils import setup_databases, teardown_databases
+    old = setup_databases(verbosity=0, interactive=False)
+    name = connection.settings_dict["NAME"]
+
+    def visit(i):
+        with connection.cursor() as cur:
+            cur.execute("SELECT DATABASE()")
+            assert cur.fetchone()[0] == name
+        connection.close()
+
+    spawn_all(visit, 10)
+    teardown_databases(old, verbosity=0)
+    print(json.dumps({"test_db": name}))
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["gevent", "threads"])
+def test_the_test_runner_creates_and_drops_its_database_through_the_pool(
+    admin: Any, params: dict[str, Any], mode: str
+) -> None:
+    got = result(run_child(TEST_DB, mode, params))
+    assert got["test_db"] == "test_test"
+    assert (
+        one(
+            admin,
+            "SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = %s",
+            [got["test_db"]],
+        )
+        == 0
+    )
+    assert not sessions(admin, params["user"])
+
+
+MISCONFIGURED = PRELUDE + textwrap.dedent(
+    """
+    from django.core.exceptions import ImproperlyConfigured
+    from django.core.management import call_command
+    try:
+        connection.ensure_connection()
+    except ImproperlyConfigured as exc:
+        print(json.dumps({"error": str(exc)}))
+    else:
+        print(json.dumps({"error": None}))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"POOL_MODE": "transaction"}, ["DATABASES['default']", "POOL_MODE", "'session'"]),
+        ({"isolation_level": "chaos"}, ["DATABASES['default']", "isolation_level", "'chaos'"]),
+        ({"MAX_CONNS": 0}, ["DATABASES['default']", "MAX_CONNS"]),
+    ],
+)
+def test_misconfiguration_fails_at_connect_naming_alias_and_key(
+    params: dict[str, Any], options: dict[str, Any], words: list[str]
+) -> None:
+    got = result(run_child(MISCONFIGURED, "threads", params, options))
+    assert got["error"] is not None
+    for word in words:
+        assert word in got["error"], got["error"]
+
+
+STOCK_CHECK = textwrap.dedent(
+    """
+    import json, sys
+    from gevent import monkey
+    monkey.patch_all()
+    from django.conf import settings
+    settings.configure(
+        DATABASES={"default": {"ENGINE": "django.db.backends.mysql", "NAME": "test"}},
+        INSTALLED_APPS=["django_gevent_pool"],
+    )
+    import django
+    django.setup()
+    from django.core import checks
+    print(json.dumps([m.id for m in checks.run_checks(tags=["django_gevent_pool"])]))
+    """
+)
+
+
+def test_the_system_check_says_mysqlclient_blocks_the_hub() -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", STOCK_CHECK], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert "django_gevent_pool.W010" in json.loads(out.stdout.strip().splitlines()[-1])
