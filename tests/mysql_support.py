@@ -110,3 +110,99 @@ def one(conn: Any, sql: str, args: Any = None) -> Any:
         cur.execute(sql, args)
         row = cur.fetchone()
         return None if row is None else row[0]
+
+
+class ThrowawayMariaDB:
+    """A MariaDB (or MySQL) server of a test's own, on a free loopback port, to restart or kill.
+
+    ``mariadb-install-db`` makes its data directory (root without a
+    password), ``mariadbd`` serves it; never the shared server.
+    """
+
+    def __init__(self, base: str) -> None:
+        import shutil
+        import socket
+
+        self.mariadbd = shutil.which("mariadbd", path="/usr/sbin:/usr/local/sbin:/usr/bin")
+        install = shutil.which("mariadb-install-db", path="/usr/bin:/usr/local/bin:/usr/sbin")
+        if self.mariadbd is None or install is None:
+            pytest.skip("no mariadbd / mariadb-install-db for a throwaway MariaDB server")
+        self.base = base
+        self.datadir = os.path.join(base, "data")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = int(probe.getsockname()[1])
+        self._process: Any = None
+        import subprocess
+
+        subprocess.run(
+            [
+                install,
+                "--no-defaults",
+                f"--datadir={self.datadir}",
+                f"--user={_user_name()}",
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+
+    def params(self) -> dict[str, Any]:
+        return {"host": "127.0.0.1", "port": self.port, "user": "root", "password": ""}
+
+    def start(self, timeout: float = 20.0) -> None:
+        """Start the server and wait until it accepts connections."""
+        import subprocess
+        import time
+
+        self._process = subprocess.Popen(
+            [
+                str(self.mariadbd),
+                "--no-defaults",
+                f"--datadir={self.datadir}",
+                f"--port={self.port}",
+                "--bind-address=127.0.0.1",
+                f"--socket={os.path.join(self.base, 'sock')}",
+                f"--pid-file={os.path.join(self.base, 'pid')}",
+                f"--log-error={os.path.join(self.base, 'error.log')}",
+                f"--user={_user_name()}",
+                "--skip-log-bin",
+                "--innodb-buffer-pool-size=16M",
+                "--max-connections=100",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + timeout
+        while not self.accepts():
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the throwaway MariaDB did not start: see {self.base}")
+            time.sleep(0.02)
+
+    def accepts(self) -> bool:
+        import pymysql
+
+        try:
+            pymysql.connect(**self.params(), connect_timeout=1).close()
+        except pymysql.err.MySQLError:
+            return False
+        return True
+
+    def stop(self, *, kill: bool = False, timeout: float = 30.0) -> None:
+        """Stop the server (SIGTERM: a clean shutdown; ``kill``: SIGKILL) and wait for it."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if kill:
+            process.kill()
+        else:
+            process.terminate()
+        process.wait(timeout)
+
+
+def _user_name() -> str:
+    import pwd
+
+    return pwd.getpwuid(os.getuid()).pw_name
