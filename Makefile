@@ -49,8 +49,9 @@ test-django: $(STAMP)
 test-embedded: $(STAMP)
 	.ci/without-system-server env DGP_TEST_MODE=gevent DGP_TEST_DRIVER=psycopg $(PY) -m pytest
 
+# `make demo DB=mysql`: the same on MySQL/MariaDB ($DGP_MYSQL, default 127.0.0.1:3306).
 demo: $(STAMP)
-	$(PY) examples/demo.py
+	DGP_DEMO_DB=$(DB) $(PY) examples/demo.py
 
 # Benchmarks against the alternatives, side by side (own environment: .bench-venv).
 bench: $(STAMP)

@@ -19,9 +19,17 @@ Exits 1 if a request failed, if the orders in the database do not match the
 successful ``/tx/`` requests, or if the server ever saw more than MAX_CONNS
 connections from the worker (or none, which would mean nothing was measured).
 
+``DGP_DEMO_DB=mysql`` (``make demo DB=mysql``) runs the same on MySQL or
+MariaDB through ``django_gevent_pool.backends.mysql`` instead: the server is
+``$DGP_MYSQL`` (``host:port``, default 127.0.0.1:3306, as root without a
+password, which creates the database and a ``dgp_demo`` user), there is no
+embedded fallback, and the connections counted are that user's sessions in
+``information_schema.PROCESSLIST``.
+
 Knobs (environment): DGP_DEMO_SECONDS (5), DGP_DEMO_CLIENTS (200),
 DGP_DEMO_MAX_REQUESTS (20000), DGP_MAX_CONNS (10), DGP_DBNAME (dgp_demo),
 DGP_DEMO_EMBEDDED=1 (use an embedded server even if another is reachable),
+DGP_DEMO_DB (postgresql; or mysql), DGP_MYSQL, DGP_DB_USER (dgp_demo, on MySQL),
 DGP_DEMO_JSON=path (also write the results there as JSON).
 """
 
@@ -90,6 +98,7 @@ class Config:
     embedded: bool = field(default_factory=lambda: os.environ.get("DGP_DEMO_EMBEDDED") == "1")
     json_out: str | None = field(default_factory=lambda: os.environ.get("DGP_DEMO_JSON"))
     appname: str = field(default_factory=lambda: f"dgp-demo-{os.getpid()}")
+    db: str = field(default_factory=lambda: os.environ.get("DGP_DEMO_DB") or "postgresql")
 
 
 @dataclass
@@ -131,6 +140,100 @@ def resolve_server(config: Config) -> tuple[str, str]:
     return devserver.server_dsn()
 
 
+#: The user the MySQL variant serves the project as (its sessions are counted):
+#: ``DGP_DB_USER``, default ``dgp_demo``.
+MYSQL_USER, MYSQL_PASSWORD = os.environ.get("DGP_DB_USER") or "dgp_demo", "dgp-demo"
+
+
+def mysql_root() -> dict[str, Any]:
+    """Root's connection parameters for ``$DGP_MYSQL`` (default 127.0.0.1:3306)."""
+    host, _, port = (os.environ.get("DGP_MYSQL") or "127.0.0.1:3306").rpartition(":")
+    return {"host": host or "127.0.0.1", "port": int(port), "user": "root", "password": ""}
+
+
+def prepare_mysql(config: Config) -> str:
+    """Create the demo's database and user on the MySQL server; return where it is.
+
+    Raises SystemExit with the reason when no server answers: the MySQL
+    variant has no embedded fallback.
+    """
+    import pymysql
+
+    root = mysql_root()
+    try:
+        conn = pymysql.connect(**root, connect_timeout=5, autocommit=True)
+    except pymysql.err.MySQLError as exc:
+        raise SystemExit(
+            f"no MySQL server to use at {root['host']}:{root['port']} as root ({exc}); "
+            "set DGP_MYSQL=host:port"
+        ) from exc
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(f"CREATE DATABASE IF NOT EXISTS `{config.dbname}`")
+            for host in ("%", "localhost", "127.0.0.1"):
+                cursor.execute(
+                    f"CREATE USER IF NOT EXISTS '{MYSQL_USER}'@'{host}' "
+                    f"IDENTIFIED BY '{MYSQL_PASSWORD}'"
+                )
+                cursor.execute(f"GRANT ALL ON `{config.dbname}`.* TO '{MYSQL_USER}'@'{host}'")
+        version = conn.get_server_info()
+    finally:
+        conn.close()
+    return f"MySQL/MariaDB {version} at {root['host']}:{root['port']}"
+
+
+class MySQLSessionSampler:
+    """Every ``interval`` seconds, count ``user``'s sessions in ``information_schema.PROCESSLIST``.
+
+    The MySQL side of :class:`pgwatch.ServerConnectionSampler` (the same
+    ``start()``/``stop()``/``peak``/``samples``): MySQL has no
+    ``application_name``, so the project runs as a user of its own, and this
+    sampler, connected as root, never counts itself.
+    """
+
+    def __init__(self, user: str, interval: float = 0.02) -> None:
+        self.user = user
+        self.interval = interval
+        self.peak = 0
+        self.samples = 0
+        self._conn: Any = None
+        self._greenlet: gevent.Greenlet | None = None
+        self._stopping = False
+
+    def start(self) -> "MySQLSessionSampler":
+        import pymysql
+
+        self._conn = pymysql.connect(**mysql_root(), autocommit=True)
+        self._greenlet = gevent.spawn(self._run)
+        return self
+
+    def _run(self) -> None:
+        with self._conn.cursor() as cursor:
+            while not self._stopping:
+                cursor.execute(
+                    "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = %s",
+                    [self.user],
+                )
+                self.peak = max(self.peak, int(cursor.fetchone()[0]))
+                self.samples += 1
+                gevent.sleep(self.interval)
+
+    def stop(self) -> int:
+        self._stopping = True
+        try:
+            if self._greenlet is not None:
+                self._greenlet.join(timeout=5)
+                if not self._greenlet.dead:
+                    self._greenlet.kill(block=True, timeout=5)
+                elif self._greenlet.exception is not None:
+                    raise self._greenlet.exception
+        finally:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None
+        return self.peak
+
+
 def project_env(config: Config, db_dsn: str) -> dict[str, str]:
     """The environment of every process running the demo project."""
     env = dict(os.environ)
@@ -142,6 +245,13 @@ def project_env(config: Config, db_dsn: str) -> dict[str, str]:
         DGP_APPNAME=config.appname,
         DGP_ITEMS=str(config.items),
     )
+    if config.db == "mysql":
+        env.update(
+            DGP_DB="mysql",
+            DGP_MYSQL="{host}:{port}".format(**mysql_root()),
+            DGP_DB_USER=MYSQL_USER,
+            DGP_DB_PASSWORD=MYSQL_PASSWORD,
+        )
     # One stats line per second from the worker (DJANGO_GEVENT_POOL in the settings).
     env.setdefault("DGP_STATS_LOG", "1")
     return env
@@ -293,8 +403,18 @@ def drive(port: int, config: Config) -> tuple[Load, float]:
     return load, time.perf_counter() - started
 
 
-def count_orders(db_dsn: str) -> int:
+def count_orders(db_dsn: str, config: Config) -> int:
     """Rows in the shop's order table."""
+    if config.db == "mysql":
+        import pymysql
+
+        conn = pymysql.connect(**mysql_root(), database=config.dbname)
+        try:
+            with conn.cursor() as cursor:
+                cursor.execute("SELECT COUNT(*) FROM shop_order")
+                return int(cursor.fetchone()[0])
+        finally:
+            conn.close()
     conn = psycopg2.connect(db_dsn, application_name="dgp-demo-check")
     try:
         with conn.cursor() as cursor:
@@ -364,9 +484,14 @@ def report(result: dict[str, Any]) -> list[str]:
     print()
     print("django-gevent-pool demo")
     print(f"  server       {result['server']}, database {result['database']}")
+    counted = (
+        f"user {MYSQL_USER!r}"
+        if result["watched"].startswith("information_schema")
+        else f"application_name {result['application_name']!r}"
+    )
     print(
         f"  gunicorn     1 gevent worker (pid {result['worker_pid']}), "
-        f"MAX_CONNS={result['max_conns']}, application_name {result['application_name']!r}"
+        f"MAX_CONNS={result['max_conns']}, {counted}"
     )
     print(f"  driver       {result['driver']}, cooperative in the worker: {result['cooperative']}")
     print(
@@ -408,7 +533,7 @@ def report(result: dict[str, Any]) -> list[str]:
     )
     print(
         f"  peak server connections: {result['peak']} "
-        f"(MAX_CONNS {result['max_conns']}, {result['samples']} samples of pg_stat_activity)"
+        f"(MAX_CONNS {result['max_conns']}, {result['samples']} samples of {result['watched']})"
     )
     problems = []
     if result["errors"]:
@@ -483,11 +608,17 @@ def main() -> int:
     guard = SignalGuard()
     guard.install()
     config = Config()
-    print(f"finding a PostgreSQL server (database {config.dbname})...", flush=True)
-    with guard.held():  # an embedded server half started would outlive us
-        dsn, where = resolve_server(config)
+    if config.db not in ("postgresql", "mysql"):
+        raise SystemExit(f"DGP_DEMO_DB must be 'postgresql' or 'mysql', got {config.db!r}")
+    if config.db == "mysql":
+        print(f"finding a MySQL server (database {config.dbname})...", flush=True)
+        where, db_dsn = prepare_mysql(config), ""
+    else:
+        print(f"finding a PostgreSQL server (database {config.dbname})...", flush=True)
+        with guard.held():  # an embedded server half started would outlive us
+            dsn, where = resolve_server(config)
+        db_dsn = devserver.ensure_database(dsn, config.dbname)
     print(f"  using {where}", flush=True)
-    db_dsn = devserver.ensure_database(dsn, config.dbname)
     env = project_env(config, db_dsn)
     print(f"migrating and seeding {config.items} items...", flush=True)
     manage(env, "migrate", "--noinput", "--verbosity=0")
@@ -500,7 +631,11 @@ def main() -> int:
             proc = start_gunicorn(env, port, log)
         try:
             wait_until_up(proc, port)
-            sampler = ServerConnectionSampler(db_dsn, config.appname).start()
+            sampler: Any = (
+                MySQLSessionSampler(MYSQL_USER)
+                if config.db == "mysql"
+                else ServerConnectionSampler(db_dsn, config.appname)
+            ).start()
             try:
                 print(
                     f"driving {config.clients} clients for {config.seconds:g} s "
@@ -531,7 +666,12 @@ def main() -> int:
     extra = {
         "peak": peak,
         "samples": sampler.samples,
-        "orders": count_orders(db_dsn),
+        "orders": count_orders(db_dsn, config),
+        "watched": (
+            f"information_schema.PROCESSLIST (user {MYSQL_USER})"
+            if config.db == "mysql"
+            else "pg_stat_activity"
+        ),
         "server_warnings": server_warnings,
         "server_timing": server_timing,
         "ops_view": f"{ops_status} {ops_headers.get('location', '')}".strip(),

@@ -31,7 +31,10 @@ from psycopg2.extensions import parse_dsn
 
 from django_gevent_pool import devserver
 
-from .support import ENGINE
+from .mysql_support import root_params
+from .support import DRIVER, ENGINE
+
+__all__ = ["root_params"]  # a fixture
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 README = EXAMPLES.parent / "README.rst"
@@ -489,3 +492,52 @@ def test_pool_connections_counts_three_gunicorn_workers(server_dsn: str, tmp_pat
     )
     [flagged] = [line.strip() for line in README.read_text().splitlines() if "OVER THE CAP" in line]
     assert normalized(flagged, names) == normalized(wrong.splitlines()[-1], names)
+
+
+def test_the_demo_on_mysql_serves_without_errors_within_max_conns(
+    root_params: dict[str, Any], tmp_path: Path
+) -> None:
+    """``make demo DB=mysql``: the same load on MariaDB through the MySQL engine."""
+    import pymysql
+
+    if DRIVER != "psycopg2":
+        pytest.skip("the MySQL demo runs in the psycopg2 runs only (no PostgreSQL driver in it)")
+    out = tmp_path / "demo-mysql.json"
+    name, user = f"dgp_examples_demo_{os.getpid()}", f"dgp_demo_{os.getpid()}"
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key != "DJANGO_SETTINGS_MODULE" and not key.startswith("DGP_")
+    }
+    env.update(
+        DGP_DEMO_DB="mysql",
+        DGP_MYSQL=f"{root_params['host']}:{root_params['port']}",
+        DGP_DBNAME=name,
+        DGP_DB_USER=user,
+        DGP_DEMO_SECONDS="2",
+        DGP_DEMO_CLIENTS="50",
+        DGP_MAX_CONNS="4",
+        DGP_ITEMS="200",
+        DGP_DEMO_JSON=str(out),
+    )
+    try:
+        done = run_example("demo.py", env)
+        result = read_result(out, done)
+    finally:
+        conn = pymysql.connect(**root_params, autocommit=True)
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+                for host in ("%", "localhost", "127.0.0.1"):
+                    cur.execute(f"DROP USER IF EXISTS '{user}'@'{host}'")
+        finally:
+            conn.close()
+    assert result["driver"] == "pymysql" and result["cooperative"]
+    assert result["errors"] == 0, result["error_samples"]
+    for endpoint, row in result["endpoints"].items():
+        assert row["ok"] > 0, f"no successful {endpoint} request"
+    assert result["orders"] == result["endpoints"]["/tx/"]["ok"]
+    assert 1 <= result["peak"] <= 4, result
+    stats = result["pool_stats"]
+    assert stats["requests_queued"] > 0, "no request ever waited: the cap was never tested"
+    assert stats["requests_timeouts"] == 0

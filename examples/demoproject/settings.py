@@ -13,6 +13,11 @@ project serves ``make demo``, ``examples/script.py`` and the benchmarks:
 - ``DGP_POOL_MODE``: ``session`` (the default) or ``transaction``.
 - ``DGP_HOST_MAX_CONNS``: one budget for every process of the host (off by
   default); MAX_CONNS then defaults to it.
+- ``DGP_DB=mysql``: MySQL or MariaDB instead (``make demo DB=mysql``), on
+  ``$DGP_MYSQL`` (``host:port``, default 127.0.0.1:3306) as ``DGP_DB_USER`` /
+  ``DGP_DB_PASSWORD`` (default ``dgp_demo`` / ``dgp-demo``, the user the demo
+  creates); MySQL has no ``application_name``: the demo counts that user's
+  sessions.
 """
 
 from __future__ import annotations
@@ -80,6 +85,24 @@ DATABASES = {
         },
     }
 }
+
+if os.environ.get("DGP_DB") == "mysql":
+    _host, _, _port = os.environ.get("DGP_MYSQL", "127.0.0.1:3306").rpartition(":")
+    DATABASES["default"] = {
+        "ENGINE": "django_gevent_pool.backends.mysql",
+        "NAME": os.environ.get("DGP_DBNAME", "dgp_demo"),
+        "USER": os.environ.get("DGP_DB_USER", "dgp_demo"),
+        "PASSWORD": os.environ.get("DGP_DB_PASSWORD", "dgp-demo"),
+        "HOST": _host or "127.0.0.1",
+        "PORT": _port,
+        "CONN_MAX_AGE": 0,
+        "OPTIONS": {
+            "MAX_CONNS": MAX_CONNS,
+            "REUSE_CONNS": MAX_CONNS,
+            "POOL_TIMEOUT": 10,
+            "HOST_MAX_CONNS": HOST_MAX_CONNS,
+        },
+    }
 
 DJANGO_GEVENT_POOL = {
     # One INFO line per pool every N seconds on the django_gevent_pool.stats logger.

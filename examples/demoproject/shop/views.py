@@ -34,8 +34,9 @@ def item(request: HttpRequest, pk: int) -> JsonResponse:
 
 def sleep(request: HttpRequest) -> JsonResponse:
     """``/sleep/``: a slow query, holding a connection for SLEEP_SECONDS."""
+    sleep_sql = "SELECT SLEEP(%s)" if connection.vendor == "mysql" else "SELECT pg_sleep(%s)"
     with connection.cursor() as cursor:
-        cursor.execute("SELECT pg_sleep(%s)", [SLEEP_SECONDS])
+        cursor.execute(sleep_sql, [SLEEP_SECONDS])
     return JsonResponse({"slept": SLEEP_SECONDS})
 
 
