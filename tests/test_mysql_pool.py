@@ -450,3 +450,62 @@ def test_a_forked_child_never_uses_or_closes_the_parents_connections(
     assert result["child"]["pool"] not in result["parent"]
     assert result["same_a"]
     assert result["now"] == result["parent"]  # both sessions survived the child
+
+
+# ------------------------------------------------------------- host budget
+
+
+def test_two_pools_on_one_host_budget_never_exceed_it_on_the_server(
+    admin: Any, params: dict[str, Any], workers: Workers, tmp_path: Any
+) -> None:
+    """HOST_MAX_CONNS on MySQL: two pools of 3 on a budget of 3; 24 workers; <= 3 sessions.
+
+    A closed connection's slot is freed once the server closed its end (the
+    pool waits for the socket's EOF): with PyMySQL's sockets too, the server
+    never sees budget + 1.
+    """
+    from django_gevent_pool.hostbudget import HostBudget
+
+    budget = HostBudget(f"{params['user']}@127.0.0.1:{params['port']}/test", 3, str(tmp_path))
+    pools = [
+        ConnectionPool(
+            lambda: mysql_driver.connect(**{**params, "autocommit": True}),
+            driver="pymysql",
+            name=f"budget-{n}",
+            options={"MAX_CONNS": 3, "POOL_TIMEOUT": 10, "MAX_LIFETIME": 0.2},
+            host_budget=budget,
+        )
+        for n in range(2)
+    ]
+    finished: list[int] = []
+    peak = 0
+
+    def visit(n: int) -> None:
+        try:
+            pool = pools[n % 2]
+            for _ in range(5):
+                conn = pool.getconn()
+                try:
+                    one(conn, "SELECT SLEEP(0.02)")
+                finally:
+                    pool.putconn(conn)
+        finally:
+            finished.append(1)
+
+    try:
+        for n in range(24):
+            workers.spawn(visit, n)
+        deadline = time.monotonic() + 30
+        while len(finished) < 24 and time.monotonic() < deadline:
+            peak = max(peak, len(sessions(admin, params["user"])))
+            sleep(0.005)
+        workers.join()
+        assert not workers.errors, workers.errors[:3]
+        # MAX_LIFETIME 0.2 s: connections retire and reopen throughout, slots change hands.
+        assert sum(p.get_stats()["connections_num"] for p in pools) > 3
+        assert 1 <= peak <= 3, f"the server saw {peak} sessions (HOST_MAX_CONNS=3)"
+        for pool in pools:
+            pool.check_invariants()
+    finally:
+        for pool in pools:
+            pool.close()
