@@ -4,7 +4,8 @@ The server is ``$DGP_MYSQL`` (``host:port``, user root, no password; the
 database ``test``), by default 127.0.0.1:3306. With none reachable the tests
 skip and say why (fail under ``DGP_REQUIRE_MYSQL=1``, which ``.ci/run`` sets
 when a server answers there). They run in the psycopg2 runs of ``make test``
-(gevent and threads): the PostgreSQL driver under test changes nothing there.
+(gevent and threads) and in the Django 6.x cells of ``make test-matrix``
+(:func:`in_mysql_runs`).
 """
 
 from __future__ import annotations
@@ -21,11 +22,24 @@ from .support import DRIVER
 _users = itertools.count()
 
 
-def only_in_psycopg2_runs() -> None:
-    """Skip the calling test module outside the psycopg2 runs."""
-    if DRIVER != "psycopg2":
+def in_mysql_runs() -> bool:
+    """Do the MySQL tests run here? In the psycopg2 runs and on Django 6.x.
+
+    The PostgreSQL driver changes nothing for them: once per mode in ``make
+    test`` (its psycopg2 runs), and in the Django 6.x cells of ``make
+    test-matrix`` (run on psycopg 3), so every supported Django meets PyMySQL.
+    """
+    import django
+
+    return DRIVER == "psycopg2" or django.VERSION >= (6, 0)
+
+
+def only_in_mysql_runs() -> None:
+    """Skip the calling test module where :func:`in_mysql_runs` says no."""
+    if not in_mysql_runs():
         pytest.skip(
-            "the MySQL tests run in the psycopg2 runs only (the PostgreSQL driver changes nothing)",
+            "the MySQL tests run in the psycopg2 runs and on Django 6.x (the PostgreSQL "
+            "driver changes nothing)",
             allow_module_level=True,
         )
 

@@ -31,8 +31,8 @@ from psycopg2.extensions import parse_dsn
 
 from django_gevent_pool import devserver
 
-from .mysql_support import root_params
-from .support import DRIVER, ENGINE
+from .mysql_support import in_mysql_runs, root_params
+from .support import ENGINE
 
 __all__ = ["root_params"]  # a fixture
 
@@ -500,8 +500,8 @@ def test_the_demo_on_mysql_serves_without_errors_within_max_conns(
     """``make demo DB=mysql``: the same load on MariaDB through the MySQL engine."""
     import pymysql
 
-    if DRIVER != "psycopg2":
-        pytest.skip("the MySQL demo runs in the psycopg2 runs only (no PostgreSQL driver in it)")
+    if not in_mysql_runs():
+        pytest.skip("the MySQL demo runs in the psycopg2 runs and on Django 6.x only")
     out = tmp_path / "demo-mysql.json"
     name, user = f"dgp_examples_demo_{os.getpid()}", f"dgp_demo_{os.getpid()}"
     env = {

@@ -18,13 +18,13 @@ from typing import Any
 
 import pytest
 
-from .mysql_support import admin, one, only_in_psycopg2_runs, params, root_params, sessions
+from .mysql_support import admin, one, only_in_mysql_runs, params, root_params, sessions
 from .support import sleep
 
 __all__ = ["admin", "params", "root_params"]  # fixtures
 
 pytest.importorskip("pymysql")
-only_in_psycopg2_runs()
+only_in_mysql_runs()
 
 PRELUDE = textwrap.dedent(
     """

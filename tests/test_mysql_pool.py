@@ -27,13 +27,13 @@ from django_gevent_pool import ConnectionPool, PoolTimeout
 from django_gevent_pool.drivers import Status
 from django_gevent_pool.drivers import pymysql as mysql_driver
 
-from .mysql_support import admin, one, only_in_psycopg2_runs, params, root_params, sessions
+from .mysql_support import admin, one, only_in_mysql_runs, params, root_params, sessions
 from .support import Workers, sleep, wait_until
 
 __all__ = ["admin", "params", "root_params"]  # fixtures
 
 pymysql = pytest.importorskip("pymysql")
-only_in_psycopg2_runs()
+only_in_mysql_runs()
 
 PoolFactory = Callable[..., ConnectionPool]
 

@@ -23,11 +23,11 @@ import pytest
 from django_gevent_pool import ConnectionPool, PoolUnavailable
 from django_gevent_pool.drivers import pymysql as mysql_driver
 
-from .mysql_support import ThrowawayMariaDB, only_in_psycopg2_runs
+from .mysql_support import ThrowawayMariaDB, only_in_mysql_runs
 from .support import Workers, sleep, wait_until
 
 pymysql = pytest.importorskip("pymysql")
-only_in_psycopg2_runs()
+only_in_mysql_runs()
 
 WORKERS = 24
 # A noisy, shared 2-core machine: the 1 s promise is asserted with this slack.
