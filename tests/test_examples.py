@@ -494,14 +494,15 @@ def test_pool_connections_counts_three_gunicorn_workers(server_dsn: str, tmp_pat
     assert normalized(flagged, names) == normalized(wrong.splitlines()[-1], names)
 
 
+@pytest.mark.skipif(
+    not in_mysql_runs(), reason="the MySQL demo runs in the psycopg2 runs and on Django 6.x only"
+)
 def test_the_demo_on_mysql_serves_without_errors_within_max_conns(
     root_params: dict[str, Any], tmp_path: Path
 ) -> None:
     """``make demo DB=mysql``: the same load on MariaDB through the MySQL engine."""
     import pymysql
 
-    if not in_mysql_runs():
-        pytest.skip("the MySQL demo runs in the psycopg2 runs and on Django 6.x only")
     out = tmp_path / "demo-mysql.json"
     name, user = f"dgp_examples_demo_{os.getpid()}", f"dgp_demo_{os.getpid()}"
     env = {
