@@ -37,9 +37,8 @@ django_gevent_pool.W010      gevent patched socket and an alias uses Django's My
                              on mysqlclient, which blocks the hub
 ===========================  =================================================================
 
-The server checks (W004, E005/W005, I006, E008/W008) read PostgreSQL's
-settings: aliases on ``django_gevent_pool.backends.mysql`` are not compared
-with a MySQL server's ``max_connections`` yet.
+On MySQL (``django_gevent_pool.backends.mysql``) E005/W005, E008/W008 and
+I006 compare with the server's ``@@max_connections`` (W004 is PgBouncer's).
 
 An alias with a host budget (``HOST_MAX_CONNS``) is left out of E005/W005:
 its processes on one host open at most HOST_MAX_CONNS together, whatever
@@ -460,17 +459,15 @@ def check_servers(
     """
     if not databases:
         return []
-    pooled = {
-        alias: settings_dict
-        for alias, settings_dict in pooled_databases().items()
-        if not is_mysql_engine(settings_dict.get("ENGINE"))  # PostgreSQL's settings only
-    }
+    everything = pooled_databases()
+    mysql = {a: sd for a, sd in everything.items() if is_mysql_engine(sd.get("ENGINE"))}
+    issues = _mysql_server_issues(mysql, [a for a in dict.fromkeys(databases) if a in mysql])
+    pooled = {alias: sd for alias, sd in everything.items() if alias not in mysql}
     wanted = [alias for alias in dict.fromkeys(databases) if alias in pooled]
     if not wanted:
-        return []
+        return issues
     per_process = _max_conns_by_server(pooled)
     budgets = _budgets_by_server(pooled)
-    issues: list[CheckMessage] = []
     # label -> the first alias, its params and the option compared for it
     servers: dict[str, tuple[str, dict[str, Any], str]] = {}
     for alias in wanted:
@@ -519,6 +516,81 @@ def check_servers(
             proxied_to = "a Unix socket"
         issues.extend(_capacity_issues(label, per_process.get(label, {}), limits, proxied_to))
         issues.extend(_budget_issues(label, budgets.get(label, {}), limits, proxied_to))
+    return issues
+
+
+def _mysql_server_issues(
+    pooled: Mapping[str, dict[str, Any]], wanted: list[str]
+) -> list[CheckMessage]:
+    """E005/W005, E008/W008 and I006 for the MySQL aliases in ``wanted``.
+
+    The server's ``@@max_connections``, read once per server through a short
+    PyMySQL connection as the alias's user (a ``SUPER`` or ``CONNECTION
+    ADMIN`` user gets one more, which the app must not count on).
+    """
+    if not wanted:
+        return []
+    from .serverinfo import mysql_connection_params, mysql_server_label
+
+    per_process: dict[str, dict[str, int]] = {}
+    budgets: dict[str, dict[tuple[str, ...], int]] = {}
+    by_key: dict[tuple[str, str], tuple[list[str], int]] = {}
+    servers: dict[str, tuple[str, dict[str, Any], str]] = {}
+    for alias, settings_dict in pooled.items():
+        try:
+            options = alias_pool_options(alias, settings_dict)
+            params = mysql_connection_params(alias, settings_dict, timeout=SERVER_TIMEOUT)
+        except (ImproperlyConfigured, ImportError):
+            continue  # E001 (or Django's own settings errors) already say what is wrong
+        label = mysql_server_label(params)
+        if options.HOST_MAX_CONNS is None:
+            per_process.setdefault(label, {})[alias] = options.MAX_CONNS
+        else:
+            key = budget_key(
+                params.get("host") or params.get("unix_socket"),
+                params.get("port"),
+                params.get("database"),
+                params.get("user"),
+            )
+            aliases, size = by_key.get((label, key), ([], 0))
+            by_key[(label, key)] = ([*aliases, alias], max(size, options.HOST_MAX_CONNS))
+        if alias in wanted:
+            option = "MAX_CONNS" if options.HOST_MAX_CONNS is None else "HOST_MAX_CONNS"
+            servers.setdefault(label, (alias, params, option))
+    for (label, _key), (aliases, size) in by_key.items():
+        budgets.setdefault(label, {})[tuple(aliases)] = size
+    issues: list[CheckMessage] = []
+    for label, (alias, params, option) in servers.items():
+        import pymysql
+
+        try:
+            conn = pymysql.connect(**params)
+            try:
+                with conn.cursor() as cursor:
+                    cursor.execute("SELECT @@max_connections")
+                    max_connections = int(cursor.fetchone()[0])
+            finally:
+                conn.close()
+        except pymysql.MySQLError as exc:
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            issues.append(
+                Info(
+                    f"DATABASES[{alias!r}]: OPTIONS[{option!r}] not compared with the "
+                    f"server's max_connections: cannot reach the server ({reason}).",
+                    hint=(
+                        "Nothing to do where no server can be reached (a build step). "
+                        f"Elsewhere, check HOST and PORT of DATABASES[{alias!r}] and that "
+                        f"the server is up, then run manage.py check --database {alias} again."
+                    ),
+                    id=_id("I006"),
+                )
+            )
+            continue
+        limits = ServerLimits(max_connections=max_connections, superuser_reserved_connections=0)
+        issues.extend(
+            _capacity_issues(label, per_process.get(label, {}), limits, server_kind="mysql")
+        )
+        issues.extend(_budget_issues(label, budgets.get(label, {}), limits, server_kind="mysql"))
     return issues
 
 
@@ -579,9 +651,10 @@ def _budgets_by_server(
 
 def _server_phrases(label: str, limits: ServerLimits, proxied_to: str | None) -> tuple[str, str]:
     """What E005/W005 and E008/W008 say of the server, and of what may sit in between."""
+    reserved = f" - {limits.reserved} reserved" if limits.reserved else ""
     server = (
         f"the {limits.usable} connections the server at {label} accepts (max_connections "
-        f"{limits.max_connections} - {limits.reserved} reserved)"
+        f"{limits.max_connections}{reserved})"
     )
     between = (
         ""
@@ -592,11 +665,19 @@ def _server_phrases(label: str, limits: ServerLimits, proxied_to: str | None) ->
     return server, between
 
 
+#: What E005/W005 and E008/W008 suggest putting in front of the server, per kind of server.
+_POOLERS = {
+    "postgresql": ("PgBouncer in transaction mode", "PgBouncer's job"),
+    "mysql": ("a connection multiplexer such as ProxySQL", "a proxy's job (ProxySQL)"),
+}
+
+
 def _capacity_issues(
     label: str,
     max_conns: Mapping[str, int],
     limits: ServerLimits,
     proxied_to: str | None = None,
+    server_kind: str = "postgresql",
 ) -> list[CheckMessage]:
     """E005 / W005 for the pooled aliases of one server.
 
@@ -640,7 +721,7 @@ def _capacity_issues(
                 hint=(
                     f"Every process (gunicorn or Celery worker, script) opens up to MAX_CONNS: "
                     f"keep workers x MAX_CONNS below {usable} (e.g. 4 workers x {fit} = "
-                    f"{4 * fit}), or put PgBouncer in transaction mode in front of the server."
+                    f"{4 * fit}), or put {_POOLERS[server_kind][0]} in front of the server."
                 ),
                 id=_id("E005"),
             )
@@ -654,7 +735,7 @@ def _capacity_issues(
             hint=(
                 f"Keep workers x MAX_CONNS below {usable}: {processes} workers x {total} = "
                 f"{processes * total} is too many, 4 workers x {fit} = {4 * fit} fits. Lower "
-                "MAX_CONNS, or put PgBouncer in transaction mode in front of the server."
+                f"MAX_CONNS, or put {_POOLERS[server_kind][0]} in front of the server."
             ),
             id=_id("W005"),
         )
@@ -666,6 +747,7 @@ def _budget_issues(
     budgets: Mapping[tuple[str, ...], int],
     limits: ServerLimits,
     proxied_to: str | None = None,
+    server_kind: str = "postgresql",
 ) -> list[CheckMessage]:
     """E008 / W008 for the host budgets of one server.
 
@@ -692,10 +774,11 @@ def _budget_issues(
             f"host ({parts}),"
         )
     server, between = _server_phrases(label, limits, proxied_to)
+    pooler, job = _POOLERS[server_kind]
     across = (
         "A host budget bounds the processes of one host only (one container, with its own "
-        "lock directory, is a host of its own); a budget across hosts stays PgBouncer's job: "
-        "put PgBouncer in transaction mode in front of the server."
+        f"lock directory, is a host of its own); a budget across hosts stays {job}: "
+        f"put {pooler} in front of the server."
     )
     if total > usable:
         fit = max(1, usable // 2)

@@ -70,6 +70,51 @@ def is_mysql_engine(engine: Any) -> bool:
     return isinstance(engine, str) and engine.rstrip(".") == ENGINE_PREFIX + "mysql"
 
 
+#: The keys of Django's MySQL connection parameters a look at the server keeps.
+_MYSQL_KEYS = (
+    "host",
+    "port",
+    "user",
+    "password",
+    "unix_socket",
+    "database",
+    "ssl",
+    "ssl_ca",
+    "ssl_cert",
+    "ssl_key",
+    "ssl_disabled",
+    "ssl_verify_cert",
+    "ssl_verify_identity",
+    "charset",
+)
+
+
+def mysql_connection_params(
+    alias: str, settings_dict: dict[str, Any], *, timeout: float = CONNECT_TIMEOUT
+) -> dict[str, Any]:
+    """PyMySQL connect arguments for a short look at a MySQL alias's server.
+
+    Built by the engine's own ``get_connection_params()`` on a throwaway
+    wrapper (nothing connects), keeping only where and who (no converters,
+    no ``init_command``), every step bounded by ``timeout`` seconds.
+    """
+    from django.db.utils import load_backend
+
+    alias_pool_options(alias, settings_dict)
+    wrapper = load_backend(settings_dict["ENGINE"]).DatabaseWrapper(settings_dict, alias)
+    params = {k: v for k, v in wrapper.get_connection_params().items() if k in _MYSQL_KEYS}
+    for key in ("connect_timeout", "read_timeout", "write_timeout"):
+        params[key] = timeout
+    return params
+
+
+def mysql_server_label(params: Mapping[str, Any]) -> str:
+    """``host:port`` of PyMySQL connection parameters (``local socket`` over a Unix socket)."""
+    if params.get("unix_socket") and not params.get("host"):
+        return f"local socket {params['unix_socket']}"
+    return f"{params.get('host') or 'localhost'}:{params.get('port') or 3306}"
+
+
 def configured_databases() -> dict[str, dict[str, Any]]:
     """``settings.DATABASES`` with Django's defaults filled in, on copies.
 

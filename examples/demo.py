@@ -162,7 +162,7 @@ def prepare_mysql(config: Config) -> str:
     root = mysql_root()
     try:
         conn = pymysql.connect(**root, connect_timeout=5, autocommit=True)
-    except pymysql.err.MySQLError as exc:
+    except pymysql.MySQLError as exc:
         raise SystemExit(
             f"no MySQL server to use at {root['host']}:{root['port']} as root ({exc}); "
             "set DGP_MYSQL=host:port"

@@ -57,7 +57,7 @@ def root_params() -> dict[str, Any]:
     params = server()
     try:
         conn = pymysql.connect(**params, connect_timeout=2, autocommit=True)
-    except pymysql.err.MySQLError as exc:
+    except pymysql.MySQLError as exc:
         why = f"no MySQL server at {params['host']}:{params['port']} ({exc}); set DGP_MYSQL"
         if os.environ.get("DGP_REQUIRE_MYSQL") == "1":
             pytest.fail(f"DGP_REQUIRE_MYSQL=1 but {why}")
@@ -95,7 +95,7 @@ def params(root_params: dict[str, Any], admin: Any) -> Iterator[dict[str, Any]]:
         for (thread_id,) in cur.fetchall():
             try:
                 cur.execute(f"KILL {int(thread_id)}")
-            except pymysql.err.MySQLError:
+            except pymysql.MySQLError:
                 pass  # ended meanwhile
         for host in ("%", "localhost", "127.0.0.1"):
             cur.execute(f"DROP USER IF EXISTS '{user}'@'{host}'")
@@ -200,7 +200,7 @@ class ThrowawayMariaDB:
 
         try:
             pymysql.connect(**self.params(), connect_timeout=1).close()
-        except pymysql.err.MySQLError:
+        except pymysql.MySQLError:
             return False
         return True
 

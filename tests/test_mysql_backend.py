@@ -233,3 +233,121 @@ def test_the_system_check_says_mysqlclient_blocks_the_hub() -> None:
     )
     assert out.returncode == 0, out.stderr
     assert "django_gevent_pool.W010" in json.loads(out.stdout.strip().splitlines()[-1])
+
+
+CHECKS = textwrap.dedent(
+    """
+    import json, sys
+    params, aliases = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+    from django.conf import settings
+    def alias(port, options):
+        return {
+            "ENGINE": "django_gevent_pool.backends.mysql", "NAME": params["database"],
+            "USER": params["user"], "PASSWORD": params["password"], "HOST": params["host"],
+            "PORT": str(port), "OPTIONS": options,
+        }
+    settings.configure(
+        DATABASES={name: alias(port, options) for name, (port, options) in aliases.items()},
+        INSTALLED_APPS=["django_gevent_pool"],
+    )
+    import django
+    django.setup()
+    from django.core import checks
+    found = checks.run_checks(tags=["django_gevent_pool"], databases=list(aliases))
+    print(json.dumps([[m.id, m.msg, m.hint or ""] for m in found]))
+    """
+)
+
+
+def run_checks(params: dict[str, Any], aliases: dict[str, Any]) -> list[list[str]]:
+    out = subprocess.run(
+        [sys.executable, "-c", CHECKS, json.dumps(params), json.dumps(aliases)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 0, out.stderr
+    found: list[list[str]] = json.loads(out.stdout.strip().splitlines()[-1])
+    return found
+
+
+def test_the_server_checks_compare_with_the_mysql_servers_max_connections(
+    admin: Any, params: dict[str, Any]
+) -> None:
+    limit = int(one(admin, "SELECT @@max_connections"))
+    port = params["port"]
+    over = run_checks(params, {"default": [port, {"MAX_CONNS": limit + 1}]})
+    assert [m[0] for m in over] == ["django_gevent_pool.E005"], over
+    assert f"the {limit} connections the server at" in over[0][1]
+    assert "ProxySQL" in over[0][2] and "PgBouncer" not in over[0][2]
+    half = run_checks(params, {"default": [port, {"MAX_CONNS": limit // 2 + 1}]})
+    assert [m[0] for m in half] == ["django_gevent_pool.W005"], half
+    fine = run_checks(params, {"default": [port, {"MAX_CONNS": 10}]})
+    assert fine == []
+    budget = run_checks(params, {"default": [port, {"HOST_MAX_CONNS": limit + 1}]})
+    assert [m[0] for m in budget] == ["django_gevent_pool.E008"], budget
+    # Two aliases on one server add up: each alone fits, together they do not.
+    both = run_checks(
+        params,
+        {
+            "default": [port, {"MAX_CONNS": limit // 2}],
+            "other": [port, {"MAX_CONNS": limit // 2 + 2}],
+        },
+    )
+    assert [m[0] for m in both] == ["django_gevent_pool.E005"], both
+    nobody = run_checks(params, {"default": [1, {"MAX_CONNS": 10}]})
+    assert [m[0] for m in nobody] == ["django_gevent_pool.I006"], nobody
+
+
+TIMEOUT = PRELUDE + textwrap.dedent(
+    """
+    import django.db
+    from django_gevent_pool import PoolTimeout
+    # Nothing imports PyMySQL or the driver before Django loads the engine, as in an app.
+
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold(i):
+        if i == 0:
+            connection.ensure_connection()
+            held.set()
+            release.wait(10) if mode == "threads" else __import__("gevent").sleep(1.0)
+            connection.close()
+            return
+        held.wait(10)
+        try:
+            connection.ensure_connection()
+            outcome["error"] = None
+        except Exception as exc:
+            outcome["error"] = type(exc).__module__ + "." + type(exc).__name__
+            outcome["cause"] = type(exc.__cause__).__name__
+            outcome["pool_timeout"] = isinstance(exc.__cause__, PoolTimeout)
+        finally:
+            release.set()
+            connection.close()
+
+    outcome = {}
+    spawn_all(hold, 2)
+    import pymysql
+    from django_gevent_pool.backends.mysql.base import _stock
+    from django_gevent_pool.drivers.pymysql import DRIVER
+    outcome["driver_error_is_pymysqls"] = DRIVER.Error is pymysql.Error
+    outcome["timeout_is_databases"] = issubclass(
+        DRIVER.errors.PoolTimeout, _stock.Database.OperationalError
+    )
+    print(json.dumps(outcome))
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["gevent", "threads"])
+def test_a_checkout_timeout_is_djangos_operational_error_through_the_engine(
+    params: dict[str, Any], mode: str
+) -> None:
+    """With PyMySQL as MySQLdb, Django loads a second copy of ``pymysql.err``: the pool
+    must use the classes PyMySQL raises and Django wraps, not the copy's."""
+    got = result(run_child(TIMEOUT, mode, params, {"MAX_CONNS": 1, "POOL_TIMEOUT": 0.3}))
+    assert got["driver_error_is_pymysqls"] and got["timeout_is_databases"], got
+    assert got["error"] == "django.db.utils.OperationalError", got
+    assert got["cause"] == "PoolTimeout" and got["pool_timeout"], got

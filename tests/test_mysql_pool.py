@@ -145,7 +145,7 @@ def test_a_failed_statement_with_autocommit_off_counts_as_in_a_transaction(
     conn = pool.getconn()
     one(conn, "ROLLBACK")  # an OK packet: no transaction, autocommit off
     assert mysql_driver.DRIVER.status(conn) is Status.IDLE
-    with pytest.raises(pymysql.err.MySQLError):
+    with pytest.raises(pymysql.MySQLError):
         # Locks row 7 before failing on it: the transaction is open on the server.
         one(conn, "INSERT INTO dgp_rows SELECT id FROM dgp_rows WHERE id = 7 FOR UPDATE")
     assert one(admin, "SELECT COUNT(*) FROM information_schema.INNODB_TRX") >= 0
@@ -166,7 +166,7 @@ def test_an_error_in_autocommit_leaves_the_connection_idle_and_reused(
     pool = make_pool(MAX_CONNS=1)
     conn = pool.getconn()
     thread_id = conn.thread_id()
-    with pytest.raises(pymysql.err.ProgrammingError):
+    with pytest.raises(pymysql.ProgrammingError):
         one(conn, "SELECT * FROM no_such_table")
     assert mysql_driver.DRIVER.status(conn) is Status.IDLE
     pool.putconn(conn)
@@ -293,7 +293,7 @@ def test_a_connection_returned_while_its_query_runs_is_severed_and_its_session_k
     )
     assert time.monotonic() - started < 1.0
     workers.join()
-    assert isinstance(failures[0], pymysql.err.MySQLError)
+    assert isinstance(failures[0], pymysql.MySQLError)
     assert pool.get_stats()["returns_bad"] == 1
     fresh = pool.getconn()
     assert fresh.thread_id() != thread_id and one(fresh, "SELECT 1") == 1
@@ -362,7 +362,7 @@ def test_the_pool_errors_are_pymysql_operational_errors(make_pool: PoolFactory) 
     held = pool.getconn()
     with pytest.raises(PoolTimeout) as caught:
         pool.getconn()
-    assert isinstance(caught.value, pymysql.err.OperationalError)
+    assert isinstance(caught.value, pymysql.OperationalError)
     assert "MAX_CONNS=1" in str(caught.value)
     pool.putconn(held)
 

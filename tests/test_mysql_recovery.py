@@ -72,14 +72,14 @@ class Load:
             started = time.monotonic()
             try:
                 conn = self.pool.getconn()
-            except pymysql.err.OperationalError as exc:
+            except pymysql.OperationalError as exc:
                 self._record(Outcome(started, time.monotonic(), False, exc))
                 sleep(0.01)
                 continue
             try:
                 with conn.cursor() as cur:
                     cur.execute("SELECT 1")
-            except pymysql.err.MySQLError as exc:
+            except pymysql.MySQLError as exc:
                 self._record(Outcome(started, time.monotonic(), False, exc))
             else:
                 self._record(Outcome(started, time.monotonic(), True))
@@ -111,7 +111,7 @@ class Load:
             if outcome.ok or not isinstance(outcome.error, PoolUnavailable):
                 continue
             assert outcome.ended - outcome.started < FAILS_WITHIN, outcome
-            assert isinstance(outcome.error.__cause__, pymysql.err.MySQLError), outcome
+            assert isinstance(outcome.error.__cause__, pymysql.MySQLError), outcome
 
 
 class CountingConnect:

@@ -7,10 +7,11 @@ protocol:
 
 - **The transaction status** is the ``SERVER_STATUS_IN_TRANS`` and
   ``SERVER_STATUS_AUTOCOMMIT`` flags of the last OK packet (no round trip).
-  An error packet carries no status, so a connection with autocommit off may
-  be in a transaction its last status does not show (a failing first
-  statement opens one): autocommit off counts as INTRANS, and gets a
-  rollback before reuse.
+  An error packet carries no status, and PyMySQL keeps none from the EOF
+  packet that ends a result set, so a connection with autocommit off may be
+  in a transaction its last status does not show (a failing first statement
+  opens one; so does a ``SELECT`` or an ``INSERT ... RETURNING``): autocommit
+  off after either counts as INTRANS, and gets a rollback before reuse.
 - **A command in flight** is known only to the connection object, so the
   pool's connections are :class:`PooledConnection`, which marks each command
   from its first byte sent until its response is read: a connection left
@@ -24,6 +25,13 @@ protocol:
   in the background (:func:`kill_in_background`, bounded by
   :data:`KILL_TIMEOUT`), and so does :meth:`PyMySQLDriver.sever`.
 - **The ping** is ``COM_PING``, never reconnecting.
+
+PyMySQL's error classes are taken from the package (``pymysql.Error``...),
+never from ``pymysql.err``: once PyMySQL stands in for ``MySQLdb``, Django's
+``from MySQLdb.converters import ...`` loads a second copy of ``pymysql.err``
+(as ``MySQLdb.err``) and rebinds the package's ``err`` attribute to it, while
+PyMySQL goes on raising the first copy's classes, which Django's
+``Database.Error`` and the package's names are.
 """
 
 from __future__ import annotations
@@ -66,7 +74,9 @@ class PooledConnection(pymysql.connections.Connection):  # type: ignore[misc]
 
     _dgp_busy = False
     _dgp_killed = False
-    _dgp_unsure = False  # an error packet came after the last status: a transaction may be open
+    # An error packet or a result set (no status kept) came after the last
+    # status: with autocommit off, a transaction may be open.
+    _dgp_unsure = False
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs["client_flag"] = kwargs.get("client_flag", 0) | CLIENT.MULTI_STATEMENTS
@@ -75,7 +85,7 @@ class PooledConnection(pymysql.connections.Connection):  # type: ignore[misc]
     def fileno(self) -> int:
         sock = self._sock
         if sock is None:
-            raise pymysql.err.InterfaceError(0, "the connection is closed")
+            raise pymysql.InterfaceError(0, "the connection is closed")
         return int(sock.fileno())
 
     def _execute_command(self, command: int, sql: Any) -> None:
@@ -99,6 +109,11 @@ class PooledConnection(pymysql.connections.Connection):  # type: ignore[misc]
             self._dgp_read(failed=True)
             raise
         self._dgp_read()
+        result = self._result
+        if result is not None and result.server_status is None:
+            # A result set: its EOF packet's status is not kept, server_status
+            # is still the last OK packet's (say, SET autocommit=0's).
+            self._dgp_unsure = True
         return rows
 
     def set_character_set(self, charset: str, collation: str | None = None) -> None:
@@ -182,7 +197,7 @@ def kill_in_background(conn: Any) -> None:
         try:
             with side.cursor() as cursor:
                 cursor.execute(f"KILL {thread_id:d}")
-        except pymysql.err.MySQLError as exc:
+        except pymysql.MySQLError as exc:
             logger.debug("KILL %d: %s", thread_id, exc)
         except Exception:
             logger.debug("could not kill session %d", thread_id, exc_info=True)
@@ -212,8 +227,8 @@ class PyMySQLDriver:
     """
 
     name = "pymysql"
-    Error = pymysql.err.Error
-    errors = flavoured(pymysql.err.OperationalError, pymysql.err.ProgrammingError)
+    Error = pymysql.Error
+    errors = flavoured(pymysql.OperationalError, pymysql.ProgrammingError)
 
     def status(self, conn: Any) -> Status:
         try:
@@ -242,7 +257,7 @@ class PyMySQLDriver:
     def fileno(self, conn: Any) -> int:
         sock = conn._sock
         if sock is None:
-            raise pymysql.err.InterfaceError(0, "the connection is closed")
+            raise pymysql.InterfaceError(0, "the connection is closed")
         return int(sock.fileno())
 
     def ping(self, conn: Any) -> None:
