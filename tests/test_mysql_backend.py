@@ -351,3 +351,36 @@ def test_a_checkout_timeout_is_djangos_operational_error_through_the_engine(
     assert got["driver_error_is_pymysqls"] and got["timeout_is_databases"], got
     assert got["error"] == "django.db.utils.OperationalError", got
     assert got["cause"] == "PoolTimeout" and got["pool_timeout"], got
+
+
+KEPT_CURSOR = PRELUDE + textwrap.dedent(
+    """
+    from django.db import ProgrammingError, InterfaceError
+    cursor = connection.cursor()
+    cursor.execute("SELECT CONNECTION_ID()")
+    first = cursor.fetchone()[0]
+    connection.close()  # back to the pool; the cursor is kept
+    # Someone else borrows the same connection.
+    with connection.cursor() as other:
+        other.execute("SET @owner = 'the next borrower'")
+        other.execute("SELECT CONNECTION_ID()")
+        second = other.fetchone()[0]
+        try:
+            cursor.execute("SELECT @owner")
+            leaked = cursor.fetchone()[0]
+        except (ProgrammingError, InterfaceError) as exc:
+            leaked = None
+            error = type(exc).__name__ + ": " + str(exc)
+    connection.close()
+    print(json.dumps({"same": first == second, "leaked": leaked, "error": error}))
+    """
+)
+
+
+def test_a_cursor_kept_past_the_return_fails_instead_of_reaching_the_next_borrower(
+    params: dict[str, Any],
+) -> None:
+    got = result(run_child(KEPT_CURSOR, "gevent", params, {"MAX_CONNS": 1}))
+    assert got["same"], "the next borrower got the same connection"
+    assert got["leaked"] is None, got
+    assert "closed" in got["error"].lower(), got
