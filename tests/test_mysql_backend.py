@@ -384,3 +384,62 @@ def test_a_cursor_kept_past_the_return_fails_instead_of_reaching_the_next_borrow
     assert got["same"], "the next borrower got the same connection"
     assert got["leaked"] is None, got
     assert "closed" in got["error"].lower(), got
+
+
+COMMAND = PRELUDE + textwrap.dedent(
+    """
+    import io
+    from django.core.management import call_command
+    holding, release = threading.Event(), threading.Event()
+    held = []
+
+    def hold(i):
+        connection.ensure_connection()
+        held.append(i)
+        if len(held) == 3:
+            holding.set()
+        if mode == "gevent":
+            import gevent
+            while not release.is_set():
+                gevent.sleep(0.01)
+        else:
+            release.wait(10)
+        connection.close()
+
+    def look(i):
+        if i < 3:
+            return hold(i)
+        holding.wait(10)
+        out = io.StringIO()
+        call_command("pool_connections", "--json", "--workers", "2", stdout=out)
+        report["json"] = json.loads(out.getvalue())
+        out = io.StringIO()
+        call_command("pool_connections", stdout=out)
+        report["text"] = out.getvalue()
+        release.set()
+
+    report = {}
+    spawn_all(look, 4)
+    print(json.dumps(report))
+    """
+)
+
+
+@pytest.mark.parametrize("mode", ["gevent", "threads"])
+def test_pool_connections_reads_the_mysql_servers_processlist(
+    admin: Any, params: dict[str, Any], mode: str
+) -> None:
+    got = result(run_child(COMMAND, mode, params, {"MAX_CONNS": 4}))
+    report, text = got["json"], got["text"]
+    alias = report["aliases"]["default"]
+    assert alias["connections"] == 3 and alias["user"] == params["user"], alias
+    assert alias["expected_max_per_host"] == 8  # 2 workers x MAX_CONNS 4
+    (server,) = report["servers"]
+    assert server["kind"] == "mysql"
+    assert server["max_connections"] == int(one(admin, "SELECT @@max_connections"))
+    assert server["this_app"] == 3
+    # The command's own session is left out of every count.
+    assert not set(server["excluded_pids"]) & {
+        pid for group in server["groups"] if group["this_app"] for pid in group["pids"]
+    }
+    assert "as information_schema.PROCESSLIST shows it" in text

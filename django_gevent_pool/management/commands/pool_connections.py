@@ -16,7 +16,11 @@ all processes of this host, and those held by the command's own process
 from here; their connections are in ``pg_stat_activity`` all the same.
 
 The command uses its own short-lived psycopg2 connection per alias (never the
-pool), in one read-only transaction, and leaves it out of every count. It
+pool), in one read-only transaction, and leaves it out of every count. For a
+MySQL alias (``django_gevent_pool.backends.mysql``) it reads
+``information_schema.PROCESSLIST`` through a PyMySQL connection instead: MySQL
+has no ``application_name`` nor connect time, so an alias's sessions are those
+of its user and database, and their age is not shown. It
 exits non-zero, naming the alias, when a server cannot be reached or does not
 answer.
 """
@@ -25,8 +29,8 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
-from contextlib import ExitStack
+from collections.abc import Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -44,6 +48,8 @@ from ...serverinfo import (
     configured_databases,
     connection_params,
     is_mysql_engine,
+    mysql_connection_params,
+    mysql_server_label,
     pooled_databases,
     server_label,
     server_limits,
@@ -64,6 +70,44 @@ ORDER BY backend_start
 """
 
 
+#: MySQL's client sessions (``information_schema.PROCESSLIST``; no connect time there).
+_MYSQL_ACTIVITY_SQL = """
+SELECT ID, DB, USER, HOST, COMMAND, TIME
+FROM information_schema.PROCESSLIST
+WHERE COMMAND NOT IN ('Daemon', 'Binlog Dump', 'Binlog Dump GTID', 'Slave_IO', 'Slave_SQL',
+                      'Slave_worker')
+  AND USER NOT IN ('system user', 'event_scheduler')
+ORDER BY ID
+"""
+
+
+def _driver_errors() -> tuple[type[BaseException], ...]:
+    """The errors a look at a server may raise: psycopg2's, and PyMySQL's when installed."""
+    try:
+        import pymysql
+    except ImportError:
+        return (psycopg2.Error,)
+    return (psycopg2.Error, pymysql.MySQLError)
+
+
+@contextmanager
+def _mysql_connection(params: dict[str, Any], label: str) -> Iterator[Any]:
+    """A plain PyMySQL connection for a look at a MySQL server; ServerUnreachable if none."""
+    import pymysql
+
+    try:
+        conn = pymysql.connect(**params, autocommit=True)
+    except pymysql.MySQLError as exc:
+        raise ServerUnreachable(f"{label}: {_one_line(exc)}") from exc
+    try:
+        yield conn
+    finally:
+        try:
+            conn.close()
+        except pymysql.MySQLError:
+            pass  # closing a look-only connection is best effort
+
+
 @dataclass
 class _Alias:
     """A pooled alias and, once connected, who the server says it is."""
@@ -78,6 +122,7 @@ class _Alias:
     database: str = ""
     user: str = ""
     own_pid: int = 0
+    mysql: bool = False  # a MySQL alias: PROCESSLIST instead of pg_stat_activity
 
 
 @dataclass
@@ -194,22 +239,27 @@ class Command(BaseCommand):
         }
         with ExitStack() as stack:
             servers: dict[tuple[Any, ...], list[tuple[_Alias, Any]]] = {}
+            errors = _driver_errors()
             for entry in aliases:
                 try:
-                    conn = stack.enter_context(brief_connection(entry.params, timeout=timeout))
+                    conn = stack.enter_context(
+                        _mysql_connection(entry.params, entry.label)
+                        if entry.mysql
+                        else brief_connection(entry.params, timeout=timeout)
+                    )
                 except ServerUnreachable as exc:
                     report["unreachable"][entry.alias] = str(exc)
                     continue
                 try:
                     key = _identify(entry, conn)
-                except psycopg2.Error as exc:
+                except errors as exc:
                     report["unreachable"][entry.alias] = f"{entry.label}: {_one_line(exc)}"
                     continue
                 servers.setdefault(key, []).append((entry, conn))
             for members in servers.values():
                 try:
                     self._look(members, workers, report)
-                except psycopg2.Error as exc:
+                except errors as exc:
                     for entry, _ in members:
                         report["unreachable"][entry.alias] = f"{entry.label}: {_one_line(exc)}"
         report["verdict"] = "\n".join(server["verdict"] for server in report["servers"])
@@ -245,41 +295,35 @@ class Command(BaseCommand):
             chosen = list(pooled)
             if not chosen:
                 raise CommandError("no DATABASES alias uses a django_gevent_pool ENGINE")
-        mysql = [alias for alias in chosen if is_mysql_engine(pooled[alias].get("ENGINE"))]
-        if requested and mysql:
-            raise CommandError(
-                f"DATABASES[{mysql[0]!r}] is a MySQL alias: this command reads PostgreSQL's "
-                "activity only (the pool's own counts are in get_stats() and Prometheus)"
-            )
-        chosen = [alias for alias in chosen if alias not in mysql]
-        if not chosen:
-            raise CommandError(
-                "no DATABASES alias uses a django_gevent_pool PostgreSQL ENGINE (this command "
-                "reads PostgreSQL's activity only)"
-            )
         result = []
         for alias in chosen:
             settings_dict = pooled[alias]
+            mysql = is_mysql_engine(settings_dict.get("ENGINE"))
             try:
                 pool_options = alias_pool_options(alias, settings_dict)
-                params = connection_params(
-                    alias,
-                    settings_dict,
-                    application_name=APPLICATION_NAME,
-                    connect_timeout=max(2, int(timeout)),
-                )
+                if mysql:
+                    params = mysql_connection_params(alias, settings_dict, timeout=timeout)
+                else:
+                    params = connection_params(
+                        alias,
+                        settings_dict,
+                        application_name=APPLICATION_NAME,
+                        connect_timeout=max(2, int(timeout)),
+                    )
             except ImproperlyConfigured as exc:
                 raise CommandError(str(exc)) from exc
-            app_name = settings_dict["OPTIONS"].get("application_name")
+            # MySQL has no application_name: its sessions are told apart by user.
+            app_name = None if mysql else settings_dict["OPTIONS"].get("application_name")
             result.append(
                 _Alias(
                     alias=alias,
                     params=params,
                     max_conns=pool_options.MAX_CONNS,
                     application_name=str(app_name) if app_name else None,
-                    label=server_label(params),
+                    label=mysql_server_label(params) if mysql else server_label(params),
                     host_max_conns=pool_options.HOST_MAX_CONNS,
                     host_lock_dir=pool_options.HOST_LOCK_DIR,
+                    mysql=mysql,
                 )
             )
         return result
@@ -295,12 +339,21 @@ class Command(BaseCommand):
         """
         entries = [entry for entry, _ in members]
         conn = members[0][1]
-        limits = server_limits(conn)
-        with conn.cursor() as cur:
-            cur.execute(_ACTIVITY_SQL)
-            raw_rows = cur.fetchall()
+        mysql = entries[0].mysql
+        if mysql:
+            with conn.cursor() as cur:
+                cur.execute("SELECT @@max_connections")
+                limits = ServerLimits(int(cur.fetchone()[0]), 0)
+                cur.execute(_MYSQL_ACTIVITY_SQL)
+                raw_rows = cur.fetchall()
+        else:
+            limits = server_limits(conn)
+            with conn.cursor() as cur:
+                cur.execute(_ACTIVITY_SQL)
+                raw_rows = cur.fetchall()
         own = {entry.own_pid for entry in entries}
-        rows = [_row(raw) for raw in raw_rows if raw[0] not in own]
+        make_row = _mysql_row if mysql else _row
+        rows = [make_row(raw) for raw in raw_rows if raw[0] not in own]
         _attribute(rows, entries)
         alias_reports = {
             entry.alias: _alias_report(
@@ -311,9 +364,9 @@ class Command(BaseCommand):
         report["aliases"].update(alias_reports)
         labels = list(dict.fromkeys(entry.label for entry in entries))
         label = labels[0] + (f" (also reached at {', '.join(labels[1:])})" if labels[1:] else "")
-        report["servers"].append(
-            _server_report(label, limits, rows, entries, alias_reports, workers, own)
-        )
+        server = _server_report(label, limits, rows, entries, alias_reports, workers, own)
+        server["kind"] = "mysql" if mysql else "postgresql"
+        report["servers"].append(server)
 
 
 def _host_budget(entry: _Alias) -> dict[str, Any]:
@@ -328,7 +381,10 @@ def _host_budget(entry: _Alias) -> dict[str, Any]:
     assert entry.host_max_conns is not None
     params = entry.params
     key = budget_key(
-        params.get("host"), params.get("port"), params.get("dbname"), params.get("user")
+        params.get("host") or params.get("unix_socket"),
+        params.get("port"),
+        params.get("dbname") or params.get("database"),
+        params.get("user"),
     )
     result: dict[str, Any] = {
         "key": key,
@@ -366,12 +422,40 @@ def _identify(entry: _Alias, conn: Any) -> tuple[Any, ...]:
     PgBouncer) share it; over a Unix socket, the configured label.
     """
     with conn.cursor() as cur:
+        if entry.mysql:
+            # The server's own name and port: aliases reaching it at two addresses share it.
+            cur.execute(
+                "SELECT CONNECTION_ID(), DATABASE(), SUBSTRING_INDEX(USER(), '@', 1), "
+                "@@hostname, @@port"
+            )
+            own, database, user, hostname, port = cur.fetchone()
+            entry.own_pid, entry.user = int(own), user
+            entry.database = str(entry.params.get("database") or database or "")
+            return ("mysql", hostname, int(port))
         cur.execute(
             "SELECT pg_backend_pid(), current_database(), session_user, "
             "host(inet_server_addr()), inet_server_port()"
         )
         entry.own_pid, entry.database, entry.user, addr, port = cur.fetchone()
     return ("socket", entry.label) if addr is None else ("tcp", addr, port)
+
+
+def _mysql_row(raw: Sequence[Any]) -> _Row:
+    thread_id, db, user, host, command, seconds = raw
+    client = str(host or "")
+    if client.rpartition(":")[2].isdigit():
+        client = client.rpartition(":")[0]  # the client's port: one per connection
+    return _Row(
+        pid=int(thread_id),
+        datname=db or "",
+        usename=user or "",
+        application_name="",
+        client=client or "local socket",
+        backend_start=None,
+        backend_age=None,
+        state="idle" if command == "Sleep" else str(command).lower(),
+        state_seconds=float(seconds) if seconds is not None else None,
+    )
 
 
 def _row(raw: Sequence[Any]) -> _Row:
@@ -572,14 +656,23 @@ def _human(report: dict[str, Any]) -> list[str]:
             if len(own) == 1
             else f"own connections, pids {', '.join(str(pid) for pid in own)}, are"
         )
+        mysql = server.get("kind") == "mysql"
+        if mysql:
+            which = which.replace("pid", "thread id")
         lines.append(
-            f"PostgreSQL at {server['server']}, as pg_stat_activity shows it "
+            f"{'MySQL' if mysql else 'PostgreSQL'} at {server['server']}, as "
+            f"{'information_schema.PROCESSLIST' if mysql else 'pg_stat_activity'} shows it "
             f"(this command's {which} excluded)"
         )
         reserved = server["superuser_reserved_connections"] + server["reserved_connections"]
+        usable = (
+            f"max_connections {server['max_connections']}"
+            if mysql
+            else f"max_connections {server['max_connections']} - {reserved} reserved = "
+            f"{server['usable_connections']} usable"
+        )
         lines.append(
-            f"  max_connections {server['max_connections']} - {reserved} reserved = "
-            f"{server['usable_connections']} usable; {server['in_use']} client connections in "
+            f"  {usable}; {server['in_use']} client connections in "
             f"use: this app {server['this_app']}, other clients {server['other_clients']}"
         )
         lines.append("")
