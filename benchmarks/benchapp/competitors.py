@@ -92,7 +92,7 @@ class Competitor:
 
     key: str
     label: str
-    driver: str  # "psycopg2" or "psycopg"
+    driver: str  # "psycopg2" or "psycopg" (or "pymysql": the mysql scenario)
     hide_psycopg: bool
     pgbouncer: bool = False
     capped_by_gunicorn: bool = False
@@ -265,6 +265,68 @@ SKEW_CONFIGS: dict[str, Competitor] = {
     ),
 }
 
+#: The competitors of the ``mysql`` scenario (``benchkit/mysqlbench.py``): the
+#: primary-key view served from MySQL/MariaDB, each as a MySQL user of its own
+#: (``MYSQL_USERS``: MySQL has no application_name, its sessions are counted by
+#: user in ``information_schema.PROCESSLIST``). Not HTTP competitors of the
+#: PostgreSQL scenarios: served only by that scenario.
+MYSQL_OURS = "mysql-ours"
+MYSQL_STOCK_AGE0 = "mysql-stock-age0"
+MYSQL_STOCK_AGE60 = "mysql-stock-age60"
+MYSQL_GEVENTPOOL = "mysql-geventpool"
+MYSQL_CONFIGS: dict[str, Competitor] = {
+    MYSQL_OURS: Competitor(
+        MYSQL_OURS,
+        "django-gevent-pool (ours, MySQL engine)",
+        "pymysql",
+        hide_psycopg=False,
+        ours=True,
+        notes=(
+            "installed from the working tree; django_gevent_pool.backends.mysql (Django's MySQL"
+            " backend on PyMySQL, which the engine installs as MySQLdb itself),"
+            " MAX_CONNS = REUSE_CONNS, POOL_TIMEOUT 10"
+        ),
+    ),
+    MYSQL_STOCK_AGE0: Competitor(
+        MYSQL_STOCK_AGE0,
+        "Django stock MySQL, CONN_MAX_AGE=0",
+        "pymysql",
+        hide_psycopg=False,
+        capped_by_gunicorn=True,
+        notes="PyMySQL installed as MySQLdb in the worker; a new server connection per request",
+    ),
+    MYSQL_STOCK_AGE60: Competitor(
+        MYSQL_STOCK_AGE60,
+        "Django stock MySQL, CONN_MAX_AGE=60",
+        "pymysql",
+        hide_psycopg=False,
+        capped_by_gunicorn=True,
+        notes=(
+            "PyMySQL installed as MySQLdb in the worker; persistent: one connection per"
+            " greenlet (= per keep-alive client)"
+        ),
+    ),
+    MYSQL_GEVENTPOOL: Competitor(
+        MYSQL_GEVENTPOOL,
+        "django-mysql-geventpool 0.2.5",
+        "pymysql",
+        hide_psycopg=False,
+        notes=(
+            "PyMySQL installed as MySQLdb in the worker; OPTIONS MAX_CONNS; a gevent Queue"
+            " with no checkout timeout, ping() on every checkout"
+        ),
+    ),
+}
+#: The MySQL user each competitor of the ``mysql`` scenario connects as.
+MYSQL_USERS: dict[str, str] = {
+    MYSQL_OURS: "dgpb_ours",
+    MYSQL_STOCK_AGE0: "dgpb_age0",
+    MYSQL_STOCK_AGE60: "dgpb_age60",
+    MYSQL_GEVENTPOOL: "dgpb_dmg",
+}
+#: Their password (loopback only; the users are dropped at the end of the scenario).
+MYSQL_PASSWORD = "dgpb-bench"
+
 #: Micro-only variant: our pool without Django (``ConnectionPool.getconn``/``putconn``).
 MICRO_BARE = "ours-bare"
 
@@ -376,7 +438,39 @@ def database(
                 "application_name": name,
             },
         }
+    if key in MYSQL_CONFIGS:
+        return mysql_database(key, common, max_conns, pool_timeout)
     raise ValueError(f"competitor {key!r} is not served by Django")
+
+
+def mysql_database(
+    key: str, common: dict[str, Any], max_conns: int, pool_timeout: float
+) -> dict[str, Any]:
+    """The ``DATABASES["default"]`` entry of a competitor of the ``mysql`` scenario."""
+    if key == MYSQL_OURS:
+        return {
+            **common,
+            "ENGINE": "django_gevent_pool.backends.mysql",
+            "CONN_MAX_AGE": 0,
+            "OPTIONS": {
+                "MAX_CONNS": max_conns,
+                "REUSE_CONNS": max_conns,
+                "POOL_TIMEOUT": pool_timeout,
+            },
+        }
+    if key == MYSQL_GEVENTPOOL:
+        return {
+            **common,
+            "ENGINE": "django_mysql_geventpool.backends.mysql",
+            "CONN_MAX_AGE": 0,
+            "OPTIONS": {"MAX_CONNS": max_conns},
+        }
+    return {
+        **common,
+        "ENGINE": "django.db.backends.mysql",
+        "CONN_MAX_AGE": 60 if key == MYSQL_STOCK_AGE60 else 0,
+        "OPTIONS": {},
+    }
 
 
 def make_psycopg2_cooperative(key: str) -> None:
@@ -387,8 +481,17 @@ def make_psycopg2_cooperative(key: str) -> None:
     competitors need none: Django's native pool gets psycopg's own
     gevent-friendly wait (picked when ``psycopg`` is imported after the
     monkey-patching, as in a gunicorn gevent worker without ``--preload``), and
-    ours on psycopg 3 installs its own when its pool is made.
+    ours on psycopg 3 installs its own when its pool is made. The ``mysql``
+    scenario's competitors other than ours get PyMySQL installed as ``MySQLdb``.
     """
+    if key in MYSQL_CONFIGS:
+        if not MYSQL_CONFIGS[key].ours:
+            # What a gevent user of the stock backend (or of django-mysql-geventpool) must
+            # do: mysqlclient's C waits would block the hub. Ours does it in its engine.
+            import pymysql
+
+            pymysql.install_as_MySQLdb()
+        return
     competitor = BY_KEY.get(key) or SKEW_CONFIGS.get(key)
     if competitor is not None and competitor.driver == "psycopg":
         return

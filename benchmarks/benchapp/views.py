@@ -180,10 +180,13 @@ def warm(request: HttpRequest) -> JsonResponse:
     """
     import gevent
 
+    # The mysql scenario's competitors hold theirs with MySQL's SLEEP().
+    sleep_sql = "SELECT SLEEP(%s)" if connection.vendor == "mysql" else "SELECT pg_sleep(%s)"
+
     def hold() -> None:
         try:
             with connection.cursor() as cursor:  # this greenlet's own connection
-                cursor.execute("SELECT pg_sleep(%s)", [SLEEP_SECONDS])
+                cursor.execute(sleep_sql, [SLEEP_SECONDS])
         finally:
             connection.close()
 

@@ -17,6 +17,9 @@ from typing import Any
 from benchapp.competitors import (
     BY_KEY,
     MICRO_BARE,
+    MYSQL_CONFIGS,
+    MYSQL_GEVENTPOOL,
+    MYSQL_OURS,
     OURS_PSYCOPG3,
     OURS_TRANSACTION,
     PG_REAL_POOL,
@@ -128,6 +131,7 @@ def summarize(
     records: list[dict[str, Any]],
     config: dict[str, Any],
     skipped: dict[str, str] | None = None,
+    mysql: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Medians, spreads and per-round ratios to ``raw``, by scenario, view and competitor."""
     http: dict[str, dict[str, Any]] = {}
@@ -208,9 +212,11 @@ def summarize(
             "errors": sum(r["errors"] for r in mine),
             "peak_server_conns": max(r["peak_total"] for r in mine),
         }
+    mysql_found = mysql_summary(records, mysql or {})
     spreads = [c["spread"] for v in http.values() for c in v.values()] + [
         c["spread"] for c in micro.values()
     ]
+    spreads += [c["spread"] for c in mysql_found.get("competitors", {}).values()]
     server_sleep = [r["sleep_rps"] for r in records if r["scenario"] == "server"]
     return {
         "http": http,
@@ -218,6 +224,7 @@ def summarize(
         "psycopg3": psycopg3_comparison(http, micro),
         "pool_mode": pool_mode_comparison(http, micro, config["workers"]),
         "skewed": skewed_summary(records),
+        "mysql": mysql_found,
         "skipped": dict(skipped or {}),
         "sleep_ceiling_rps": config["workers"] * config["max_conns"] / SLEEP_SECONDS,
         # What a pool lending one connection per request can serve on /wait/ at most.
@@ -481,8 +488,12 @@ def pool_mode_lines(summary: dict[str, Any], config: dict[str, Any]) -> list[str
 
 
 def skipped_lines(summary: dict[str, Any]) -> list[str]:
-    """Competitors left out of the run, and why."""
-    return [f"{key} skipped: {why}" for key, why in summary.get("skipped", {}).items()]
+    """Competitors (and the mysql scenario) left out of the run, and why."""
+    lines = [f"{key} skipped: {why}" for key, why in summary.get("skipped", {}).items()]
+    why = ((summary.get("mysql") or {}).get("server") or {}).get("skipped")
+    if why:
+        lines.append(f"mysql scenario skipped: {why}")
+    return lines
 
 
 # ------------------------------------------------------------------ skewed
@@ -701,6 +712,170 @@ def skewed_lines(found: dict[str, Any]) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------------ mysql
+
+#: The mysql scenario's target: ours against django-mysql-geventpool on the pk view.
+MYSQL_VS_GEVENTPOOL = 1.0
+MYSQL_TARGET = "mysql pk view"
+
+
+def mysql_summary(records: list[dict[str, Any]], server: dict[str, Any]) -> dict[str, Any]:
+    """The ``mysql`` scenario: medians per competitor, and ours / each other one.
+
+    Empty when the scenario was not asked for; only ``server`` (with
+    ``skipped``, the reason) when it was skipped. Ratios are taken round by
+    round (ours and the other competitor a few seconds apart in the same
+    round), then the median: ``rps`` > 1 and ``p99`` < 1 mean ours better.
+    """
+    if not server:
+        return {}
+    rows = [r for r in records if r["scenario"] == "mysql"]
+    competitors: dict[str, Any] = {}
+    for key in (k for k in MYSQL_CONFIGS if any(r["competitor"] == k for r in rows)):
+        mine = [r for r in rows if r["competitor"] == key]
+        rps = [r["rps"] for r in mine]
+        competitors[key] = {
+            "label": MYSQL_CONFIGS[key].label,
+            "user": mine[0]["user"],
+            "rounds": len(mine),
+            "clients": mine[0]["clients"],
+            "rps": median(rps),
+            "rps_min": min(rps),
+            "rps_max": max(rps),
+            "spread": spread(rps),
+            "p50_ms": median(r["p50_ms"] for r in mine),
+            "p99_ms": median(r["p99_ms"] for r in mine),
+            "p99_ms_max": max(r["p99_ms"] for r in mine),
+            "errors": sum(r["errors"] for r in mine),
+            "non2xx": sum(r["non2xx"] for r in mine),
+            "socket_errors": sum(r["socket_errors"] for r in mine),
+            "busy_share": _optional_median(r["busy_share"] for r in mine),
+            "peak_server_conns": max(r["peak_total"] for r in mine),
+            "peak_life": max(r["peak_life"] for r in mine),
+            "pool": pool_counters(mine),
+        }
+    ours = {r["round"]: r for r in rows if r["competitor"] == MYSQL_OURS}
+    ratios: dict[str, Any] = {}
+    for key in competitors:
+        if key == MYSQL_OURS:
+            continue
+        pairs = [
+            (ours[r["round"]], r) for r in rows if r["competitor"] == key and r["round"] in ours
+        ]
+        rps = [a["rps"] / b["rps"] for a, b in pairs if b["rps"]]
+        p99 = [a["p99_ms"] / b["p99_ms"] for a, b in pairs if b["p99_ms"]]
+        ratios[key] = {
+            "rps": median(rps) if rps else None,
+            "rps_rounds": rps,
+            "p99": median(p99) if p99 else None,
+            "p99_rounds": p99,
+        }
+    return {"server": server, "competitors": competitors, "ours_vs": ratios}
+
+
+MYSQL_HEADER = (
+    "competitor",
+    "clients",
+    "req/s",
+    "spread",
+    "p50 ms",
+    "p99 ms",
+    "errors",
+    "server conns",
+    "busy",
+    "ours / it, req/s",
+    "ours / it, p99",
+)
+
+
+def mysql_rows(found: dict[str, Any]) -> list[tuple[str, ...]]:
+    """The mysql table's rows, as strings."""
+    rows = []
+    for key, row in found.get("competitors", {}).items():
+        ratio = found["ours_vs"].get(key, {})
+        busy = row["busy_share"]
+        rows.append(
+            (
+                row["label"],
+                str(row["clients"]),
+                f"{row['rps']:.0f}",
+                _fmt_spread(row),
+                f"{row['p50_ms']:.1f}",
+                f"{row['p99_ms']:.1f}",
+                str(row["errors"]),
+                f"{row['peak_server_conns']} (life {row['peak_life']})",
+                "-" if busy is None else f"{busy * 100:.0f}%",
+                "-" if key == MYSQL_OURS else _fmt_x(ratio.get("rps")),
+                "-" if key == MYSQL_OURS else _fmt_x(ratio.get("p99")),
+            )
+        )
+    return rows
+
+
+def _fmt_x(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def mysql_title(found: dict[str, Any], config: dict[str, Any]) -> str:
+    """The mysql table's title."""
+    server = found["server"]
+    version = (server.get("version") or "?").removeprefix("5.5.5-")  # MariaDB's old prefix
+    return (
+        f"MySQL: primary key (/item/<pk>/) from MariaDB/MySQL {version} "
+        f"at {server.get('server')}, {plural(config['workers'], 'gevent worker')}, "
+        f"MAX_CONNS={config['max_conns']}, all on PyMySQL"
+    )
+
+
+def mysql_lines(found: dict[str, Any]) -> list[str]:
+    """What the mysql table's columns mean, and ours' pool counters."""
+    lines = [
+        "server conns: peak sessions of the competitor's MySQL user in "
+        "information_schema.PROCESSLIST (sampled every 20 ms) during the measured run; life: "
+        "from its start to its stop, warm-up included; busy: share of the sampled "
+        "session-time not Sleep; ours / it: per-round ratios, median (req/s > 1x and "
+        "p99 < 1x: ours better)",
+    ]
+    pool = found.get("competitors", {}).get(MYSQL_OURS, {}).get("pool")
+    if pool:
+        lines.append(
+            f"ours: {pool['checkouts_per_request']:.2f} pool checkouts per request, "
+            f"{pool.get('requests_timeouts', 0):.0f} checkout timeouts, "
+            f"{pool.get('connections_num', 0):.0f} connections opened during the measured runs"
+        )
+    return lines
+
+
+def mysql_target(summary: dict[str, Any], config: dict[str, Any]) -> Target:
+    """Ours >= 1x django-mysql-geventpool's req/s, p99 no worse, within MAX_CONNS."""
+    found = summary.get("mysql") or {}
+    why = (found.get("server") or {}).get("skipped")
+    if why:
+        return Target(MYSQL_TARGET, None, f"scenario skipped: {why}")
+    rows = found.get("competitors", {})
+    ours, other = rows.get(MYSQL_OURS), rows.get(MYSQL_GEVENTPOOL)
+    ratio = found.get("ours_vs", {}).get(MYSQL_GEVENTPOOL, {}).get("rps")
+    if ours is None or other is None or ratio is None:
+        return Target(MYSQL_TARGET, None, "ours or django-mysql-geventpool not run")
+    cap = config["workers"] * config["max_conns"]
+    passed = (
+        ratio >= MYSQL_VS_GEVENTPOOL
+        and ours["p99_ms"] <= other["p99_ms"]
+        and 0 < ours["peak_life"] <= cap
+    )
+    return Target(
+        MYSQL_TARGET,
+        passed,
+        f"ours {ours['rps']:.0f} req/s = {ratio:.2f}x django-mysql-geventpool's "
+        "(median of the per-round ratios) "
+        f"{other['rps']:.0f} (target >= {MYSQL_VS_GEVENTPOOL}x); p99 {ours['p99_ms']:.1f} ms "
+        f"vs {other['p99_ms']:.1f} ms (target: no worse); ours at most {ours['peak_life']} "
+        f"server connections from start to stop (target <= {cap} = "
+        f"{plural(config['workers'], 'worker')} x MAX_CONNS {config['max_conns']}), "
+        f"{ours['errors']} errors",
+    )
+
+
 # ------------------------------------------------------------------ targets
 
 
@@ -831,6 +1006,8 @@ def targets(summary: dict[str, Any], config: dict[str, Any]) -> list[Target]:
 
     out.append(wait_target(summary))
     out += transaction_targets(summary)
+    if "mysql" in config["scenarios"]:
+        out.append(mysql_target(summary, config))
 
     ours_keys = ("ours", OURS_TRANSACTION)
     peaks = [view[k]["peak_per_worker"] for view in http.values() for k in ours_keys if k in view]
@@ -1123,19 +1300,51 @@ def text_report(summary: dict[str, Any], found: list[Target], config: dict[str, 
             *_plain_table(SKEW_HEADER, skewed_rows(found_skew)),
             *("  " + line for line in skewed_lines(found_skew)),
         ]
+    found_mysql = summary.get("mysql") or {}
+    if found_mysql.get("competitors"):
+        out += [
+            "",
+            mysql_title(found_mysql, config),
+            *_plain_table(MYSQL_HEADER, mysql_rows(found_mysql)),
+            *("  " + line for line in mysql_lines(found_mysql)),
+        ]
     skipped = skipped_lines(summary)
     if skipped:
         out += ["", *skipped]
+    if ran_postgresql(summary):
+        out += [
+            "",
+            "x raw: req/s / the raw limit's of the same round; server conns: peak in "
+            "pg_stat_activity (per worker); busy: share of the server connections' time not "
+            "idle",
+        ]
     out += [
         "",
-        "x raw: req/s / the raw limit's of the same round; server conns: peak in "
-        "pg_stat_activity (per worker); busy: share of the server connections' time not idle",
         f"noise: {noise_text(summary, config)}",
         "",
-        "targets (ratios from this run, each divided by the raw limit of the same round):",
+        "targets (ratios from this run, each divided by the raw limit of the same round):"
+        if ran_postgresql(summary)
+        else "targets:",
     ]
-    out += [f"  {t.verdict:<4}  {t.name}: {t.detail}" for t in found]
+    out += [f"  {t.verdict:<4}  {t.name}: {t.detail}" for t in shown_targets(summary, found)]
     return "\n".join(out)
+
+
+def ran_postgresql(summary: dict[str, Any]) -> bool:
+    """Did the run measure anything on PostgreSQL (not only the mysql scenario)?"""
+    return bool(
+        any(summary["http"].values())
+        or summary["micro"]
+        or summary.get("skewed")
+        or not (summary.get("mysql") or {}).get("competitors")
+    )
+
+
+def shown_targets(summary: dict[str, Any], found: list[Target]) -> list[Target]:
+    """The targets to print: a run of the mysql scenario alone lists its own only."""
+    if ran_postgresql(summary):
+        return found
+    return [t for t in found if t.name == MYSQL_TARGET]
 
 
 def rst_report(
@@ -1143,19 +1352,33 @@ def rst_report(
 ) -> str:
     """``latest.md``'s content: the tables in reStructuredText, ready for README.rst."""
     machine = meta["machine"]
+    postgresql = ran_postgresql(summary)
+    found_mysql = summary.get("mysql") or {}
+    servers = []
+    if postgresql or not found_mysql.get("competitors"):
+        servers.append(machine["postgresql"])
+    if found_mysql.get("competitors"):
+        version = str(found_mysql["server"].get("version")).removeprefix("5.5.5-")
+        servers.append(f"MariaDB/MySQL {version}")
     out = [
         "Benchmarks",
         "----------",
         "",
         f"Measured {meta['date']} on {machine['nproc']} cores ({machine['cpu']}), "
-        f"{machine['postgresql']}, Python {machine['python']}, shared with other work: "
+        f"{', '.join(servers)}, Python {machine['python']}, shared with other work: "
         "absolute numbers are noisy, compare the ratios.",
         "",
         f"Command: ``{meta['command']}`` ({'quick' if config['quick'] else 'full'} run: "
-        f"{_rounds(config['rounds'])} of {config['http_seconds']:g} s per view "
-        f"({config['sleep_seconds']:g} s for the sleep view), "
-        f"{meta['wall_seconds']:.0f} s in all).",
+        f"{_rounds(config['rounds'])} of {config['http_seconds']:g} s"
+        + (
+            f" per view ({config['sleep_seconds']:g} s for the sleep view)"
+            if postgresql
+            else " on the view"
+        )
+        + f", {meta['wall_seconds']:.0f} s in all).",
         "",
+    ]
+    out += [
         f"gunicorn, {plural(config['workers'], 'gevent worker')}, "
         f"MAX_CONNS={config['max_conns']} per "
         f"worker, wrk with {config['clients']} keep-alive connections (one thread). "
@@ -1167,6 +1390,13 @@ def rst_report(
         "in the pool, in a hand-off, or held by a request between its queries.",
         "",
     ]
+    if not postgresql:  # the mysql scenario alone: no raw limit, no pg_stat_activity
+        out[-2] = (
+            f"gunicorn, {plural(config['workers'], 'gevent worker')}, "
+            f"MAX_CONNS={config['max_conns']} per worker, wrk with {config['clients']} "
+            "keep-alive connections (one thread; MAX_CONNS for the stock backend, capped by "
+            "gunicorn); ``spread`` is (max - min) / median over the rounds."
+        )
     for view in VIEWS:
         if not summary["http"].get(view):
             continue
@@ -1212,22 +1442,35 @@ def rst_report(
             *(f"- {line}" for line in skewed_lines(found_skew)),
             "",
         ]
+    if found_mysql.get("competitors"):
+        out += [
+            f"**{mysql_title(found_mysql, config)}**",
+            "",
+            *_rst_table(MYSQL_HEADER, mysql_rows(found_mysql)),
+            "",
+            *(f"- {line}" for line in mysql_lines(found_mysql)),
+            "",
+        ]
     skipped = skipped_lines(summary)
     if skipped:
         out += [*(f"- {line}" for line in skipped), ""]
     out += ["Notes:", ""]
-    notes = {k: c.notes for k, c in BY_KEY.items()}
-    for key, note in notes.items():
-        out.append(f"- {BY_KEY[key].label}: {note}.")
+    notes = {c.label: c.notes for c in BY_KEY.values()} if postgresql else {}
+    if found_mysql.get("competitors"):
+        notes.update({c.label: c.notes for c in MYSQL_CONFIGS.values()})
+    for name, note in notes.items():
+        out.append(f"- {name}: {note}.")
     out += [
         f"- Django stock competitors have no connection cap: gunicorn's worker_connections "
         f"is set to MAX_CONNS for them and wrk opens {config['workers']} x MAX_CONNS "
         "connections, so they never queue (their most favourable load).",
         "",
-        "Targets (each ratio divided by the raw limit of the same round):",
+        "Targets (each ratio divided by the raw limit of the same round):"
+        if postgresql
+        else "Targets:",
         "",
     ]
-    out += [f"- {t.verdict}: {t.name}: {t.detail}" for t in found]
+    out += [f"- {t.verdict}: {t.name}: {t.detail}" for t in shown_targets(summary, found)]
     out += ["", f"Noise: {noise_text(summary, config)}.", ""]
     return "\n".join(out)
 

@@ -36,7 +36,7 @@ from benchapp.competitors import (
 )
 
 from . import env as bench_env
-from . import skewed
+from . import mysqlbench, skewed
 from .loads import run_micro, run_wrk
 from .servers import (
     HOST,
@@ -108,10 +108,13 @@ class Config:
         micro = micro_keys * (1.5 + self.micro_warmup * 3 + self.micro_seconds * 3)
         # Per configuration: start, warm, two phases (pinning, warm-up, window, drain), stop.
         skewed = 2 * (6.0 + 2 * (3.0 + self.skew_warmup + self.skew_seconds))
+        # Per MySQL competitor: start, warm, warm-up, the pk view, drains, stop.
+        mysql = 4 * (6.0 + self.http_warmup + self.http_seconds)
         per_round = (
             ("http" in self.scenarios) * http
             + ("micro" in self.scenarios) * micro
             + ("skewed" in self.scenarios) * skewed
+            + ("mysql" in self.scenarios) * mysql
         )
         return self.rounds * per_round
 
@@ -136,6 +139,8 @@ class Run:
         self.guard_tripped: list[str] = []
         #: Competitors left out of this run, and why (an option this package refuses).
         self.skipped: dict[str, str] = {}
+        #: The MySQL server of the ``mysql`` scenario ({} when not run; "skipped": why).
+        self.mysql: dict[str, Any] = {}
         self._active: list[subprocess.Popen[Any]] = []
         self._active_gunicorn: Gunicorn | None = None
         self.sampler = ConnectionSampler(server, DBNAME)
@@ -405,6 +410,13 @@ class Run:
         if "ours" in micro_keys:
             micro_keys.insert(micro_keys.index("ours"), MICRO_BARE)
         locks = skewed.lock_root() if "skewed" in config.scenarios else None
+        mysql = mysqlbench.setup(self) if "mysql" in config.scenarios else None
+        if mysql is not None:
+            self.mysql = {
+                "server": f"{mysql.host}:{mysql.port}",
+                "version": mysql.version,
+                "skipped": mysql.skipped,
+            }
         try:
             for round_no in range(config.rounds):
                 print(f"round {round_no + 1}/{config.rounds}", flush=True)
@@ -416,9 +428,13 @@ class Run:
                         self.http_competitor(round_no, key)
                 if locks is not None:
                     skewed.skewed_round(self, round_no, locks)
+                if mysql is not None and mysql.skipped is None:
+                    mysqlbench.mysql_round(self, round_no, mysql)
         finally:
             if locks is not None:
                 skewed.remove_lock_root(locks)
+            if mysql is not None:
+                mysqlbench.teardown(mysql)
 
     def server_sleep_rate(self, round_no: int) -> None:
         """The sleep view's real ceiling this round: the server alone, MAX_CONNS per worker."""
