@@ -492,19 +492,7 @@ def check_servers(
                 listening = server_port(conn)
                 via_tcp = not str(conn.info.host or "/").startswith("/")
         except (ServerUnreachable, psycopg2.Error) as exc:
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            issues.append(
-                Info(
-                    f"DATABASES[{alias!r}]: OPTIONS[{option!r}] not compared with the "
-                    f"server's max_connections: cannot reach the server ({reason}).",
-                    hint=(
-                        "Nothing to do where no server can be reached (a build step). "
-                        f"Elsewhere, check HOST and PORT of DATABASES[{alias!r}] and that "
-                        f"the server is up, then run manage.py check --database {alias} again."
-                    ),
-                    id=_id("I006"),
-                )
-            )
+            issues.append(_unreachable(alias, option, exc))
             continue
         # Something sits in between when the server listens on another port than
         # the one we reached, or sees a Unix-socket client where we came over TCP.
@@ -517,6 +505,21 @@ def check_servers(
         issues.extend(_capacity_issues(label, per_process.get(label, {}), limits, proxied_to))
         issues.extend(_budget_issues(label, budgets.get(label, {}), limits, proxied_to))
     return issues
+
+
+def _unreachable(alias: str, option: str, exc: BaseException) -> CheckMessage:
+    """I006: ``alias``'s server could not be asked, so ``option`` was not compared."""
+    reason = " ".join(str(exc).split()) or type(exc).__name__
+    return Info(
+        f"DATABASES[{alias!r}]: OPTIONS[{option!r}] not compared with the "
+        f"server's max_connections: cannot reach the server ({reason}).",
+        hint=(
+            "Nothing to do where no server can be reached (a build step). "
+            f"Elsewhere, check HOST and PORT of DATABASES[{alias!r}] and that "
+            f"the server is up, then run manage.py check --database {alias} again."
+        ),
+        id=_id("I006"),
+    )
 
 
 def _mysql_server_issues(
@@ -572,19 +575,7 @@ def _mysql_server_issues(
             finally:
                 conn.close()
         except pymysql.MySQLError as exc:
-            reason = " ".join(str(exc).split()) or type(exc).__name__
-            issues.append(
-                Info(
-                    f"DATABASES[{alias!r}]: OPTIONS[{option!r}] not compared with the "
-                    f"server's max_connections: cannot reach the server ({reason}).",
-                    hint=(
-                        "Nothing to do where no server can be reached (a build step). "
-                        f"Elsewhere, check HOST and PORT of DATABASES[{alias!r}] and that "
-                        f"the server is up, then run manage.py check --database {alias} again."
-                    ),
-                    id=_id("I006"),
-                )
-            )
+            issues.append(_unreachable(alias, option, exc))
             continue
         limits = ServerLimits(max_connections=max_connections, superuser_reserved_connections=0)
         issues.extend(

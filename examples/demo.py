@@ -65,7 +65,7 @@ EXAMPLES = os.path.dirname(os.path.abspath(__file__))
 if EXAMPLES not in sys.path:
     sys.path.insert(0, EXAMPLES)
 
-from pgwatch import ServerConnectionSampler  # noqa: E402
+from pgwatch import MySQLSessionSampler, ServerConnectionSampler  # noqa: E402
 
 HOST = "127.0.0.1"
 #: Share of each endpoint in the traffic.
@@ -180,58 +180,6 @@ def prepare_mysql(config: Config) -> str:
     finally:
         conn.close()
     return f"MySQL/MariaDB {version} at {root['host']}:{root['port']}"
-
-
-class MySQLSessionSampler:
-    """Every ``interval`` seconds, count ``user``'s sessions in ``information_schema.PROCESSLIST``.
-
-    The MySQL side of :class:`pgwatch.ServerConnectionSampler` (the same
-    ``start()``/``stop()``/``peak``/``samples``): MySQL has no
-    ``application_name``, so the project runs as a user of its own, and this
-    sampler, connected as root, never counts itself.
-    """
-
-    def __init__(self, user: str, interval: float = 0.02) -> None:
-        self.user = user
-        self.interval = interval
-        self.peak = 0
-        self.samples = 0
-        self._conn: Any = None
-        self._greenlet: gevent.Greenlet | None = None
-        self._stopping = False
-
-    def start(self) -> "MySQLSessionSampler":
-        import pymysql
-
-        self._conn = pymysql.connect(**mysql_root(), autocommit=True)
-        self._greenlet = gevent.spawn(self._run)
-        return self
-
-    def _run(self) -> None:
-        with self._conn.cursor() as cursor:
-            while not self._stopping:
-                cursor.execute(
-                    "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = %s",
-                    [self.user],
-                )
-                self.peak = max(self.peak, int(cursor.fetchone()[0]))
-                self.samples += 1
-                gevent.sleep(self.interval)
-
-    def stop(self) -> int:
-        self._stopping = True
-        try:
-            if self._greenlet is not None:
-                self._greenlet.join(timeout=5)
-                if not self._greenlet.dead:
-                    self._greenlet.kill(block=True, timeout=5)
-                elif self._greenlet.exception is not None:
-                    raise self._greenlet.exception
-        finally:
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-        return self.peak
 
 
 def project_env(config: Config, db_dsn: str) -> dict[str, str]:
@@ -632,7 +580,7 @@ def main() -> int:
         try:
             wait_until_up(proc, port)
             sampler: Any = (
-                MySQLSessionSampler(MYSQL_USER)
+                MySQLSessionSampler(mysql_root(), MYSQL_USER)
                 if config.db == "mysql"
                 else ServerConnectionSampler(db_dsn, config.appname)
             ).start()

@@ -4,7 +4,10 @@ A pool's own statistics say what it believes; ``pg_stat_activity`` says what
 PostgreSQL sees. :class:`ServerConnectionSampler` polls it from its own plain
 psycopg2 connection, in a greenlet, and keeps the peak number of backends
 whose ``application_name`` is the pool's. Used by ``demo.py`` and
-``script.py``, which run gevent monkey-patched.
+``script.py``, which run gevent monkey-patched. :class:`MySQLSessionSampler`
+is the same for MySQL (``make demo DB=mysql``), which has no
+``application_name``: it counts a user's sessions in
+``information_schema.PROCESSLIST``.
 """
 
 from __future__ import annotations
@@ -77,3 +80,35 @@ class ServerConnectionSampler:
                 self._conn.close()
                 self._conn = None
         return self.peak
+
+
+class MySQLSessionSampler(ServerConnectionSampler):
+    """Every ``interval`` seconds, count ``user``'s sessions in ``information_schema.PROCESSLIST``.
+
+    Connected as ``root`` (a dict of PyMySQL connect arguments), another user,
+    so it never counts itself. ``start()`` raises PyMySQL's error if it cannot
+    connect; ``stop()`` is the PostgreSQL sampler's.
+    """
+
+    def __init__(self, root: dict[str, Any], user: str, interval: float = 0.02) -> None:
+        super().__init__("", user, interval)
+        self.root = root
+
+    def start(self) -> ServerConnectionSampler:
+        import pymysql  # gevent-cooperative once socket is patched: pure Python
+
+        self._conn = pymysql.connect(**self.root, autocommit=True)
+        self._greenlet = gevent.spawn(self._run)
+        return self
+
+    def _run(self) -> None:
+        with self._conn.cursor() as cursor:
+            while not self._stopping:
+                cursor.execute(
+                    "SELECT COUNT(*) FROM information_schema.PROCESSLIST WHERE USER = %s",
+                    [self.application_name],
+                )
+                self.last = int(cursor.fetchone()[0])
+                self.samples += 1
+                self.peak = max(self.peak, self.last)
+                gevent.sleep(self.interval)

@@ -12,7 +12,6 @@ connect attempt in flight.
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 import time
 from collections.abc import Iterator
@@ -20,20 +19,15 @@ from typing import Any
 
 import pytest
 
-from django_gevent_pool import ConnectionPool, PoolUnavailable
+from django_gevent_pool import ConnectionPool
 from django_gevent_pool.drivers import pymysql as mysql_driver
 
 from .mysql_support import ThrowawayMariaDB, only_in_mysql_runs
 from .support import Workers, sleep, wait_until
+from .test_recovery import SERVES_WITHIN, Load
 
 pymysql = pytest.importorskip("pymysql")
 only_in_mysql_runs()
-
-WORKERS = 24
-# A noisy, shared 2-core machine: the 1 s promise is asserted with this slack.
-SLACK = 0.5
-SERVES_WITHIN = 1.0 + SLACK
-FAILS_WITHIN = 2.0 + SLACK
 
 
 @pytest.fixture(scope="module")
@@ -46,72 +40,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ThrowawayMariaD
         mariadb.stop(kill=True)
 
 
-@dataclasses.dataclass
-class Outcome:
-    started: float
-    ended: float
-    ok: bool
-    error: BaseException | None = None
-
-
-class Load:
-    """WORKERS loops of checkout -> ``SELECT 1`` -> return, each outcome timestamped."""
-
-    def __init__(self, pool: ConnectionPool, workers: Workers, seconds: float = 30.0) -> None:
-        self.pool = pool
-        self.outcomes: list[Outcome] = []
-        self._lock = threading.Lock()
-        self._stop = False
-        self._until = time.monotonic() + seconds
-        self._workers = workers
-        for _ in range(WORKERS):
-            workers.spawn(self._loop)
-
-    def _loop(self) -> None:
-        while not self._stop and time.monotonic() < self._until:
-            started = time.monotonic()
-            try:
-                conn = self.pool.getconn()
-            except pymysql.OperationalError as exc:
-                self._record(Outcome(started, time.monotonic(), False, exc))
-                sleep(0.01)
-                continue
-            try:
-                with conn.cursor() as cur:
-                    cur.execute("SELECT 1")
-            except pymysql.MySQLError as exc:
-                self._record(Outcome(started, time.monotonic(), False, exc))
-            else:
-                self._record(Outcome(started, time.monotonic(), True))
-            finally:
-                self.pool.putconn(conn)
-            sleep(0.005)
-
-    def _record(self, outcome: Outcome) -> None:
-        with self._lock:
-            self.outcomes.append(outcome)
-
-    def stop(self) -> None:
-        self._stop = True
-        self._workers.join(30)
-
-    def successes_since(self, t: float) -> int:
-        return sum(1 for o in self.outcomes if o.ok and o.started >= t)
-
-    def assert_recovered(self, back: float, what: str) -> None:
-        served = [o.ended for o in self.outcomes if o.ok and o.started >= back]
-        assert served, f"nothing served after {what}"
-        first = min(served) - back
-        assert first < SERVES_WITHIN, f"first success {first:.2f} s after {what}"
-        late = [o for o in self.outcomes if not o.ok and o.started >= back + SERVES_WITHIN]
-        assert not late, f"failures more than 1 s after {what}: {late[:3]}"
-
-    def assert_checkouts_failed_fast(self) -> None:
-        for outcome in self.outcomes:
-            if outcome.ok or not isinstance(outcome.error, PoolUnavailable):
-                continue
-            assert outcome.ended - outcome.started < FAILS_WITHIN, outcome
-            assert isinstance(outcome.error.__cause__, pymysql.MySQLError), outcome
+def select_one(conn: Any) -> None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT 1")
 
 
 class CountingConnect:
@@ -150,7 +81,7 @@ def test_a_restart_under_load_is_served_again_within_a_second(
     connect = CountingConnect(server)
     pool = make_pool(connect)
     try:
-        load = Load(pool, workers)
+        load = Load(pool, workers, select_one, driver=pymysql)
         wait_until(lambda: load.successes_since(0) >= 200, what="the load to warm up")
         down = time.monotonic()
         server.stop()  # a clean shutdown: every session is closed
@@ -176,7 +107,7 @@ def test_a_killed_server_back_after_an_outage_is_served_again_within_a_second(
     connect = CountingConnect(server)
     pool = make_pool(connect, POOL_TIMEOUT=5)
     try:
-        load = Load(pool, workers)
+        load = Load(pool, workers, select_one, driver=pymysql)
         wait_until(lambda: load.successes_since(0) >= 200, what="the load to warm up")
         server.stop(kill=True)  # SIGKILL: sockets reset, nothing said
         down = time.monotonic()

@@ -77,9 +77,12 @@ class Load:
         work: Callable[[Any], Any],
         *,
         seconds: float = 30.0,
+        driver: Any = db,
     ) -> None:
+        """``driver``: the module of the errors the pool's connections raise (psycopg's)."""
         self.pool = pool
         self.work = work
+        self.driver = driver
         self.outcomes: list[Outcome] = []
         self._lock = threading.Lock()
         self._stop = False
@@ -97,13 +100,13 @@ class Load:
             started = time.monotonic()
             try:
                 conn = self.pool.getconn()
-            except db.OperationalError as exc:
+            except self.driver.OperationalError as exc:
                 self._record(Outcome(started, time.monotonic(), False, "checkout", exc))
                 sleep(0.01)
                 continue
             try:
                 port = self.work(conn)
-            except db.Error as exc:
+            except self.driver.Error as exc:
                 self._record(Outcome(started, time.monotonic(), False, "query", exc))
             else:
                 self._record(Outcome(started, time.monotonic(), True, "query", port=port))
@@ -133,7 +136,7 @@ class Load:
         for outcome in failed:
             assert outcome.ended - outcome.started < FAILS_WITHIN, outcome
             if isinstance(outcome.error, PoolUnavailable):
-                assert isinstance(outcome.error.__cause__, db.Error), outcome
+                assert isinstance(outcome.error.__cause__, self.driver.Error), outcome
 
 
 class CountingConnect:
