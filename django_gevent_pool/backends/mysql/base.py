@@ -69,6 +69,15 @@ class _PyMySQLWrapper(_stock.DatabaseWrapper):  # type: ignore[misc]
             connection.encoders.pop(bytes)
         return connection
 
+    def is_usable(self) -> bool:
+        # After _close() the connection is the pool's and `connection` is None
+        # (Django's own keeps the closed object, whose ping() fails): not usable,
+        # as Django's PostgreSQL backend answers for None, rather than an
+        # AttributeError from None.ping().
+        if self.connection is None:
+            return False
+        return bool(super().is_usable())
+
 
 class DatabaseWrapper(PooledDatabaseWrapperMixin, _PyMySQLWrapper):
     """Django's MySQL backend on PyMySQL, with connections borrowed from a pool."""
