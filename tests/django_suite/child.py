@@ -3,10 +3,11 @@
 Started by ``run.py``, once per driver, mode and backend.
 ``DGP_TEST_MODE=gevent`` monkey-patches the process first, before anything
 imports ``socket``, ``threading`` or Django (as a gunicorn gevent worker does);
-``threads`` leaves gevent out. ``DGP_DJANGO_DRIVER`` (``psycopg2`` or
-``psycopg``) is the driver of the run, ours (``settings.py`` picks our engine
-for it) and the stock backend's alike. ``DGP_DJANGO_BACKEND=stock`` runs
-Django's own PostgreSQL backend instead of ours:
+``threads`` leaves gevent out. ``DGP_DJANGO_DRIVER`` (``psycopg2``,
+``psycopg`` or ``pymysql``) is the driver of the run, ours (``settings.py``
+picks our engine for it) and the stock backend's alike.
+``DGP_DJANGO_BACKEND=stock`` runs Django's own PostgreSQL or MySQL backend
+instead of ours:
 
 - on psycopg2, with ``psycopg`` hidden (Django prefers psycopg 3 when it can
   import it) and, under gevent, the same gevent wait callback ours installs
@@ -16,7 +17,11 @@ Django's own PostgreSQL backend instead of ours:
   the monkey-patching picks its own gevent-friendly wait and gevent's lock, so
   nothing is installed. Ours replaces those with
   ``drivers/psycopg_waiting.py``'s: a failure of that module shows as ours
-  only.
+  only;
+- on PyMySQL, installed as ``MySQLdb`` (``pymysql.install_as_MySQLdb()``)
+  before Django loads, as our MySQL engine does: PyMySQL is pure Python and
+  waits through the ``socket`` module, gevent's once patched, so nothing else
+  is installed.
 """
 
 import os
@@ -40,8 +45,14 @@ def main() -> None:
     """Run runtests.py from the Django tests folder in ``sys.argv[1]`` with the rest as its args."""
     tests_dir = Path(sys.argv[1]).resolve()
     driver = os.environ.get("DGP_DJANGO_DRIVER", "psycopg2")
-    if driver not in ("psycopg2", "psycopg"):
-        raise SystemExit(f"DGP_DJANGO_DRIVER must be 'psycopg2' or 'psycopg', got {driver!r}")
+    if driver not in ("psycopg2", "psycopg", "pymysql"):
+        raise SystemExit(
+            f"DGP_DJANGO_DRIVER must be 'psycopg2', 'psycopg' or 'pymysql', got {driver!r}"
+        )
+    if os.environ.get("DGP_DJANGO_BACKEND") == "stock" and driver == "pymysql":
+        import pymysql
+
+        pymysql.install_as_MySQLdb()
     if os.environ.get("DGP_DJANGO_BACKEND") == "stock" and driver == "psycopg2":
         # Django's backend prefers psycopg 3 when importable; the reference
         # run must use psycopg2, like ours.

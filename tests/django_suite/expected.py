@@ -2,11 +2,13 @@
 
 ``run.py`` fails on any failure or error of Django's suite not listed here, and
 on any deviation listed here that no longer fails. ``drivers`` says with which
-driver's engine it fails (``postgresql_psycopg2``, ``postgresql_psycopg3``),
-``stock_too`` whether Django's stock PostgreSQL backend on the same driver
-(psycopg2 with the same gevent wait callback in gevent mode; psycopg 3 with its
-own gevent-friendly wait) fails it too in this environment; ``run.py --backend
-both`` checks that claim. ``pool_modes`` says with which of our ``POOL_MODE``
+driver's engine it fails (``postgresql_psycopg2``, ``postgresql_psycopg3``;
+``pymysql``: ``mysql``, whose deviations are listed apart, in ``_MYSQL``),
+``stock_too`` whether Django's stock backend on the same driver (psycopg2 with
+the same gevent wait callback in gevent mode; psycopg 3 with its own
+gevent-friendly wait; Django's MySQL backend on PyMySQL installed as
+``MySQLdb``) fails it too in this environment; ``run.py --backend both``
+checks that claim. ``pool_modes`` says with which of our ``POOL_MODE``
 values it fails (``run.py --pool-mode``; both unless said). Only deviations
 that are ours need a reason about us.
 A deviation that depends on what is installed (``psycopg_pool``) says so in
@@ -28,10 +30,12 @@ from dataclasses import dataclass
 BOTH = frozenset({"gevent", "threads"})
 GEVENT = frozenset({"gevent"})
 THREADS = frozenset({"threads"})
-#: Drivers (``run.py --driver``): psycopg2, psycopg 3, or both.
+#: Drivers (``run.py --driver``): psycopg2, psycopg 3, or both (the PostgreSQL ones).
 ALL_DRIVERS = frozenset({"psycopg2", "psycopg"})
 PSYCOPG2 = frozenset({"psycopg2"})
 PSYCOPG3 = frozenset({"psycopg"})
+#: MySQL (``run.py --driver pymysql``): our ``mysql`` engine.
+PYMYSQL = frozenset({"pymysql"})
 #: Our engine's OPTIONS["POOL_MODE"] (``run.py --pool-mode``): both, or transaction only.
 ANY_POOL_MODE = frozenset({"session", "transaction"})
 SESSION = frozenset({"session"})
@@ -120,6 +124,102 @@ _TRANSACTION_MODE: list[Deviation] = [
     ),
 ]
 
+# MySQL (MariaDB 10.11 here), our engine on PyMySQL; the stock backend runs on
+# PyMySQL too. POOL_MODE "transaction" is refused on MySQL: session mode only.
+_NO_TZ_TABLES = (
+    "Environment, not ours: the server's time zone tables (mysql.time_zone_name...) "
+    "are empty here (no mysql_tzinfo_to_sql run), so CONVERT_TZ() to a named zone "
+    "returns NULL; Django's has_zoneinfo_database feature does not guard these "
+    "tests. The stock backend fails them the same way."
+)
+_MYSQL: list[Deviation] = [
+    *(
+        Deviation(
+            f"backends.base.test_base.ConnectionHealthChecksTests.{name}",
+            BOTH,
+            stock_too=False,
+            reason=_HEALTH_CHECKS,
+            drivers=PYMYSQL,
+            pool_modes=SESSION,
+        )
+        for name in (
+            "test_health_checks_disabled",
+            "test_health_checks_enabled",
+            "test_health_checks_enabled_errors_occurred",
+            "test_set_autocommit_health_checks_enabled",
+        )
+    ),
+    Deviation(
+        "backends.mysql.test_schema.SchemaEditorTests.test_quote_value",
+        BOTH,
+        stock_too=True,
+        drivers=PYMYSQL,
+        pool_modes=SESSION,
+        reason=(
+            "Driver, not ours: quote_value() escapes with the driver's escape(), and "
+            "the test expects mysqlclient's result for bytes (b\"'bytes'\"); PyMySQL "
+            "gives the hex literal \"X'6279746573'\". The stock backend on PyMySQL "
+            "fails it the same way."
+        ),
+    ),
+    Deviation(
+        "backends.mysql.tests.IsolationLevelTests.test_auto_is_null_auto_config",
+        BOTH,
+        stock_too=False,
+        drivers=PYMYSQL,
+        pool_modes=SESSION,
+        reason=(
+            "Django's MySQL session setup (SET SQL_AUTO_IS_NULL = 0, the isolation "
+            "level) runs once, when the pool opens the physical connection; "
+            "init_connection_state() on a borrowed connection runs only Django's "
+            "version check (backends/base.py). The test calls init_connection_state() "
+            "and reads the last query of connection.queries, expecting that SET: no "
+            "query was logged (IndexError)."
+        ),
+    ),
+    Deviation(
+        "backends.mysql.tests.IsolationLevelTests.test_isolation_level_validation",
+        BOTH,
+        stock_too=False,
+        drivers=PYMYSQL,
+        pool_modes=SESSION,
+        reason=(
+            "An invalid OPTIONS['isolation_level'] is refused with ImproperlyConfigured, "
+            "as Django does, but by our settings check, before any pool is made, with "
+            "its message on one line and prefixed with the alias and key "
+            "(\"DATABASES['default']['OPTIONS']['isolation_level']: Invalid transaction "
+            "isolation level 'xxx' specified. Use one of ...\"); the test looks for "
+            "Django's two-line message."
+        ),
+    ),
+    *(
+        Deviation(
+            f"db_functions.datetime.test_extract_trunc.DateFunctionWithTimeZoneTests.{name}",
+            BOTH,
+            stock_too=True,
+            drivers=PYMYSQL,
+            pool_modes=SESSION,
+            reason=_NO_TZ_TABLES,
+        )
+        for name in (
+            "test_extract_func_explicit_timezone_priority",
+            "test_extract_func_with_timezone",
+            "test_extract_func_with_timezone_minus_no_offset",
+            "test_trunc_func_with_timezone",
+            "test_trunc_none",
+            "test_trunc_timezone_applied_before_truncation",
+        )
+    ),
+    Deviation(
+        "timezones.tests.NewDatabaseTests.test_query_convert_timezones",
+        BOTH,
+        stock_too=True,
+        drivers=PYMYSQL,
+        pool_modes=SESSION,
+        reason=_NO_TZ_TABLES,
+    ),
+]
+
 EXPECTED: list[Deviation] = [
     *(
         Deviation(
@@ -198,4 +298,5 @@ EXPECTED: list[Deviation] = [
         if not HAS_PSYCOPG_POOL
     ),
     *_TRANSACTION_MODE,
+    *_MYSQL,
 ]

@@ -1,6 +1,6 @@
 """Run Django's own test suite through our engine; fail on anything not expected.
 
-    python tests/django_suite/run.py [--driver psycopg2|psycopg|both]
+    python tests/django_suite/run.py [--driver psycopg2|psycopg|both|pymysql]
                                      [--modes gevent,threads] [--backend ours|stock|both]
                                      [--pool-mode session|transaction]
                                      [--jobs N] [--apps APP ...] [--include-async]
@@ -16,6 +16,12 @@ each mode (``gevent``: monkey-patched first; ``threads``: no gevent) runs
 (``devserver.server_dsn()``), both of Django's aliases (``default`` and
 ``other``) through our engine.
 
+``--driver pymysql`` (never part of ``both``) runs :data:`MYSQL_APPS` through
+our ``mysql`` engine instead, against the MySQL or MariaDB server at
+``$DGP_MYSQL`` (``host:port``, 127.0.0.1:3306 by default; user root, no
+password; it must let root create and drop databases), and its stock
+reference is Django's MySQL backend on PyMySQL installed as ``MySQLdb``.
+
 Every failure or error must be listed in ``expected.py`` with its reason, and
 every deviation listed there must still fail: a deviation that went away is
 reported so that the list stays honest. ``--backend stock`` runs Django's own
@@ -26,7 +32,8 @@ as well. With ``--driver both`` (the default) psycopg 3 must be installed.
 
 ``--pool-mode transaction`` runs our engine with ``OPTIONS["POOL_MODE"] =
 "transaction"`` (``session``, the option's default, otherwise): the connection
-goes back to the pool between statements. Deviations scoped to one pool mode
+goes back to the pool between statements. Our MySQL engine refuses that mode,
+and so does ``--driver pymysql``. Deviations scoped to one pool mode
 (``Deviation.pool_modes``) apply to that mode's runs only; the stock backend
 has no such option and runs as always.
 
@@ -96,9 +103,14 @@ APPS = [
     "expressions",
     "aggregation",
 ]
+#: The apps run on MySQL (``--driver pymysql``): APPS but postgres_tests (PostgreSQL only).
+MYSQL_APPS = [app for app in APPS if app != "postgres_tests"]
 MODES = ("gevent", "threads")
-#: The drivers, as ``DGP_DJANGO_DRIVER`` names them (psycopg 3 is ``psycopg``).
+#: The drivers, as ``DGP_DJANGO_DRIVER`` names them (psycopg 3 is ``psycopg``):
+#: those of ``--driver both``.
 DRIVERS = ("psycopg2", "psycopg")
+#: MySQL's driver, run only when asked (``--driver pymysql``).
+MYSQL_DRIVER = "pymysql"
 #: Seconds one run (a driver, a mode, a backend) may take before it is killed (a hang).
 RUN_LIMIT = float(os.environ.get("DGP_DJANGO_RUN_LIMIT", "900"))
 #: Seconds the whole tier may take (CI has 90 minutes for everything): past that, the
@@ -237,7 +249,7 @@ class Child:
             except ProcessLookupError:
                 pass
             self.proc.wait(timeout=30)
-            _drop_test_databases(self.proc.pid)
+            _drop_test_databases(self.proc.pid, self.driver)
         self._out.close()
 
     def outcome(self) -> dict[str, Any]:
@@ -257,8 +269,9 @@ class Child:
             )
         data: dict[str, Any] = json.loads(self.results.read_text())
         if data.get("driver") != self.driver:
+            vendor = "MySQL" if self.driver == MYSQL_DRIVER else "PostgreSQL"
             raise SuiteError(
-                f"{self.name}: Django's PostgreSQL backend ran on {data.get('driver')}, "
+                f"{self.name}: Django's {vendor} backend ran on {data.get('driver')}, "
                 f"not {self.driver}; log: {self.log}"
             )
         if self.backend == "ours" and data.get("pool_mode") != self.pool_mode:
@@ -286,8 +299,12 @@ class Child:
         return data
 
 
-def _drop_test_databases(pid: int) -> None:
-    """Drop the test databases of the killed child ``pid`` (``$DGP_DSN`` or the local server)."""
+def _drop_test_databases(pid: int, driver: str = "psycopg2") -> None:
+    """Drop the test databases of the killed child ``pid`` (``$DGP_DSN`` or the local server;
+    ``$DGP_MYSQL`` or 127.0.0.1:3306 for ``pymysql``)."""
+    if driver == MYSQL_DRIVER:
+        _drop_mysql_test_databases(pid)
+        return
     import psycopg2
 
     from django_gevent_pool import devserver
@@ -304,6 +321,29 @@ def _drop_test_databases(pid: int) -> None:
             for alias in ("default", "other"):
                 cur.execute(f'DROP DATABASE IF EXISTS "test_dgp_django_{alias}_{pid}" WITH (FORCE)')
     except psycopg2.Error as exc:
+        print(f"   could not drop the test databases of {pid}: {exc}", flush=True)
+    finally:
+        conn.close()
+
+
+def _drop_mysql_test_databases(pid: int) -> None:
+    """Drop the MySQL test databases of the killed child ``pid`` (``$DGP_MYSQL``, as root)."""
+    import pymysql
+
+    host, _, port = os.environ.get("DGP_MYSQL", "127.0.0.1:3306").rpartition(":")
+    try:
+        conn = pymysql.connect(
+            host=host or "127.0.0.1", port=int(port), user="root", password="",
+            connect_timeout=5, autocommit=True,
+        )  # fmt: skip
+    except pymysql.MySQLError as exc:
+        print(f"   could not drop the test databases of {pid}: {exc}", flush=True)
+        return
+    try:
+        with conn.cursor() as cur:
+            for alias in ("default", "other"):
+                cur.execute(f"DROP DATABASE IF EXISTS `test_dgp_django_{alias}_{pid}`")
+    except pymysql.MySQLError as exc:
         print(f"   could not drop the test databases of {pid}: {exc}", flush=True)
     finally:
         conn.close()
@@ -449,9 +489,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument(
         "--driver",
-        choices=(*DRIVERS, "both"),
+        choices=(*DRIVERS, "both", MYSQL_DRIVER),
         default="both",
-        help="psycopg2, psycopg (psycopg 3) or both (the default), psycopg2's runs first",
+        help="psycopg2, psycopg (psycopg 3) or both (the default), psycopg2's runs first; "
+        "pymysql: MySQL through our mysql engine (never part of both)",
     )
     parser.add_argument("--modes", default=",".join(MODES), help="gevent,threads (both)")
     parser.add_argument(
@@ -468,7 +509,11 @@ def main(argv: list[str] | None = None) -> int:
         default="session",
         help="our engine's OPTIONS['POOL_MODE'] (the stock backend has none)",
     )
-    parser.add_argument("--apps", nargs="+", default=APPS, help="Django test labels to run")
+    parser.add_argument(
+        "--apps",
+        nargs="+",
+        help="Django test labels to run (APPS; MYSQL_APPS with --driver pymysql)",
+    )
     parser.add_argument(
         "--include-async",
         action="store_true",
@@ -480,6 +525,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--modes: choose among {', '.join(MODES)}")
     if args.jobs < 1:
         parser.error("--jobs: at least 1")
+    if args.driver == MYSQL_DRIVER and args.pool_mode == "transaction":
+        parser.error(
+            "--pool-mode transaction: our MySQL engine refuses POOL_MODE 'transaction' "
+            "(its pinning reads PostgreSQL's statements only); run --driver pymysql in "
+            "session mode"
+        )
+    if args.apps is None:
+        args.apps = MYSQL_APPS if args.driver == MYSQL_DRIVER else APPS
 
     drivers = list(DRIVERS) if args.driver == "both" else [args.driver]
 
@@ -488,6 +541,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if "psycopg" in drivers and importlib.util.find_spec("psycopg") is None:
             raise SuiteError("--driver psycopg needs psycopg 3: pip install 'psycopg[binary]'")
+        if MYSQL_DRIVER in drivers and importlib.util.find_spec("pymysql") is None:
+            raise SuiteError("--driver pymysql needs PyMySQL: pip install PyMySQL")
         tests_dir = django_tests_dir(django.__version__)
         backends = ["ours", "stock"] if args.backend == "both" else [args.backend]
         # Ours and the stock backend of the same driver and mode side by side.

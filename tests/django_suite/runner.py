@@ -15,8 +15,10 @@ Set as ``TEST_RUNNER`` by ``settings.py``. What it adds:
   id of that test is left in ``$DGP_DJANGO_CURRENT`` for ``run.py`` to name.
 - The outcome of every failed test, error and unexpected success is written to
   ``$DGP_DJANGO_RESULTS`` once the suite has run, with the driver Django's
-  PostgreSQL backend really used and our engine's ``POOL_MODE`` (``run.py``
-  checks they are the ones asked for).
+  PostgreSQL or MySQL backend really used (for MySQL, the name of the module
+  its ``Database`` is: ``pymysql`` when PyMySQL is installed as ``MySQLdb``)
+  and our engine's ``POOL_MODE`` (``run.py`` checks they are the ones asked
+  for).
 """
 
 from __future__ import annotations
@@ -148,7 +150,17 @@ def _pool_stats() -> dict[str, dict[str, float]]:
 
 
 def _driver_in_use() -> str | None:
-    """The driver Django's PostgreSQL backend was bound to in this process, if loaded."""
+    """The driver Django's PostgreSQL or MySQL backend was bound to in this process, if loaded.
+
+    The default alias's vendor says which: on MySQL, the name of the module
+    Django's backend imported as ``MySQLdb`` (``pymysql`` once installed so).
+    """
+    from django.db import connection
+
+    if connection.vendor == "mysql":
+        mysql = sys.modules.get("django.db.backends.mysql.base")
+        database = getattr(mysql, "Database", None)
+        return None if database is None else str(database.__name__)
     psycopg_any = sys.modules.get("django.db.backends.postgresql.psycopg_any")
     if psycopg_any is None:
         return None

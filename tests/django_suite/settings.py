@@ -1,15 +1,17 @@
 """Settings for Django's own test suite (its ``tests/runtests.py --settings``).
 
-Both aliases Django's suite uses, ``default`` and ``other``, point at the
-server the rest of our suite uses (``devserver.server_dsn()``), through our
+Both aliases Django's suite uses, ``default`` and ``other``, go through our
 engine for the driver ``DGP_DJANGO_DRIVER`` names (``psycopg2``, the default:
-``postgresql_psycopg2``; ``psycopg``: ``postgresql_psycopg3``), or through
-Django's stock PostgreSQL backend on that same driver when
+``postgresql_psycopg2``; ``psycopg``: ``postgresql_psycopg3``; ``pymysql``:
+``mysql``), or through Django's stock backend on that same driver when
 ``DGP_DJANGO_BACKEND=stock`` (the reference run that tells our deviations from
 failures the stock backend has too; ``child.py`` binds it to the driver).
+On PostgreSQL they point at the server the rest of our suite uses
+(``devserver.server_dsn()``); on MySQL at ``$DGP_MYSQL`` (``host:port``,
+127.0.0.1:3306 by default; user root, no password; the database ``test``).
 ``DGP_DJANGO_POOL_MODE`` (``session``, the default, or ``transaction``) is our
 engine's ``POOL_MODE`` on both aliases; the stock backend has no such option
-and never gets it.
+and never gets it, and our MySQL engine refuses ``transaction``.
 Everything else is what Django's own ``tests/test_sqlite.py`` sets.
 """
 
@@ -18,8 +20,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from django_gevent_pool.devserver import django_settings, server_dsn
-
 BACKEND = os.environ.get("DGP_DJANGO_BACKEND", "ours")
 if BACKEND not in ("ours", "stock"):
     raise RuntimeError(f"DGP_DJANGO_BACKEND must be 'ours' or 'stock', got {BACKEND!r}")
@@ -27,6 +27,13 @@ if BACKEND not in ("ours", "stock"):
 ENGINES = {
     "psycopg2": "django_gevent_pool.backends.postgresql_psycopg2",
     "psycopg": "django_gevent_pool.backends.postgresql_psycopg3",
+    "pymysql": "django_gevent_pool.backends.mysql",
+}
+#: Django's stock backend per driver (``child.py`` binds it to the driver).
+STOCK_ENGINES = {
+    "psycopg2": "django.db.backends.postgresql",
+    "psycopg": "django.db.backends.postgresql",
+    "pymysql": "django.db.backends.mysql",
 }
 DRIVER = os.environ.get("DGP_DJANGO_DRIVER", "psycopg2")
 if DRIVER not in ENGINES:
@@ -39,13 +46,31 @@ if POOL_MODE not in ("session", "transaction"):
         f"DGP_DJANGO_POOL_MODE must be 'session' or 'transaction', got {POOL_MODE!r}"
     )
 
-_dsn, _where = server_dsn()
 _pid = os.getpid()
+
+
+def _server() -> dict[str, Any]:
+    """NAME, USER, PASSWORD, HOST and PORT of the server for DRIVER."""
+    if DRIVER == "pymysql":
+        host, _, port = os.environ.get("DGP_MYSQL", "127.0.0.1:3306").rpartition(":")
+        return {
+            "NAME": "test",
+            "USER": "root",
+            "PASSWORD": "",
+            "HOST": host or "127.0.0.1",
+            "PORT": port,
+        }
+    from django_gevent_pool.devserver import django_settings, server_dsn
+
+    return django_settings(server_dsn()[0])
+
+
+_SERVER = _server()
 
 
 def _alias(name: str) -> dict[str, Any]:
     if BACKEND == "stock":
-        engine = "django.db.backends.postgresql"
+        engine = STOCK_ENGINES[DRIVER]
         options: dict[str, Any] = {}
     else:
         engine = ENGINES[DRIVER]
@@ -56,7 +81,7 @@ def _alias(name: str) -> dict[str, Any]:
             options["POOL_MODE"] = POOL_MODE
     return {
         "ENGINE": engine,
-        **django_settings(_dsn),
+        **_SERVER,
         "OPTIONS": options,
         # Django's suite creates (and drops) these; one pair per run.
         "TEST": {"NAME": f"test_dgp_django_{name}_{_pid}"},
