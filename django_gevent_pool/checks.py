@@ -38,7 +38,8 @@ django_gevent_pool.W010      gevent patched socket and an alias uses Django's My
 ===========================  =================================================================
 
 On MySQL (``django_gevent_pool.backends.mysql``) E005/W005, E008/W008 and
-I006 compare with the server's ``@@max_connections`` (W004 is PgBouncer's).
+I006 compare with the server's ``@@max_connections``, and E009 applies as on
+PostgreSQL (W004 is PgBouncer's).
 
 An alias with a host budget (``HOST_MAX_CONNS``) is left out of E005/W005:
 its processes on one host open at most HOST_MAX_CONNS together, whatever
@@ -86,7 +87,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from . import sync
 from .drivers.psycopg2_waiting import is_psycopg2_cooperative
-from .hostbudget import budget_key
+from .hostbudget import budget_key_of
 from .options import PoolOptions
 from .serverinfo import (
     ServerLimits,
@@ -97,6 +98,8 @@ from .serverinfo import (
     configured_port,
     connection_params,
     is_mysql_engine,
+    mysql_connection_params,
+    mysql_server_label,
     pool_mode,
     pooled_databases,
     server_label,
@@ -172,12 +175,10 @@ def _budget_disagreements(pooled: Mapping[str, dict[str, Any]]) -> list[CheckMes
     """E009: aliases of one host budget that configure it differently (their pools would
     refuse to start, the second one at its first connection)."""
     by_key: dict[str, list[tuple[str, int, str | None]]] = {}
-    for alias, options, params in _valid_pooled(pooled):
+    for alias, options, params, _label in _valid_pooled(pooled):
         if options.HOST_MAX_CONNS is None:
             continue
-        key = budget_key(
-            params.get("host"), params.get("port"), params.get("dbname"), params.get("user")
-        )
+        key = budget_key_of(params)
         by_key.setdefault(key, []).append((alias, options.HOST_MAX_CONNS, options.HOST_LOCK_DIR))
     issues: list[CheckMessage] = []
     for key, members in by_key.items():
@@ -460,14 +461,18 @@ def check_servers(
     if not databases:
         return []
     everything = pooled_databases()
-    mysql = {a: sd for a, sd in everything.items() if is_mysql_engine(sd.get("ENGINE"))}
-    issues = _mysql_server_issues(mysql, [a for a in dict.fromkeys(databases) if a in mysql])
+    asked = [alias for alias in dict.fromkeys(databases) if alias in everything]
+    if not asked:
+        return []
+    # Both kinds of server: their labels (host:port) never meet.
+    per_process = _max_conns_by_server(everything)
+    budgets = _budgets_by_server(everything)
+    mysql = [a for a in asked if is_mysql_engine(everything[a].get("ENGINE"))]
+    issues = _mysql_server_issues(everything, mysql, per_process, budgets)
     pooled = {alias: sd for alias, sd in everything.items() if alias not in mysql}
-    wanted = [alias for alias in dict.fromkeys(databases) if alias in pooled]
+    wanted = [alias for alias in asked if alias not in mysql]
     if not wanted:
         return issues
-    per_process = _max_conns_by_server(pooled)
-    budgets = _budgets_by_server(pooled)
     # label -> the first alias, its params and the option compared for it
     servers: dict[str, tuple[str, dict[str, Any], str]] = {}
     for alias in wanted:
@@ -523,7 +528,10 @@ def _unreachable(alias: str, option: str, exc: BaseException) -> CheckMessage:
 
 
 def _mysql_server_issues(
-    pooled: Mapping[str, dict[str, Any]], wanted: list[str]
+    pooled: Mapping[str, dict[str, Any]],
+    wanted: list[str],
+    per_process: Mapping[str, dict[str, int]],
+    budgets: Mapping[str, dict[tuple[str, ...], int]],
 ) -> list[CheckMessage]:
     """E005/W005, E008/W008 and I006 for the MySQL aliases in ``wanted``.
 
@@ -531,37 +539,10 @@ def _mysql_server_issues(
     PyMySQL connection as the alias's user (a ``SUPER`` or ``CONNECTION
     ADMIN`` user gets one more, which the app must not count on).
     """
-    if not wanted:
-        return []
-    from .serverinfo import mysql_connection_params, mysql_server_label
-
-    per_process: dict[str, dict[str, int]] = {}
-    budgets: dict[str, dict[tuple[str, ...], int]] = {}
-    by_key: dict[tuple[str, str], tuple[list[str], int]] = {}
     servers: dict[str, tuple[str, dict[str, Any], str]] = {}
-    for alias, settings_dict in pooled.items():
-        try:
-            options = alias_pool_options(alias, settings_dict)
-            params = mysql_connection_params(alias, settings_dict, timeout=SERVER_TIMEOUT)
-        except (ImproperlyConfigured, ImportError):
-            continue  # E001 (or Django's own settings errors) already say what is wrong
-        label = mysql_server_label(params)
-        if options.HOST_MAX_CONNS is None:
-            per_process.setdefault(label, {})[alias] = options.MAX_CONNS
-        else:
-            key = budget_key(
-                params.get("host") or params.get("unix_socket"),
-                params.get("port"),
-                params.get("database"),
-                params.get("user"),
-            )
-            aliases, size = by_key.get((label, key), ([], 0))
-            by_key[(label, key)] = ([*aliases, alias], max(size, options.HOST_MAX_CONNS))
-        if alias in wanted:
-            option = "MAX_CONNS" if options.HOST_MAX_CONNS is None else "HOST_MAX_CONNS"
-            servers.setdefault(label, (alias, params, option))
-    for (label, _key), (aliases, size) in by_key.items():
-        budgets.setdefault(label, {})[tuple(aliases)] = size
+    for alias, options, params, label in _valid_pooled({a: pooled[a] for a in wanted}):
+        option = "MAX_CONNS" if options.HOST_MAX_CONNS is None else "HOST_MAX_CONNS"
+        servers.setdefault(label, (alias, params, option))
     issues: list[CheckMessage] = []
     for label, (alias, params, option) in servers.items():
         import pymysql
@@ -587,19 +568,25 @@ def _mysql_server_issues(
 
 def _valid_pooled(
     pooled: Mapping[str, dict[str, Any]],
-) -> Iterable[tuple[str, PoolOptions, dict[str, Any]]]:
-    """Every valid pooled alias with its options and check connection parameters."""
+) -> Iterable[tuple[str, PoolOptions, dict[str, Any], str]]:
+    """Every valid pooled alias: its options, check connection parameters and server label.
+
+    The parameters are the driver's: libpq's for PostgreSQL, PyMySQL's for MySQL.
+    """
     for alias, settings_dict in pooled.items():
-        if is_mysql_engine(settings_dict.get("ENGINE")):
-            continue  # the server checks read PostgreSQL's settings only
         try:
             options = alias_pool_options(alias, settings_dict)
-            params = connection_params(
-                alias, settings_dict, application_name=CHECK_APPLICATION_NAME
-            )
+            if is_mysql_engine(settings_dict.get("ENGINE")):
+                params = mysql_connection_params(alias, settings_dict, timeout=SERVER_TIMEOUT)
+                label = mysql_server_label(params)
+            else:
+                params = connection_params(
+                    alias, settings_dict, application_name=CHECK_APPLICATION_NAME
+                )
+                label = server_label(params)
         except (ImproperlyConfigured, ImportError):
             continue
-        yield alias, options, params
+        yield alias, options, params, label
 
 
 def _max_conns_by_server(pooled: Mapping[str, dict[str, Any]]) -> dict[str, dict[str, int]]:
@@ -609,9 +596,9 @@ def _max_conns_by_server(pooled: Mapping[str, dict[str, Any]]) -> dict[str, dict
     process, bounds what a host opens (see :func:`_budgets_by_server`).
     """
     result: dict[str, dict[str, int]] = {}
-    for alias, options, params in _valid_pooled(pooled):
+    for alias, options, _params, label in _valid_pooled(pooled):
         if options.HOST_MAX_CONNS is None:
-            result.setdefault(server_label(params), {})[alias] = options.MAX_CONNS
+            result.setdefault(label, {})[alias] = options.MAX_CONNS
     return result
 
 
@@ -625,13 +612,10 @@ def _budgets_by_server(
     to start when they disagree).
     """
     by_key: dict[tuple[str, str], tuple[list[str], int]] = {}
-    for alias, options, params in _valid_pooled(pooled):
+    for alias, options, params, label in _valid_pooled(pooled):
         if options.HOST_MAX_CONNS is None:
             continue
-        label = server_label(params)
-        key = budget_key(
-            params.get("host"), params.get("port"), params.get("dbname"), params.get("user")
-        )
+        key = budget_key_of(params)
         aliases, size = by_key.get((label, key), ([], 0))
         by_key[(label, key)] = ([*aliases, alias], max(size, options.HOST_MAX_CONNS))
     result: dict[str, dict[tuple[str, ...], int]] = {}

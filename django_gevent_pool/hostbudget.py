@@ -54,6 +54,7 @@ import struct
 import tempfile
 import time
 import weakref
+from collections.abc import Mapping
 from typing import Any
 
 from . import sync
@@ -419,6 +420,28 @@ def budget_key(host: str | None, port: Any, dbname: str | None, user: str | None
     """The budget's identity: ``user@host:port/dbname`` (no password, ever)."""
     host = host or "localhost"
     return f"{user or ''}@{host}:{port or 5432}/{dbname or ''}"
+
+
+def params_dbname(params: Mapping[str, Any]) -> Any:
+    """The database a driver's connect parameters name (libpq's ``dbname``, PyMySQL's)."""
+    for key in ("dbname", "database", "db"):
+        if params.get(key):
+            return params[key]
+    return None
+
+
+def budget_key_of(params: Mapping[str, Any]) -> str:
+    """:func:`budget_key` of a driver's connect parameters (libpq's names or PyMySQL's).
+
+    The one place the pool, the checks and ``pool_connections`` get a key
+    from: they must agree, or a budget would be counted twice.
+    """
+    return budget_key(
+        params.get("host") or params.get("unix_socket"),
+        params.get("port"),
+        params_dbname(params),
+        params.get("user"),
+    )
 
 
 _ALL: weakref.WeakSet[HostBudget] = weakref.WeakSet()

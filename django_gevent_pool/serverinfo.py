@@ -66,7 +66,7 @@ def is_pooled_engine(engine: Any) -> bool:
 
 
 def is_mysql_engine(engine: Any) -> bool:
-    """True for this package's MySQL engine (the server views here speak PostgreSQL only)."""
+    """True for this package's MySQL engine (its server is read with PyMySQL, not libpq)."""
     return isinstance(engine, str) and engine.rstrip(".") == ENGINE_PREFIX + "mysql"
 
 

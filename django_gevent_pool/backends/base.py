@@ -47,7 +47,7 @@ from ..copying import guarded
 from ..drivers import get_driver
 from ..drivers.base import Status
 from ..errors import PoolConfigError
-from ..hostbudget import budget_for, budget_key
+from ..hostbudget import budget_for, budget_key_of, params_dbname
 from ..options import PoolOptions
 from ..pool import ConnectionPool
 from ..registry import PoolRegistry
@@ -650,7 +650,7 @@ class PooledDatabaseWrapperMixin:
             self.alias,
             fingerprint,
             functools.partial(self._make_pool, pool_options, params),
-            tags={"dbname": _dbname(conn_params)},
+            tags={"dbname": params_dbname(conn_params)},
         )
 
     def _make_pool(self, pool_options: PoolOptions, params: dict[str, Any]) -> ConnectionPool:
@@ -662,12 +662,7 @@ class PooledDatabaseWrapperMixin:
         budget = None
         if pool_options.HOST_MAX_CONNS is not None:
             # One budget per server, database and user on this host (no I/O yet).
-            key = budget_key(
-                params.get("host") or params.get("unix_socket"),
-                params.get("port"),
-                _dbname(params),
-                params.get("user"),
-            )
+            key = budget_key_of(params)
             budget = budget_for(
                 key,
                 pool_options.HOST_MAX_CONNS,
@@ -824,14 +819,6 @@ _GuardedTransactionCursorWrapper = transactional(_GuardedCursorWrapper)
 # The physical connections connection_created was sent for (transaction mode),
 # until a reset wipes what its receivers set up.
 _greeted: weakref.WeakSet[Any] = weakref.WeakSet()
-
-
-def _dbname(params: dict[str, Any]) -> Any:
-    """The database a driver's connection parameters name (libpq's ``dbname``, PyMySQL's)."""
-    for key in ("dbname", "database", "db"):
-        if params.get(key):
-            return params[key]
-    return None
 
 
 def _wipe(pool: ConnectionPool, *, loaded: bool) -> tuple[bool, bool]:

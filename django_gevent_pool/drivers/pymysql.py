@@ -45,7 +45,7 @@ from pymysql.constants import CLIENT, SERVER_STATUS
 from .. import sync
 from ..errors import flavoured
 from .base import Status
-from .sockets import cut_fd, detach
+from .sockets import cut_fd, detach_fd
 
 logger = logging.getLogger("django_gevent_pool")
 
@@ -83,10 +83,7 @@ class PooledConnection(pymysql.connections.Connection):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
 
     def fileno(self) -> int:
-        sock = self._sock
-        if sock is None:
-            raise pymysql.InterfaceError(0, "the connection is closed")
-        return int(sock.fileno())
+        return _fileno(self)
 
     def _execute_command(self, command: int, sql: Any) -> None:
         if self._sock is not None:  # else PyMySQL raises: nothing goes out
@@ -152,6 +149,14 @@ class PooledConnection(pymysql.connections.Connection):  # type: ignore[misc]
             return
         self._dgp_killed = True
         kill_in_background(self)
+
+
+def _fileno(conn: Any) -> int:
+    """The socket descriptor of a PyMySQL connection (plain ones have no ``fileno()``)."""
+    sock = conn._sock
+    if sock is None:
+        raise pymysql.InterfaceError(0, "the connection is closed")
+    return int(sock.fileno())
 
 
 def _side_params(conn: Any) -> dict[str, Any]:
@@ -234,7 +239,7 @@ class PyMySQLDriver:
         try:
             if conn._sock is None:
                 return Status.CLOSED
-            if conn._dgp_busy if isinstance(conn, PooledConnection) else False:
+            if getattr(conn, "_dgp_busy", False):  # only PooledConnection knows
                 return Status.ACTIVE
             result = conn._result
             if result is not None and (result.unbuffered_active or result.has_next):
@@ -244,21 +249,17 @@ class PyMySQLDriver:
             flags = conn.server_status or 0
             if flags & _IN_TRANS:
                 return Status.INTRANS
-            if not flags & _AUTOCOMMIT and (
-                conn._dgp_unsure if isinstance(conn, PooledConnection) else True
-            ):
-                # Autocommit off and an error since the last status: the
-                # failed statement may have opened a transaction unseen.
+            if not flags & _AUTOCOMMIT and getattr(conn, "_dgp_unsure", True):
+                # Autocommit off and an error or a result set since the last
+                # status: a transaction may be open unseen (a plain PyMySQL
+                # connection cannot tell: assume one).
                 return Status.INTRANS
             return Status.IDLE
         except Exception:  # a broken object: not reusable
             return Status.UNKNOWN
 
     def fileno(self, conn: Any) -> int:
-        sock = conn._sock
-        if sock is None:
-            raise pymysql.InterfaceError(0, "the connection is closed")
-        return int(sock.fileno())
+        return _fileno(conn)
 
     def ping(self, conn: Any) -> None:
         conn.ping(reconnect=False)
@@ -279,7 +280,7 @@ class PyMySQLDriver:
 
     def cut(self, conn: Any) -> None:
         try:
-            fd = self.fileno(conn)
+            fd = _fileno(conn)
         except Exception:  # no socket left: nothing to shut
             return
         cut_fd(fd)
@@ -306,7 +307,11 @@ class PyMySQLDriver:
         if isinstance(conn, PooledConnection):
             conn._dgp_busy = False  # the child must not KILL the parent's session
             conn._dgp_killed = True
-        detach(_Socket(self, conn))
+        try:
+            fd = _fileno(conn)
+        except Exception:  # closed already: nothing shared
+            return
+        detach_fd(fd)
 
     def ensure_cooperative(self) -> bool:
         return self.is_cooperative()
@@ -314,16 +319,6 @@ class PyMySQLDriver:
     def is_cooperative(self) -> bool:
         # Pure Python: its waits are the socket module's, gevent's once patched.
         return sync.patched("socket")
-
-
-class _Socket:
-    """``conn`` as :func:`.sockets.detach` wants it: something with a ``fileno()``."""
-
-    def __init__(self, driver: PyMySQLDriver, conn: Any) -> None:
-        self._driver, self._conn = driver, conn
-
-    def fileno(self) -> int:
-        return self._driver.fileno(self._conn)
 
 
 DRIVER = PyMySQLDriver()

@@ -48,6 +48,11 @@ def detach(conn: Any) -> None:
         fd = conn.fileno()
     except Exception:  # closed already, or no socket yet: nothing shared
         return
+    detach_fd(fd)
+
+
+def detach_fd(fd: int) -> None:
+    """Point descriptor ``fd`` at /dev/null (see :func:`detach`)."""
     devnull = os.open(os.devnull, os.O_RDWR)
     try:
         os.dup2(devnull, fd)

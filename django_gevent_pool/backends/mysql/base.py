@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import weakref
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
@@ -48,11 +49,14 @@ from django.db.backends.mysql import base as _stock  # noqa: E402 - after MySQLd
 from django.db.backends.mysql import creation as _stock_creation  # noqa: E402
 
 from ...drivers.pymysql import PooledConnection  # noqa: E402
+from ...pool import ConnectionPool  # noqa: E402
 from ..base import PooledDatabaseWrapperMixin, get_pool  # noqa: E402
 from ..creation import PooledCreationMixin  # noqa: E402
 
-#: Pool -> Django's ``mysql_server_data`` read on one of its connections.
-_server_data: dict[int, dict[str, Any]] = {}
+#: Pool -> Django's ``mysql_server_data`` read on one of its connections (gone with the pool).
+_server_data: weakref.WeakKeyDictionary[ConnectionPool, dict[str, Any]] = (
+    weakref.WeakKeyDictionary()
+)
 _server_data_lock = threading.Lock()
 
 
@@ -92,16 +96,17 @@ class DatabaseWrapper(PooledDatabaseWrapperMixin, _PyMySQLWrapper):
         if cached is not None:
             return cached
         pool = self._pool or self._pool_home or get_pool(self.alias)
-        key = None if pool is None or pool.closed else id(pool)
-        if key is not None:
+        if pool is not None and pool.closed:
+            pool = None
+        if pool is not None:
             with _server_data_lock:  # critical section: a dict read
-                data = _server_data.get(key)
+                data = _server_data.get(pool)
             if data is not None:
                 self.__dict__["_dgp_server_data"] = data
                 return data
         data = _stock.DatabaseWrapper.mysql_server_data.func(self)
         self.__dict__["_dgp_server_data"] = data
-        if key is not None:
+        if pool is not None:
             with _server_data_lock:  # critical section: a dict write
-                _server_data[key] = data
+                _server_data[pool] = data
         return data

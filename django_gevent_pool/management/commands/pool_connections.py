@@ -39,7 +39,7 @@ import psycopg2
 from django.core.exceptions import ImproperlyConfigured
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from ...hostbudget import budget_key, held_here, observe
+from ...hostbudget import budget_key_of, held_here, observe
 from ...serverinfo import (
     ServerLimits,
     ServerUnreachable,
@@ -380,12 +380,7 @@ def _host_budget(entry: _Alias) -> dict[str, Any]:
     """
     assert entry.host_max_conns is not None
     params = entry.params
-    key = budget_key(
-        params.get("host") or params.get("unix_socket"),
-        params.get("port"),
-        params.get("dbname") or params.get("database"),
-        params.get("user"),
-    )
+    key = budget_key_of(params)
     result: dict[str, Any] = {
         "key": key,
         "host_max_conns": entry.host_max_conns,
