@@ -78,6 +78,30 @@ def held_lock(admin: Any, params: dict[str, Any]) -> Iterator[str]:
     one(admin, "SELECT RELEASE_LOCK(%s)", [name])
 
 
+def open_transactions(admin: Any, conn: Any) -> int:
+    """Transactions InnoDB has open for ``conn``'s session, once it shows one (<= 1 s).
+
+    ``INNODB_TRX`` is a cache InnoDB refreshes only when nobody read it for
+    0.1 s (every read restarts that wait): each read here comes 0.15 s after
+    the last one.
+    """
+
+    def count() -> int:
+        return int(
+            one(
+                admin,
+                "SELECT COUNT(*) FROM information_schema.INNODB_TRX WHERE trx_mysql_thread_id = %s",
+                [conn.thread_id()],
+            )
+        )
+
+    deadline = time.monotonic() + 1.0
+    sleep(0.15)
+    while (found := count()) == 0 and time.monotonic() < deadline:
+        sleep(0.15)
+    return found
+
+
 # ----------------------------------------------------------------- the cap
 
 
@@ -152,7 +176,7 @@ def test_a_failed_statement_with_autocommit_off_counts_as_in_a_transaction(
     with pytest.raises(pymysql.MySQLError):
         # Locks row 7 before failing on it: the transaction is open on the server.
         one(conn, "INSERT INTO dgp_rows SELECT id FROM dgp_rows WHERE id = 7 FOR UPDATE")
-    assert one(admin, "SELECT COUNT(*) FROM information_schema.INNODB_TRX") >= 0
+    assert open_transactions(admin, conn) == 1  # the server has it: the client must see it
     assert mysql_driver.DRIVER.status(conn) is Status.INTRANS
     pool.putconn(conn)
     assert pool.get_stats()["returns_rolled_back"] == 1
@@ -182,6 +206,7 @@ def test_a_result_set_with_autocommit_off_counts_as_in_a_transaction(
     conn = pool.getconn()
     one(conn, "ROLLBACK")
     assert one(conn, "SELECT id FROM dgp_rows WHERE id = 9 FOR UPDATE") == 9
+    assert open_transactions(admin, conn) == 1  # the server has it: the client must see it
     assert mysql_driver.DRIVER.status(conn) is Status.INTRANS
     pool.putconn(conn)
     assert pool.get_stats()["returns_rolled_back"] == 1
@@ -376,13 +401,20 @@ def test_wait_timeout_closing_idle_connections_costs_no_error(make_pool: PoolFac
     pool.putconn(again)
 
 
-def test_a_ping_after_idle_is_com_ping(make_pool: PoolFactory) -> None:
+def test_a_ping_after_idle_is_counted_and_keeps_the_connection(make_pool: PoolFactory) -> None:
+    """PING_AFTER: a checkout after idle pings (COM_PING) and lends the same connection.
+
+    A dead idle connection is found before any ping, by the zero-round-trip
+    look (server KILLs and ``wait_timeout`` above); what only a ping finds,
+    a silent network, is the PostgreSQL tiers' (the proxy there).
+    """
     pool = make_pool(MAX_CONNS=1, PING_AFTER=0.1)
     conn = pool.getconn()
+    thread_id = conn.thread_id()
     pool.putconn(conn)
     sleep(0.2)
     again = pool.getconn()
-    assert again is conn
+    assert again is conn and one(again, "SELECT CONNECTION_ID()") == thread_id
     pool.putconn(again)
     assert pool.get_stats()["pings"] == 1
 
