@@ -114,22 +114,37 @@ def roll_back(driver: Driver, conn: Any, status: Status) -> Unfit | None:
 
 
 def reset(
-    driver: Driver, conn: Any, sql: str, after_reset: Callable[[Any], None] | None
+    driver: Driver,
+    conn: Any,
+    sql: str | None,
+    after_reset: Callable[[Any], None] | None,
+    *,
+    protocol: bool = False,
 ) -> Unfit | None:
-    """Run ``RESET_QUERY`` then ``after_reset`` (the session setup), within RETURN_TIMEOUT."""
+    """Wipe the session, then run ``after_reset`` (the session setup), within RETURN_TIMEOUT.
+
+    The wipe is the protocol's reset (``protocol``: ``driver.reset_session``)
+    and ``RESET_QUERY`` (``sql``, when set), in that order.
+    """
+    what = " and ".join(
+        name
+        for name, used in (("the session reset", protocol), ("RESET_QUERY", sql is not None))
+        if used
+    )
 
     def reset_session() -> None:
-        driver.execute(conn, sql)
+        if protocol:
+            driver.reset_session(conn)
+        if sql is not None:
+            driver.execute(conn, sql)
         if after_reset is not None:
             after_reset(conn)
 
     try:
         if not within(driver, RETURN_TIMEOUT, conn, reset_session):
-            return _silent(f"RESET_QUERY within {RETURN_TIMEOUT} s")
+            return _silent(f"{what} within {RETURN_TIMEOUT} s")
     except Exception as exc:
-        return Unfit(
-            f"RESET_QUERY or the session setup after it failed: {str(exc).strip()}", lost=False
-        )
+        return Unfit(f"{what} or the session setup after it failed: {str(exc).strip()}", lost=False)
     return None
 
 

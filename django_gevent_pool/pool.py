@@ -396,7 +396,9 @@ class ConnectionPool:
         ``reset`` says whether ``RESET_QUERY`` runs on it (when one is set):
         None, the default, runs it on every return; False skips it (a borrower
         that knows it left no session state: transaction mode's early
-        returns); True runs it (one that knows it did).
+        returns); True runs it (one that knows it did), after the driver's
+        own session reset where the protocol has one (MySQL's
+        ``COM_RESET_CONNECTION``; then even with no ``RESET_QUERY``).
 
         The connection is kept only if its transaction status is IDLE; INTRANS
         and INERROR are rolled back first (and discarded if the rollback fails);
@@ -1441,8 +1443,11 @@ class ConnectionPool:
         elif status is not Status.IDLE:
             return f"it was returned with transaction status {status.value}"
         reset_query = self.options.RESET_QUERY
-        if unfit is None and reset_query is not None and reset is not False:
-            unfit = health.reset(driver, conn, reset_query, self._after_reset)
+        # A borrower that knows it left session state (reset=True) gets the
+        # protocol's own reset where there is one (MySQL), RESET_QUERY after it.
+        protocol = reset is True and driver.resets_sessions
+        if unfit is None and (protocol or (reset_query is not None and reset is not False)):
+            unfit = health.reset(driver, conn, reset_query, self._after_reset, protocol=protocol)
         now = self._clock()
         if unfit is not None:
             if unfit.lost:

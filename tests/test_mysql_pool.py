@@ -574,3 +574,104 @@ def test_two_pools_on_one_host_budget_never_exceed_it_on_the_server(
     finally:
         for pool in pools:
             pool.close()
+
+
+# ------------------------------------------------------------ session reset
+
+
+def test_a_return_with_reset_wipes_the_session_and_sets_up_what_connect_did(
+    make_pool: PoolFactory, admin: Any, params: dict[str, Any]
+) -> None:
+    """``putconn(reset=True)``: COM_RESET_CONNECTION, then connect's setup, then RESET_QUERY.
+
+    Everything a session can hold is made, then checked gone on the server
+    (the lock from another session) on the same session (a reset, not a
+    reconnect); what PyMySQL's connect set up is back (character set,
+    database, ``sql_mode``, ``init_command``, autocommit).
+    """
+    setup: list[int] = []
+    pool = make_pool(
+        MAX_CONNS=1,
+        RESET_QUERY="SET @dgp_after_reset = 7",
+        connect={
+            "charset": "utf8mb4",
+            "collation": "utf8mb4_unicode_ci",
+            "sql_mode": "STRICT_TRANS_TABLES",
+            "init_command": "SET @dgp_init = 1",
+        },
+    )
+    pool._after_reset = lambda conn: setup.append(conn.thread_id())
+    lock = f"dgp_reset_{params['user']}"
+    conn = pool.getconn()
+    thread_id = conn.thread_id()
+    for sql in (
+        "CREATE TABLE IF NOT EXISTS dgp_reset_t (a INT)",
+        "SET @v = 5, @dgp_init = 2, @dgp_after_reset = NULL",
+        "SET NAMES latin1",
+        "SET SESSION sql_mode = ''",
+        "CREATE TEMPORARY TABLE dgp_tmp (a INT)",
+        "PREPARE dgp_s FROM 'SELECT 1'",
+        "USE mysql",
+        "LOCK TABLES test.dgp_reset_t WRITE",
+        "SET autocommit = 0",
+    ):
+        one(conn, sql)
+    assert one(conn, "SELECT GET_LOCK(%s, 0)", [lock]) == 1
+    assert one(admin, "SELECT IS_USED_LOCK(%s)", [lock]) == thread_id
+    pool.putconn(conn, reset=True)
+
+    conn = pool.getconn()
+    assert conn.thread_id() == thread_id  # the same session, reset: no reconnect
+    assert setup == [thread_id]  # the caller's session setup ran after the reset
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT @v, @dgp_init, @dgp_after_reset, @@character_set_client,"
+            " @@collation_connection, @@sql_mode, DATABASE(), @@autocommit"
+        )
+        assert cur.fetchone() == (
+            None,
+            1,  # init_command ran again
+            7,  # RESET_QUERY ran after the reset
+            "utf8mb4",
+            "utf8mb4_unicode_ci",
+            "STRICT_TRANS_TABLES",
+            "test",
+            1,
+        )
+    assert conn.get_autocommit()
+    for gone in ("SELECT * FROM dgp_tmp", "EXECUTE dgp_s"):
+        with pytest.raises(pymysql.MySQLError):
+            one(conn, gone)
+    assert one(admin, "SELECT IS_USED_LOCK(%s)", [lock]) is None
+    with admin.cursor() as cur:
+        cur.execute("SET SESSION lock_wait_timeout = 1")
+        cur.execute("INSERT INTO test.dgp_reset_t VALUES (1)")  # no table lock left
+        cur.execute("DROP TABLE test.dgp_reset_t")
+    pool.putconn(conn)
+    pool.check_invariants()
+    assert pool.get_stats()["connections_num"] == 1
+
+
+def test_a_reset_that_fails_discards_the_connection(
+    make_pool: PoolFactory, admin: Any, params: dict[str, Any]
+) -> None:
+    """The session setup after the reset fails: the connection is closed, not lent half set up."""
+    pool = make_pool(MAX_CONNS=1, connect={"init_command": "SELECT dgp_no_such_column"})
+    with pytest.raises(pymysql.MySQLError):
+        pool.getconn()  # connect's own init_command fails too: nothing half set up is lent
+    pool = make_pool(MAX_CONNS=1)
+    conn = pool.getconn()
+    thread_id = conn.thread_id()
+    conn.init_command = "SELECT dgp_no_such_column"  # fails after the reset
+    pool.putconn(conn, reset=True)
+    stats = pool.get_stats()
+    assert stats["pool_size"] == 0 and stats["pool_in_use"] == 0
+    wait_until(
+        lambda: thread_id not in sessions(admin, params["user"]),
+        what="the failed session closed on the server",
+        timeout=2.0,
+    )
+    conn = pool.getconn()
+    assert conn.thread_id() != thread_id
+    pool.putconn(conn)
+    pool.check_invariants()

@@ -46,6 +46,8 @@ class Driver(Protocol):
     Error: type[Exception]
     #: The pool's errors as subclasses of this driver's ``OperationalError``.
     errors: Flavour
+    #: True if :meth:`reset_session` wipes a session (the protocol has a reset).
+    resets_sessions: bool
 
     def status(self, conn: Any) -> Status:
         """The connection's state, from the client's memory only. Never raises."""
@@ -64,6 +66,15 @@ class Driver(Protocol):
 
     def execute(self, conn: Any, sql: str) -> None:
         """Run ``sql`` outside any transaction (``RESET_QUERY``); raises on failure."""
+
+    def reset_session(self, conn: Any) -> None:
+        """Wipe the session's state with the protocol's own reset; raises on failure.
+
+        Afterwards the session is as the driver's connect left it (character
+        set, database, autocommit): what the application set up on top (its
+        session setup) is the caller's to run again. Only when
+        :attr:`resets_sessions`; otherwise ``NotImplementedError``.
+        """
 
     def cut(self, conn: Any) -> None:
         """Shut the connection's socket without taking the driver's lock; never raises.

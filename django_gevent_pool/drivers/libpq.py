@@ -29,6 +29,13 @@ STATUS = {
 class LibpqDriver:
     """The part of :class:`~django_gevent_pool.drivers.base.Driver` libpq drivers share."""
 
+    #: PostgreSQL's protocol has no session reset: ``DISCARD ALL`` is SQL
+    #: (``RESET_QUERY``).
+    resets_sessions = False
+
+    def reset_session(self, conn: Any) -> None:
+        raise NotImplementedError("PostgreSQL has no protocol-level session reset")
+
     def rollback(self, conn: Any) -> None:
         conn.rollback()
 

@@ -25,6 +25,11 @@ protocol:
   in the background (:func:`kill_in_background`, bounded by
   :data:`KILL_TIMEOUT`), and so does :meth:`PyMySQLDriver.sever`.
 - **The ping** is ``COM_PING``, never reconnecting.
+- **The session reset** is ``COM_RESET_CONNECTION`` (MySQL 5.7.3, MariaDB
+  10.2.4): user variables, temporary tables, prepared statements, ``GET_LOCK``
+  and table locks, session variables and any transaction are gone in one round
+  trip; then what PyMySQL's connect set up is set up again (character set,
+  ``sql_mode``, ``init_command``, the database, autocommit).
 
 PyMySQL's error classes are taken from the package (``pymysql.Error``...),
 never from ``pymysql.err``: once PyMySQL stands in for ``MySQLdb``, Django's
@@ -53,6 +58,9 @@ logger = logging.getLogger("django_gevent_pool")
 #: many seconds (its connect, its write and its read each): a silent network
 #: swallows it, and the server ends the session at its next write anyway.
 KILL_TIMEOUT = 2.0
+
+#: The protocol's session reset (PyMySQL names no constant for it).
+COM_RESET_CONNECTION = 0x1F
 
 _IN_TRANS = SERVER_STATUS.SERVER_STATUS_IN_TRANS
 _AUTOCOMMIT = SERVER_STATUS.SERVER_STATUS_AUTOCOMMIT
@@ -277,6 +285,26 @@ class PyMySQLDriver:
                 pass
         if not autocommit:
             conn.autocommit(False)
+
+    resets_sessions = True
+
+    def reset_session(self, conn: Any) -> None:
+        conn._execute_command(COM_RESET_CONNECTION, b"")
+        conn._read_ok_packet()
+        # As PyMySQL's connect() leaves a session: the reset took the session
+        # back to the server's defaults, but kept the database a USE chose.
+        conn.set_character_set(conn.charset, conn.collation)
+        if conn.db:
+            conn.select_db(conn.db)
+        for sql in (
+            None if conn.sql_mode is None else f"SET sql_mode={conn.escape(conn.sql_mode)}",
+            conn.init_command,
+        ):
+            if sql is not None:
+                with conn.cursor() as cursor:
+                    cursor.execute(sql)
+        if conn.autocommit_mode is not None:
+            conn.autocommit(conn.autocommit_mode)
 
     def cut(self, conn: Any) -> None:
         try:
