@@ -50,7 +50,7 @@ from pymysql.constants import CLIENT, SERVER_STATUS
 from .. import sync
 from ..errors import flavoured
 from .base import Status
-from .sockets import cut_fd, detach_fd
+from .sockets import cut_fd, detach_fd, hung_up_fd
 
 logger = logging.getLogger("django_gevent_pool")
 
@@ -137,7 +137,7 @@ class PooledConnection(pymysql.connections.Connection):  # type: ignore[misc]
         unbuffered result has rows unread. What interrupts a read without an
         ``Exception`` (GreenletExit, ``gevent.Timeout``) never gets here: the
         mark stays, PyMySQL closes the socket, and :meth:`_force_close` ends
-        the server's session.
+        the server's session (unless the server hung up first).
         """
         self._dgp_unsure = failed
         result = self._result
@@ -146,9 +146,12 @@ class PooledConnection(pymysql.connections.Connection):  # type: ignore[misc]
 
     def _force_close(self) -> None:
         busy, self._dgp_busy = self._dgp_busy, False
-        had_socket = self._sock is not None
+        # Not when the server closed the session itself (it was killed, or
+        # wait_timeout ended it): PyMySQL read the end of the stream.
+        sock = self._sock
+        alive = busy and sock is not None and not hung_up_fd(sock.fileno())
         super()._force_close()
-        if busy and had_socket:
+        if alive:
             self._dgp_kill()
 
     def _dgp_kill(self) -> None:

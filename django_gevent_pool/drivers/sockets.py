@@ -36,6 +36,27 @@ def cut_fd(fd: int) -> None:
         sock.close()
 
 
+def hung_up_fd(fd: int) -> bool:
+    """Has the peer closed socket ``fd`` (all it sent read)? Never waits, never raises.
+
+    A peek without the driver's lock, on a duplicate of the descriptor (a
+    plain socket, never gevent's, so it cannot wait): end of stream, or a
+    socket in error, is a hang-up; data or nothing yet is not.
+    """
+    try:
+        sock = _socket.socket(fileno=os.dup(fd))
+    except Exception:  # not a socket any more
+        return True
+    try:
+        return sock.recv(1, _socket.MSG_PEEK | _socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False  # open, nothing to read: the peer is still there
+    except OSError:
+        return True  # reset, or in error: the session is gone
+    finally:
+        sock.close()
+
+
 def detach(conn: Any) -> None:
     """Point ``conn``'s socket descriptor (``conn.fileno()``) at /dev/null, for a forked child.
 
