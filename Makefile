@@ -43,6 +43,7 @@ test-django: $(STAMP)
 	$(PY) tests/django_suite/run.py --backend both
 	$(PY) tests/django_suite/run.py --driver psycopg2 --modes gevent --pool-mode transaction
 	$(PY) tests/django_suite/run.py --driver pymysql --backend both
+	$(PY) tests/django_suite/run.py --driver pymysql --modes gevent --pool-mode transaction
 
 # The suite as on a fresh machine with no PostgreSQL: the system server hidden
 # (as root: private network and mount namespaces), the embedded one used.

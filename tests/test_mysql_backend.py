@@ -107,9 +107,13 @@ SERVE = PRELUDE + textwrap.dedent(
 )
 
 
-def run_child(script: str, mode: str, params: dict[str, Any], options: Any = None) -> Any:
+def run_child(
+    script: str, mode: str, params: dict[str, Any], options: Any = None, extra: Any = None
+) -> Any:
+    """``script`` in a child: ``sys.argv[1:]`` are the mode, then JSON of the rest."""
+    args = [mode, json.dumps(params), json.dumps(options or {}), json.dumps(extra)]
     return subprocess.Popen(
-        [sys.executable, "-c", script, mode, json.dumps(params), json.dumps(options or {})],
+        [sys.executable, "-c", script, *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -195,7 +199,10 @@ MISCONFIGURED = PRELUDE + textwrap.dedent(
 @pytest.mark.parametrize(
     ("options", "words"),
     [
-        ({"POOL_MODE": "transaction"}, ["DATABASES['default']", "POOL_MODE", "'session'"]),
+        (
+            {"POOL_MODE": "statement"},
+            ["DATABASES['default']", "POOL_MODE", "'session'", "'transaction'"],
+        ),
         ({"isolation_level": "chaos"}, ["DATABASES['default']", "isolation_level", "'chaos'"]),
         ({"MAX_CONNS": 0}, ["DATABASES['default']", "MAX_CONNS"]),
     ],

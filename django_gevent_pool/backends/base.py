@@ -155,12 +155,6 @@ def pool_options_for(
         validated = PoolOptions.from_mapping(options, name=f"DATABASES[{alias!r}]")
     except PoolConfigError as exc:
         raise ImproperlyConfigured(str(exc)) from exc
-    if driver == "pymysql" and validated[0].POOL_MODE == "transaction":
-        raise ImproperlyConfigured(
-            f"DATABASES[{alias!r}]['OPTIONS']['POOL_MODE']: 'transaction' is not available on "
-            "MySQL yet (its pinning knows PostgreSQL's session state only: MySQL's user "
-            "variables, GET_LOCK() and LOCK TABLES would reach the next request); use 'session'"
-        )
     _isolation_level(alias, options, driver)
     return validated
 
@@ -170,6 +164,8 @@ class PooledDatabaseWrapperMixin:
 
     #: The driver of the connections the stock wrapper opens: set by each engine.
     pool_driver = "psycopg2"
+    #: Whose statements transaction mode reads for session state (``pinning.DIALECTS``).
+    pool_dialect = "postgresql"
 
     # Provided by BaseDatabaseWrapper; declared for type checkers.
     alias: str
@@ -824,11 +820,12 @@ _greeted: weakref.WeakSet[Any] = weakref.WeakSet()
 def _wipe(pool: ConnectionPool, *, loaded: bool) -> tuple[bool, bool]:
     """``(discard, reset)`` for ``putconn`` of a connection whose session state must go.
 
-    Reset with ``RESET_QUERY`` when one is set, else closed; closed anyway
-    after a ``LOAD`` (``loaded``), which no reset undoes (``DISCARD ALL``
-    leaves the library loaded).
+    Reset (the driver's protocol reset, MySQL's, and ``RESET_QUERY``) when it
+    has one or one is set, else closed; closed anyway after a ``LOAD``
+    (``loaded``), which no reset undoes (``DISCARD ALL`` leaves the library
+    loaded).
     """
-    if pool.options.RESET_QUERY is not None and not loaded:
+    if (pool.driver.resets_sessions or pool.options.RESET_QUERY is not None) and not loaded:
         return False, True
     return True, False  # nothing can wipe its state: closed, not reused
 
@@ -979,6 +976,9 @@ def _setup_session(
     """Run Django's per-connection session setup on ``conn`` (also after RESET_QUERY)."""
     if wrapper is None:
         wrapper = cls(settings_dict, alias)
+        if wrapper.pool_driver == "pymysql":
+            # Django's MySQL setup reads what its get_connection_params() sets.
+            wrapper.isolation_level = _mysql_isolation_level(alias, settings_dict["OPTIONS"])
     wrapper.connection = conn
     try:
         wrapper.set_autocommit(settings_dict["AUTOCOMMIT"])

@@ -16,9 +16,10 @@ here:
   the status) so ``fetch*`` and iteration go on without a connection, close
   the driver cursor, and let the wrapper give it back;
 - count a named (server-side) cursor as a pin until it is closed;
-- refuse, with the driver's ``InterfaceError: cursor already closed``, a
-  cursor kept past the end of its wrapper's session (its request), as a closed
-  cursor does with Django's own backend.
+- refuse a cursor kept past the end of its wrapper's session (its request),
+  as a closed cursor does with Django's own backend, with the driver's own
+  error (psycopg's ``InterfaceError: cursor already closed``, PyMySQL's
+  ``ProgrammingError: Cursor closed``).
 
 No locks: a wrapper and its cursors belong to one greenlet or thread.
 """
@@ -39,15 +40,21 @@ class Result:
     """A statement's results, read out of its driver cursor, which is closed.
 
     Stands in for the driver cursor in a transaction-mode ``CursorWrapper``
-    once the connection went back to the pool: psycopg2 and psycopg 3 client
-    cursors have every row in the client when ``execute`` returns, so reading
-    them now costs what reading them later would.
+    once the connection went back to the pool: psycopg2, psycopg 3 and PyMySQL
+    client cursors have every row in the client when ``execute`` returns, so
+    reading them now costs what reading them later would (PyMySQL reads the
+    further result sets of a multi-statement string on ``nextset()``: they
+    are read here, each kept). ``mysql`` answers as PyMySQL's cursor does: a
+    fetch after a statement without rows gets ``None``, ``()`` or ``[]``
+    rather than psycopg's ``ProgrammingError``, and a closed cursor raises
+    ``ProgrammingError`` rather than ``InterfaceError``.
     """
 
     __slots__ = (
         "_closed_cursor",
         "_errors",
         "_multi",
+        "_mysql",
         "_pos",
         "_rows",
         "_sets",
@@ -60,13 +67,23 @@ class Result:
     )
 
     #: Attributes of the driver cursor still read after the statement, for
-    #: ``last_executed_query`` (psycopg2's ``query``, psycopg 3's ``_query``):
-    #: read from the closed driver cursor, which keeps them.
-    FORWARDED = frozenset({"query", "_query"})
+    #: ``last_executed_query`` (psycopg2's ``query``, psycopg 3's ``_query``,
+    #: PyMySQL's ``_executed``): read from the closed driver cursor, which
+    #: keeps them.
+    FORWARDED = frozenset({"query", "_query", "_executed"})
 
-    def __init__(self, cursor: Any, errors: Any, *, multi: bool, failed: bool = False) -> None:
+    def __init__(
+        self,
+        cursor: Any,
+        errors: Any,
+        *,
+        multi: bool,
+        failed: bool = False,
+        mysql: bool = False,
+    ) -> None:
         self._errors = errors
         self._multi = multi
+        self._mysql = mysql
         self._closed_cursor = cursor
         self.arraysize = cursor.arraysize
         self.lastrowid = getattr(cursor, "lastrowid", None)
@@ -105,8 +122,10 @@ class Result:
 
     def _rows_or_fail(self) -> list[Any]:
         if self.closed:
-            raise self._errors.InterfaceError("cursor already closed")
+            raise closed_cursor_error(self._errors, mysql=self._mysql)
         if self._rows is None:
+            if self._mysql:
+                return ()
             raise self._errors.ProgrammingError("no results to fetch")
         return self._rows
 
@@ -126,6 +145,8 @@ class Result:
 
     def fetchall(self) -> list[Any]:
         rows = self._rows_or_fail()
+        if self._rows is None:  # PyMySQL's answer
+            return []
         rest = rows[self._pos :] if self._pos else rows
         self._pos = len(rows)
         return rest
@@ -167,6 +188,13 @@ class Result:
         self._sets = []
 
 
+def closed_cursor_error(errors: Any, *, mysql: bool) -> Exception:
+    """What the driver raises for a closed cursor (``errors``: its DB-API module)."""
+    if mysql:
+        return errors.ProgrammingError("Cursor closed")  # PyMySQL's
+    return errors.InterfaceError("cursor already closed")  # psycopg2's and psycopg 3's
+
+
 _ANSWERED = frozenset(
     {name for name in dir(Result) if not name.startswith("__")} | Result.FORWARDED
 ) - {"answers"}
@@ -198,17 +226,22 @@ class TransactionCursorMixin:
     def _pool_live(self) -> None:
         """Make ``self.cursor`` a driver cursor on the wrapper's current connection."""
         db = self.db
+        mysql = db.pool_dialect == "mysql"
         if self._pool_closed or self._pool_session != db._pool_session:
             # Closed by its owner, or kept past the end of its session.
             with db.wrap_database_errors:
-                raise db.Database.InterfaceError("cursor already closed")
+                raise closed_cursor_error(db.Database, mysql=mysql)
         if db.connection is not None and self._pool_lease == db._pool_lease:
+            if type(self.cursor) is Result:
+                # Its results were read out (a multi-statement string's
+                # further result sets) and the connection stayed.
+                self.cursor = db.create_cursor(None)
             return
         if self._pool_named:
             # Pinned while open, so its connection never went back; closed, it
             # stays closed.
             with db.wrap_database_errors:
-                raise db.Database.InterfaceError("cursor already closed")
+                raise closed_cursor_error(db.Database, mysql=mysql)
         db.ensure_connection()
         old, self.cursor = self.cursor, db.create_cursor(None)
         self._pool_lease = db._pool_lease
@@ -218,11 +251,12 @@ class TransactionCursorMixin:
             except Exception:  # best effort: it is dead either way
                 pass
 
-    def _pool_statement(self, sql: Any, run: Any) -> Any:
+    def _pool_statement(self, sql: Any, run: Any, reason: str | None = None) -> Any:
         self._pool_live()
         db = self.db
         if not db._pool_hold:
-            reason = pin_reason(sql)
+            if reason is None:
+                reason = pin_reason(sql, db.pool_dialect)
             if reason is not None:
                 db._pool_pin(reason)
         driver_cursor = self.cursor
@@ -254,14 +288,30 @@ class TransactionCursorMixin:
         if not db._pool_may_release(check_status=False):
             return
         state = db._pool_status()
+        mysql = db.pool_dialect == "mysql"
+        if state is Status.UNKNOWN and mysql and not failed and type(self.cursor) is not Result:
+            # PyMySQL read only the first result set of a multi-statement
+            # string: the rest are read now, and an error of a later statement
+            # is raised from execute(), as psycopg raises it.
+            try:
+                self.cursor = Result(self.cursor, db.Database, multi=True, mysql=True)
+            except Exception:
+                self._pool_after(failed=True)
+                raise
+            state = db._pool_status()
         if state is Status.IDLE:
-            self.cursor = Result(
-                self.cursor, db.Database, multi=db.pool_driver != "psycopg2", failed=failed
-            )
+            if type(self.cursor) is not Result:
+                self.cursor = Result(
+                    self.cursor,
+                    db.Database,
+                    multi=db.pool_driver != "psycopg2",
+                    failed=failed,
+                    mysql=mysql,
+                )
             db._pool_detach()
         elif failed and (state is Status.CLOSED or state is Status.UNKNOWN):
             # Lost (the server went away): back at once, discarded.
-            self.cursor = Result(self.cursor, db.Database, multi=False, failed=True)
+            self.cursor = Result(self.cursor, db.Database, multi=False, failed=True, mysql=mysql)
             db._pool_detach(discard=True)
         # Else a transaction the statement opened by hand (BEGIN): kept until
         # it ends.
@@ -279,8 +329,12 @@ class TransactionCursorMixin:
         )
 
     def callproc(self, procname: str, params: Any = None, kparams: Any = None) -> Any:
+        # PyMySQL passes the arguments in user variables (SET @_name_0=...),
+        # read back with SELECT after the CALL: session state.
         return self._pool_statement(
-            "", lambda: super(TransactionCursorMixin, self).callproc(procname, params, kparams)
+            "",
+            lambda: super(TransactionCursorMixin, self).callproc(procname, params, kparams),
+            "set" if self.db.pool_dialect == "mysql" else None,
         )
 
     def _copy(self, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:

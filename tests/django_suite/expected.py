@@ -85,6 +85,7 @@ _TRANSACTION_MODE: list[Deviation] = [
         "backends.base.test_base.ConnectionHealthChecksTests.test_health_checks_enabled",
         BOTH,
         stock_too=False,
+        drivers=ALL_DRIVERS | PYMYSQL,
         pool_modes=TRANSACTION,
         reason=_BETWEEN_STATEMENTS
         + "The test keeps `connection.connection` after a query (None) as the old "
@@ -100,6 +101,7 @@ _TRANSACTION_MODE: list[Deviation] = [
         "test_set_autocommit_health_checks_enabled",
         BOTH,
         stock_too=False,
+        drivers=ALL_DRIVERS | PYMYSQL,
         pool_modes=TRANSACTION,
         reason=_BETWEEN_STATEMENTS
         + "The test's set_autocommit(True), which ends its simulated outermost atomic "
@@ -111,6 +113,7 @@ _TRANSACTION_MODE: list[Deviation] = [
         "test_ignores_connection_configuration_queries",
         BOTH,
         stock_too=False,
+        drivers=ALL_DRIVERS | PYMYSQL,
         pool_modes=TRANSACTION,
         reason=_BETWEEN_STATEMENTS
         + "The test patches ensure_connection() to run a 'configuration' query whenever "
@@ -125,7 +128,7 @@ _TRANSACTION_MODE: list[Deviation] = [
 ]
 
 # MySQL (MariaDB 10.11 here), our engine on PyMySQL; the stock backend runs on
-# PyMySQL too. POOL_MODE "transaction" is refused on MySQL: session mode only.
+# PyMySQL too. In POOL_MODE "transaction", _TRANSACTION_MODE's three apply too.
 _NO_TZ_TABLES = (
     "Environment, not ours: the server's time zone tables (mysql.time_zone_name...) "
     "are empty here (no mysql_tzinfo_to_sql run), so CONVERT_TZ() to a named zone "
@@ -154,7 +157,6 @@ _MYSQL: list[Deviation] = [
         BOTH,
         stock_too=True,
         drivers=PYMYSQL,
-        pool_modes=SESSION,
         reason=(
             "Driver, not ours: quote_value() escapes with the driver's escape(), and "
             "the test expects mysqlclient's result for bytes (b\"'bytes'\"); PyMySQL "
@@ -167,7 +169,6 @@ _MYSQL: list[Deviation] = [
         BOTH,
         stock_too=False,
         drivers=PYMYSQL,
-        pool_modes=SESSION,
         reason=(
             "Django's MySQL session setup (SET SQL_AUTO_IS_NULL = 0, the isolation "
             "level) runs once, when the pool opens the physical connection; "
@@ -182,7 +183,6 @@ _MYSQL: list[Deviation] = [
         BOTH,
         stock_too=False,
         drivers=PYMYSQL,
-        pool_modes=SESSION,
         reason=(
             "An invalid OPTIONS['isolation_level'] is refused with ImproperlyConfigured, "
             "as Django does, but by our settings check, before any pool is made, with "
@@ -198,8 +198,7 @@ _MYSQL: list[Deviation] = [
             BOTH,
             stock_too=True,
             drivers=PYMYSQL,
-            pool_modes=SESSION,
-            reason=_NO_TZ_TABLES,
+                reason=_NO_TZ_TABLES,
         )
         for name in (
             "test_extract_func_explicit_timezone_priority",
@@ -215,7 +214,6 @@ _MYSQL: list[Deviation] = [
         BOTH,
         stock_too=True,
         drivers=PYMYSQL,
-        pool_modes=SESSION,
         reason=_NO_TZ_TABLES,
     ),
 ]

@@ -32,8 +32,8 @@ as well. With ``--driver both`` (the default) psycopg 3 must be installed.
 
 ``--pool-mode transaction`` runs our engine with ``OPTIONS["POOL_MODE"] =
 "transaction"`` (``session``, the option's default, otherwise): the connection
-goes back to the pool between statements. Our MySQL engine refuses that mode,
-and so does ``--driver pymysql``. Deviations scoped to one pool mode
+goes back to the pool between statements (with ``--driver pymysql`` too: the
+MySQL dialect of its pinning). Deviations scoped to one pool mode
 (``Deviation.pool_modes``) apply to that mode's runs only; the stock backend
 has no such option and runs as always.
 
@@ -525,12 +525,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--modes: choose among {', '.join(MODES)}")
     if args.jobs < 1:
         parser.error("--jobs: at least 1")
-    if args.driver == MYSQL_DRIVER and args.pool_mode == "transaction":
-        parser.error(
-            "--pool-mode transaction: our MySQL engine refuses POOL_MODE 'transaction' "
-            "(its pinning reads PostgreSQL's statements only); run --driver pymysql in "
-            "session mode"
-        )
     if args.apps is None:
         args.apps = MYSQL_APPS if args.driver == MYSQL_DRIVER else APPS
 

@@ -9,10 +9,11 @@ through the ``socket`` module, gevent's once patched. Its connections are
 in flight the pool can see (``drivers/pymysql.py``).
 
 Everything else is the PostgreSQL engines' pool: the same OPTIONS, cap,
-errors, stats, checks and command. ``POOL_MODE = "transaction"`` is refused
-here for now: its pinning reads PostgreSQL's statements only, and MySQL's
-session state (user variables, ``GET_LOCK``, ``LOCK TABLES``...) would reach
-the next borrower.
+errors, stats, checks and command. ``POOL_MODE = "transaction"`` reads MySQL's
+statements for session state (``pinning``'s ``mysql`` dialect: user
+variables, ``GET_LOCK``, ``LOCK TABLES``...), and a pinned connection goes back
+wiped by ``COM_RESET_CONNECTION`` with Django's session setup run again after
+it, ``RESET_QUERY`` or not.
 
 The server facts Django's MySQL backend asks once per wrapper
 (``mysql_server_data``: version, ``sql_mode``...; under gevent a wrapper per
@@ -87,6 +88,7 @@ class DatabaseWrapper(PooledDatabaseWrapperMixin, _PyMySQLWrapper):
     """Django's MySQL backend on PyMySQL, with connections borrowed from a pool."""
 
     pool_driver = "pymysql"
+    pool_dialect = "mysql"
     creation_class = DatabaseCreation
 
     @property
