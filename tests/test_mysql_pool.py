@@ -675,3 +675,60 @@ def test_a_reset_that_fails_discards_the_connection(
     assert conn.thread_id() != thread_id
     pool.putconn(conn)
     pool.check_invariants()
+
+
+def test_resets_on_a_silent_network_give_up_within_their_bound_under_20_workers(
+    make_pool: PoolFactory, admin: Any, params: dict[str, Any], workers: Workers
+) -> None:
+    """20 sessions with state go back with reset=True while the network is silent.
+
+    Each return gives up after ``RETURN_TIMEOUT`` (the watchdog cuts the
+    socket; the ``KILL`` side connection is tried as for any severed session),
+    the connections are discarded, not lent, and once the network is back the
+    next 20 checkouts get fresh sessions without the state.
+    """
+    from django_gevent_pool.health import RETURN_TIMEOUT
+
+    from .proxy import Proxy
+
+    with Proxy(f"host={params['host']} port={params['port']}") as proxy:
+        pool = make_pool(
+            MAX_CONNS=20, POOL_TIMEOUT=10, connect={"host": "127.0.0.1", "port": proxy.port}
+        )
+        held: list[Any] = []
+        took: list[float] = []
+        go = [False]
+
+        def pinned_then_returned() -> None:
+            conn = pool.getconn()
+            one(conn, "SET @dgp_v = 1")
+            held.append(conn.thread_id())
+            while not go[0]:
+                sleep(0.01)
+            start = time.monotonic()
+            pool.putconn(conn, reset=True)
+            took.append(time.monotonic() - start)
+
+        for _ in range(20):
+            workers.spawn(pinned_then_returned)
+        wait_until(lambda: len(held) == 20, what="20 sessions with state")
+        proxy.stall()
+        go[0] = True
+        workers.join()
+        proxy.resume()
+        assert not workers.errors
+        assert len(took) == 20 and max(took) < RETURN_TIMEOUT + SLACK, took
+        assert min(took) >= RETURN_TIMEOUT - 0.1, took  # the reset really waited
+        stats = pool.get_stats()
+        assert stats["pool_size"] == 0 and stats["pool_in_use"] == 0
+        pool.check_invariants()
+        fresh = [pool.getconn() for _ in range(20)]
+        assert {conn.thread_id() for conn in fresh}.isdisjoint(held)
+        assert [one(conn, "SELECT @dgp_v") for conn in fresh] == [None] * 20
+        for conn in fresh:
+            pool.putconn(conn)
+    wait_until(
+        lambda: not set(held) & set(sessions(admin, params["user"])),
+        what="the cut sessions ended on the server",
+        timeout=5.0,
+    )

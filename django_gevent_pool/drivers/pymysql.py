@@ -82,6 +82,7 @@ class PooledConnection(pymysql.connections.Connection):  # type: ignore[misc]
 
     _dgp_busy = False
     _dgp_killed = False
+    _dgp_cut = False  # the pool shut the socket (a watchdog): the server may run on
     # An error packet or a result set (no status kept) came after the last
     # status: with autocommit off, a transaction may be open.
     _dgp_unsure = False
@@ -147,9 +148,10 @@ class PooledConnection(pymysql.connections.Connection):  # type: ignore[misc]
     def _force_close(self) -> None:
         busy, self._dgp_busy = self._dgp_busy, False
         # Not when the server closed the session itself (it was killed, or
-        # wait_timeout ended it): PyMySQL read the end of the stream.
+        # wait_timeout ended it): PyMySQL read the end of the stream. A socket
+        # the pool shut reads as ended too, while the server runs on.
         sock = self._sock
-        alive = busy and sock is not None and not hung_up_fd(sock.fileno())
+        alive = busy and sock is not None and (self._dgp_cut or not hung_up_fd(sock.fileno()))
         super()._force_close()
         if alive:
             self._dgp_kill()
@@ -310,6 +312,8 @@ class PyMySQLDriver:
             conn.autocommit(conn.autocommit_mode)
 
     def cut(self, conn: Any) -> None:
+        if isinstance(conn, PooledConnection):
+            conn._dgp_cut = True
         try:
             fd = _fileno(conn)
         except Exception:  # no socket left: nothing to shut
