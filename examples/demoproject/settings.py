@@ -100,6 +100,7 @@ if os.environ.get("DGP_DB") == "mysql":
             "MAX_CONNS": MAX_CONNS,
             "REUSE_CONNS": MAX_CONNS,
             "POOL_TIMEOUT": 10,
+            "POOL_MODE": os.environ.get("DGP_POOL_MODE", "session"),
             "HOST_MAX_CONNS": HOST_MAX_CONNS,
         },
     }
