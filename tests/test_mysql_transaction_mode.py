@@ -607,3 +607,41 @@ def test_mysql_pin_reasons_from_the_statement_text(sql: Any, reason: str | None)
 
     assert pin_reason(sql, "mysql") == reason
     assert pin_reason(sql, "mysql") == reason  # remembered, apart from PostgreSQL's answers
+
+
+ORPHAN = TX + textwrap.dedent(
+    """
+    import gevent
+    seen = {}
+
+    def pins_and_ends(_):
+        seen["id"] = scalar("SELECT CONNECTION_ID()")
+        scalar("SET @dgp_orphan = 1")  # pins; the greenlet ends holding the connection
+
+    def unpinned_and_ends(_):
+        scalar("SELECT 1")  # gave it back already: nothing to return at the end
+
+    gevent.joinall([gevent.spawn(pins_and_ends, 0), gevent.spawn(unpinned_and_ends, 1)])
+    gevent.sleep(0.2)  # the greenlet-end return runs in a greenlet of its own
+    stats = pool_stats()
+    next_one = []
+
+    def next_request(_):
+        next_one.append([scalar("SELECT CONNECTION_ID()"), scalar("SELECT @dgp_orphan")])
+        connection.close()
+
+    gevent.joinall([gevent.spawn(next_request, 0)])
+    get_pool().check_invariants()
+    print(json.dumps({
+        "id": seen["id"], "in_use": stats["pool_in_use"], "next": next_one[0],
+        "opened": pool_stats()["connections_num"],
+    }))
+    """
+)
+
+
+def test_a_greenlet_ending_pinned_gives_its_session_back_reset(params: dict[str, Any]) -> None:
+    got = result(run_child(ORPHAN, "gevent", params, {"MAX_CONNS": 1, "POOL_MODE": "transaction"}))
+    assert got["in_use"] == 0
+    assert got["next"] == [got["id"], None]  # the same session, its user variable gone
+    assert got["opened"] == 1
