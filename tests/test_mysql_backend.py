@@ -126,17 +126,21 @@ def result(child: Any, timeout: float = 60) -> dict[str, Any]:
     return json.loads(out.strip().splitlines()[-1])
 
 
+def result_and_peak(child: Any, admin: Any, user: str) -> tuple[dict[str, Any], int]:
+    """The child's result, and the most sessions of ``user`` the server had while it ran."""
+    peak = 0
+    deadline = time.monotonic() + 60
+    while child.poll() is None and time.monotonic() < deadline:
+        peak = max(peak, len(sessions(admin, user)))
+        sleep(0.005)
+    return result(child), peak
+
+
 @pytest.mark.parametrize("mode", ["gevent", "threads"])
 def test_40_requests_share_4_connections_with_one_server_look_per_pool(
     admin: Any, params: dict[str, Any], mode: str
 ) -> None:
-    child = run_child(SERVE, mode, params)
-    peak = 0
-    deadline = time.monotonic() + 60
-    while child.poll() is None and time.monotonic() < deadline:
-        peak = max(peak, len(sessions(admin, params["user"])))
-        sleep(0.005)
-    got = result(child)
+    got, peak = result_and_peak(run_child(SERVE, mode, params), admin, params["user"])
     assert got["rows"] == 40
     assert 1 <= peak <= 4, f"the server saw {peak} sessions of the app (MAX_CONNS=4)"
     assert len(got["sessions"]) <= 4 and got["opened"] <= 4

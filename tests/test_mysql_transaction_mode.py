@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from .mysql_support import admin, params, root_params, sessions
+from .mysql_support import admin, params, root_params
 from .support import sleep
-from .test_mysql_backend import PRELUDE, result, run_child
+from .test_mysql_backend import PRELUDE, result, result_and_peak, run_child
 
 __all__ = ["admin", "params", "root_params"]  # fixtures
 
@@ -359,12 +359,7 @@ def test_30_requests_waiting_on_other_io_need_no_connection_meanwhile(
     child = run_child(
         WAITERS, mode, params, {"MAX_CONNS": 2, "POOL_TIMEOUT": 3, "POOL_MODE": "transaction"}
     )
-    peak = 0
-    deadline = time.monotonic() + 60
-    while child.poll() is None and time.monotonic() < deadline:
-        peak = max(peak, len(sessions(admin, params["user"])))
-        sleep(0.005)
-    got = result(child)
+    got, peak = result_and_peak(child, admin, params["user"])
     assert got["errors"] == []
     assert got["elapsed"] < 3.0, got
     assert peak <= 2, f"the server saw {peak} sessions of the app (MAX_CONNS=2)"
