@@ -368,6 +368,10 @@ class FakeMySQLConn:
         self._command(sql)
         self.server_status &= ~SERVER_STATUS_IN_TRANS
 
+    def reset_connection(self) -> None:
+        self._command("COM_RESET_CONNECTION")
+        self.server_status = SERVER_STATUS_AUTOCOMMIT
+
     def rollback(self) -> None:
         self._command("ROLLBACK")
         if self.fail_rollback:
@@ -429,6 +433,7 @@ class FakeMySQLDriver:
     name = "fake-mysql"
     Error = FakeMySQLError
     errors = flavoured(FakeMySQLOperationalError, FakeMySQLProgrammingError)
+    resets_sessions = True
 
     def status(self, conn: FakeMySQLConn) -> Status:
         FAKE_DRIVER_CALLS.add("status")
@@ -459,6 +464,10 @@ class FakeMySQLDriver:
     def execute(self, conn: FakeMySQLConn, sql: str) -> None:
         FAKE_DRIVER_CALLS.add("execute")
         conn.query(sql)
+
+    def reset_session(self, conn: FakeMySQLConn) -> None:
+        FAKE_DRIVER_CALLS.add("reset_session")
+        conn.reset_connection()
 
     def cut(self, conn: FakeMySQLConn) -> None:
         FAKE_DRIVER_CALLS.add("cut")
@@ -588,15 +597,23 @@ class PoolMachine(RuleBasedStateMachine):
         assert not conn.server_gone
         return conn
 
-    @rule(conn=consumes(held), state=st.sampled_from(STATES), bad_rollback=st.booleans())
-    def give_back(self, conn: Any, state: str, bad_rollback: bool) -> None:
+    @rule(
+        conn=consumes(held),
+        state=st.sampled_from(STATES),
+        bad_rollback=st.booleans(),
+        reset=st.sampled_from([None, False, True]),
+    )
+    def give_back(self, conn: Any, state: str, bad_rollback: bool, reset: bool | None) -> None:
         if conn is None or self.pool is None:
             return
         conn.set_state(state)
         conn.fail_rollback = bad_rollback
         size = self.pool.get_stats()["pool_size"]
-        self.pool.putconn(conn)
+        self.pool.putconn(conn, reset=reset)
         after = self.pool.get_stats()
+        if reset is True and state == "IDLE" and self.pool.driver.resets_sessions:
+            # A borrower that made session state: the protocol's reset ran.
+            assert "COM_RESET_CONNECTION" in conn.sent
         if state in ("ACTIVE", "UNKNOWN") or (state in ("INTRANS", "INERROR") and bad_rollback):
             assert after["pool_size"] == size - 1, "a bad connection's slot is freed at once"
             assert conn not in self._idle()
@@ -826,6 +843,15 @@ def test_pool_state_machine_through_a_fake_driver() -> None:
     assert REACHED_PAST_THE_DRIVER == []
     # The run went through every part of the protocol a single thread can reach
     # (cut needs a silent network, detach a fork).
-    reached = {"status", "fileno", "ping", "rollback", "execute", "sever", "close"}
+    reached = {
+        "status",
+        "fileno",
+        "ping",
+        "rollback",
+        "execute",
+        "reset_session",
+        "sever",
+        "close",
+    }
     assert reached <= FAKE_DRIVER_CALLS, reached - FAKE_DRIVER_CALLS
     assert "ensure_cooperative" in FAKE_DRIVER_CALLS
