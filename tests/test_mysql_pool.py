@@ -717,7 +717,9 @@ def test_resets_on_a_silent_network_give_up_within_their_bound_under_20_workers(
         workers.join()
         proxy.resume()
         assert not workers.errors
-        assert len(took) == 20 and max(took) < RETURN_TIMEOUT + SLACK, took
+        # 20 watchdogs fire at once, each return then cuts, discards and starts
+        # its KILL: a second of slack on a shared 2-core machine.
+        assert len(took) == 20 and max(took) < RETURN_TIMEOUT + 2 * SLACK, took
         assert min(took) >= RETURN_TIMEOUT - 0.1, took  # the reset really waited
         stats = pool.get_stats()
         assert stats["pool_size"] == 0 and stats["pool_in_use"] == 0
