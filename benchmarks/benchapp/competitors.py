@@ -18,6 +18,10 @@ on the same driver, in the same run. A third time on psycopg2 with
 back to the pool after each statement outside ``atomic()``. Its reference is
 ``raw-per-query``: the same Django app whose ``/wait/`` view takes a raw
 connection only for each of its two queries.
+
+On MySQL (the ``mysql`` scenario, ``MYSQL_CONFIGS``) ours runs in both modes
+(``mysql-ours``, ``mysql-ours-transaction``) beside Django's stock MySQL
+backend and django-mysql-geventpool, all on PyMySQL.
 """
 
 from __future__ import annotations
@@ -71,9 +75,14 @@ OUR_ENGINES = {
     OURS_TRANSACTION: "django_gevent_pool.backends.postgresql_psycopg2",
 }
 
-#: OPTIONS of ours beyond MAX_CONNS, REUSE_CONNS and POOL_TIMEOUT, per competitor.
+#: Our MySQL engine in transaction mode (the ``mysql`` scenario's, on PyMySQL).
+MYSQL_OURS_TRANSACTION = "mysql-ours-transaction"
+
+#: OPTIONS of ours beyond MAX_CONNS, REUSE_CONNS and POOL_TIMEOUT, per competitor
+#: (on PostgreSQL and on MySQL).
 OUR_EXTRA_OPTIONS: dict[str, dict[str, Any]] = {
     OURS_TRANSACTION: {"POOL_MODE": "transaction"},
+    MYSQL_OURS_TRANSACTION: {"POOL_MODE": "transaction"},
 }
 
 
@@ -266,14 +275,16 @@ SKEW_CONFIGS: dict[str, Competitor] = {
 }
 
 #: The competitors of the ``mysql`` scenario (``benchkit/mysqlbench.py``): the
-#: primary-key view served from MySQL/MariaDB, each as a MySQL user of its own
-#: (``MYSQL_USERS``: MySQL has no application_name, its sessions are counted by
-#: user in ``information_schema.PROCESSLIST``). Not HTTP competitors of the
-#: PostgreSQL scenarios: served only by that scenario.
+#: primary-key and wait views served from MySQL/MariaDB, each as a MySQL user of
+#: its own (``MYSQL_USERS``: MySQL has no application_name, its sessions are
+#: counted by user in ``information_schema.PROCESSLIST``). Not HTTP competitors
+#: of the PostgreSQL scenarios: served only by that scenario.
 MYSQL_OURS = "mysql-ours"
 MYSQL_STOCK_AGE0 = "mysql-stock-age0"
 MYSQL_STOCK_AGE60 = "mysql-stock-age60"
 MYSQL_GEVENTPOOL = "mysql-geventpool"
+#: The views of the ``mysql`` scenario, in order: the same ORM views as on PostgreSQL.
+MYSQL_VIEWS = ("item", "wait")
 MYSQL_CONFIGS: dict[str, Competitor] = {
     MYSQL_OURS: Competitor(
         MYSQL_OURS,
@@ -286,6 +297,21 @@ MYSQL_CONFIGS: dict[str, Competitor] = {
             " backend on PyMySQL, which the engine installs as MySQLdb itself),"
             " MAX_CONNS = REUSE_CONNS, POOL_TIMEOUT 10"
         ),
+        views=MYSQL_VIEWS,
+    ),
+    MYSQL_OURS_TRANSACTION: Competitor(
+        MYSQL_OURS_TRANSACTION,
+        "django-gevent-pool (ours, MySQL, transaction mode)",
+        "pymysql",
+        hide_psycopg=False,
+        ours=True,
+        notes=(
+            'the same as ours on MySQL plus POOL_MODE="transaction": the connection goes back'
+            " to the pool after each statement outside atomic() and after each outermost"
+            " atomic(); refused (the run stops) if, after one ORM statement in autocommit,"
+            " its pool still has a connection lent"
+        ),
+        views=MYSQL_VIEWS,
     ),
     MYSQL_STOCK_AGE0: Competitor(
         MYSQL_STOCK_AGE0,
@@ -294,6 +320,7 @@ MYSQL_CONFIGS: dict[str, Competitor] = {
         hide_psycopg=False,
         capped_by_gunicorn=True,
         notes="PyMySQL installed as MySQLdb in the worker; a new server connection per request",
+        views=MYSQL_VIEWS,
     ),
     MYSQL_STOCK_AGE60: Competitor(
         MYSQL_STOCK_AGE60,
@@ -305,6 +332,7 @@ MYSQL_CONFIGS: dict[str, Competitor] = {
             "PyMySQL installed as MySQLdb in the worker; persistent: one connection per"
             " greenlet (= per keep-alive client)"
         ),
+        views=MYSQL_VIEWS,
     ),
     MYSQL_GEVENTPOOL: Competitor(
         MYSQL_GEVENTPOOL,
@@ -315,11 +343,13 @@ MYSQL_CONFIGS: dict[str, Competitor] = {
             "PyMySQL installed as MySQLdb in the worker; OPTIONS MAX_CONNS; a gevent Queue"
             " with no checkout timeout, ping() on every checkout"
         ),
+        views=MYSQL_VIEWS,
     ),
 }
 #: The MySQL user each competitor of the ``mysql`` scenario connects as.
 MYSQL_USERS: dict[str, str] = {
     MYSQL_OURS: "dgpb_ours",
+    MYSQL_OURS_TRANSACTION: "dgpb_ours_tx",
     MYSQL_STOCK_AGE0: "dgpb_age0",
     MYSQL_STOCK_AGE60: "dgpb_age60",
     MYSQL_GEVENTPOOL: "dgpb_dmg",
@@ -447,7 +477,7 @@ def mysql_database(
     key: str, common: dict[str, Any], max_conns: int, pool_timeout: float
 ) -> dict[str, Any]:
     """The ``DATABASES["default"]`` entry of a competitor of the ``mysql`` scenario."""
-    if key == MYSQL_OURS:
+    if MYSQL_CONFIGS[key].ours:
         return {
             **common,
             "ENGINE": "django_gevent_pool.backends.mysql",
@@ -456,6 +486,7 @@ def mysql_database(
                 "MAX_CONNS": max_conns,
                 "REUSE_CONNS": max_conns,
                 "POOL_TIMEOUT": pool_timeout,
+                **OUR_EXTRA_OPTIONS.get(key, {}),
             },
         }
     if key == MYSQL_GEVENTPOOL:

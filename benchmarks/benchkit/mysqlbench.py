@@ -1,11 +1,13 @@
-"""The ``mysql`` scenario: the primary-key view served from MySQL/MariaDB.
+"""The ``mysql`` scenario: the primary-key and wait views served from MySQL/MariaDB.
 
-Four competitors (``benchapp.competitors.MYSQL_CONFIGS``), each in its own
+Five competitors (``benchapp.competitors.MYSQL_CONFIGS``), each in its own
 gunicorn of gevent workers, on the database ``dgp_bench`` of the MySQL server
 ``$DGP_MYSQL`` (``host:port``, default 127.0.0.1:3306, as root without a
 password), created and seeded here with the same items as on PostgreSQL:
 
 - ours, ``django_gevent_pool.backends.mysql``, MAX_CONNS = REUSE_CONNS, POOL_TIMEOUT 10;
+- ours again with ``POOL_MODE = "transaction"`` (skipped, saying why, by a
+  package that refuses the option);
 - Django's stock MySQL backend, CONN_MAX_AGE=0 and 60, capped by gunicorn's
   ``worker_connections`` = MAX_CONNS as on PostgreSQL;
 - django-mysql-geventpool 0.2.5, OPTIONS ``MAX_CONNS``.
@@ -13,7 +15,9 @@ password), created and seeded here with the same items as on PostgreSQL:
 All on PyMySQL (the stock backend and django-mysql-geventpool get it
 installed as ``MySQLdb`` in the worker, the way their gevent users must;
 ours installs it itself). Every pool is filled first (``/warm/``), then wrk
-drives ``/item/<pk>/`` with the clients and durations of the http scenario.
+drives ``/item/<pk>/`` and ``/wait/`` (a lookup, 50 ms of ``gevent.sleep``
+off the database, a lookup) in turn, with the clients and durations of the
+http scenario (``--views`` keeps a subset of the two).
 
 MySQL has no ``application_name``: each competitor connects as a MySQL user of
 its own (``MYSQL_USERS``), created here and dropped at the end, and
@@ -34,7 +38,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from benchapp.competitors import DBNAME, ITEMS, MYSQL_CONFIGS, MYSQL_PASSWORD, MYSQL_USERS
+from benchapp.competitors import (
+    DBNAME,
+    ITEMS,
+    MYSQL_CONFIGS,
+    MYSQL_PASSWORD,
+    MYSQL_USERS,
+    MYSQL_VIEWS,
+    unavailable,
+)
 
 from .loads import run_wrk
 from .servers import HOST, Gunicorn, Peaks, free_port
@@ -43,8 +55,6 @@ from .skewed import library_digest
 if TYPE_CHECKING:
     from .runner import Run
 
-#: The one view of this scenario.
-VIEW = "item"
 #: Seconds a MySQL server gets to answer the first connect.
 CONNECT_LIMIT = 5
 #: Seconds the sessions of a stopped (or quiet) competitor get to go away.
@@ -91,17 +101,40 @@ class MySQLScenario:
     skipped: str | None = None
     sampler: ProcessListSampler | None = None
     users: list[str] = field(default_factory=list)
+    #: The competitors to measure (those the package accepts the options of).
+    keys: list[str] = field(default_factory=list)
+    #: The views to measure on each, in order (``MYSQL_VIEWS`` within ``--views``).
+    views: list[str] = field(default_factory=list)
+
+
+def scenario_views(views: tuple[str, ...]) -> list[str]:
+    """The views of this scenario that ``--views`` keeps, in order."""
+    return [view for view in MYSQL_VIEWS if view in views]
 
 
 def setup(run: Run) -> MySQLScenario:
     """Reach the server, create and seed the database and the users, start the sampler.
 
-    Returns a skipped scenario (with the reason) when no server answers, or
-    when it has too few free connections for one competitor.
+    Returns a skipped scenario (with the reason) when no server answers, when
+    it has too few free connections for one competitor, or when ``--views``
+    leaves none of its views. A competitor of ours whose options the package
+    refuses (``POOL_MODE`` before it exists) goes to ``run.skipped``, with
+    the reason, and the others are measured.
     """
     params = root_params()
     where = f"{params['host']}:{params['port']}"
     scenario = MySQLScenario(host=params["host"], port=params["port"])
+    scenario.views = scenario_views(run.config.views)
+    if not scenario.views:
+        scenario.skipped = f"--views keeps none of {', '.join(MYSQL_VIEWS)}"
+        return _skip(run, scenario)
+    for key in MYSQL_CONFIGS:
+        why = unavailable(key)
+        if why is None:
+            scenario.keys.append(key)
+        else:
+            run.skipped[key] = why
+            print(f"  skipped {key}: {why}", flush=True)
     try:
         import pymysql
     except ImportError as exc:
@@ -366,12 +399,18 @@ def mysql_round(run: Run, round_no: int, scenario: MySQLScenario) -> None:
     """Every competitor once, in an order rotating from round to round."""
     from .runner import rotate
 
-    for key in rotate(list(MYSQL_CONFIGS), round_no):
+    for key in rotate(list(scenario.keys), round_no):
         mysql_competitor(run, round_no, key, scenario)
 
 
 def mysql_competitor(run: Run, round_no: int, key: str, scenario: MySQLScenario) -> None:
-    """One competitor: its gunicorn up, checked, warmed, the pk view measured, stopped."""
+    """One competitor: its gunicorn up, checked, warmed, each view measured in turn, stopped.
+
+    One warm-up run of wrk on the first view, as in the http scenario; before
+    and after each measured view, the abandoned requests finished and the
+    stray sessions closed (:func:`settle_between`). One record per view; its
+    ``peak_life`` is the competitor's peak from its start to that view's end.
+    """
     from .runner import TMP, check_workers, in_every_worker, pool_counters
 
     competitor = MYSQL_CONFIGS[key]
@@ -396,31 +435,44 @@ def mysql_competitor(run: Run, round_no: int, key: str, scenario: MySQLScenario)
     gunicorn = Gunicorn(sys.executable, env, port, TMP / f"gunicorn-{key}-{round_no}.log")
     run.register(gunicorn.proc)
     run._active_gunicorn = gunicorn
+    views = [view for view in scenario.views if competitor.serves(view)]
+    results: list[dict[str, Any]] = []
     try:
         check_workers(competitor, gunicorn.wait_ready(config.workers))
         # Every pool filled first: django-mysql-geventpool's as django-db-geventpool's.
         in_every_worker(port, "/warm/", config.workers)
-        run_wrk(wrk, port, VIEW, clients, config.http_warmup, ITEMS)
+        run_wrk(wrk, port, views[0], clients, config.http_warmup, ITEMS)
         settle_between(run, port, key)
-        if competitor.ours:
-            pool_counters(port, config.workers)  # from now on
-        with sampler.window() as peaks:
-            result = run_wrk(wrk, port, VIEW, clients, config.http_seconds, ITEMS)
-        settle_between(run, port, key)
-        if competitor.ours:
-            result["pool"] = pool_counters(port, config.workers)
-        result.update(
-            scenario="mysql",
-            round=round_no,
-            competitor=key,
-            user=user,
-            peak_total=peaks.per_name.get(user, 0),
-            peak_life=sampler.life_peak(user),
-            busy_share=peaks.busy_share(),
-            states=peaks.states,
-            samples=peaks.samples,
-            library_digest=library_digest(),
-        )
+        for view in views:
+            if competitor.ours:
+                pool_counters(port, config.workers)  # from now on
+            with sampler.window() as peaks:
+                result = run_wrk(wrk, port, view, clients, config.view_seconds(view), ITEMS)
+            settle_between(run, port, key)
+            if competitor.ours:
+                result["pool"] = pool_counters(port, config.workers)
+            result.update(
+                scenario="mysql",
+                round=round_no,
+                competitor=key,
+                user=user,
+                peak_total=peaks.per_name.get(user, 0),
+                peak_life=sampler.life_peak(user),
+                busy_share=peaks.busy_share(),
+                states=peaks.states,
+                samples=peaks.samples,
+                library_digest=library_digest(),
+            )
+            results.append(result)
+            if run.guard_tripped:
+                break
+            print(
+                f"  mysql  {key:<22} {view:<4} {result['rps']:>6.0f}/s "
+                f"p50 {result['p50_ms']:>6.1f}ms p99 {result['p99_ms']:>6.1f}ms "
+                f"err {result['errors']} conns {result['peak_total']} "
+                f"(life {result['peak_life']})",
+                flush=True,
+            )
     finally:
         run._active_gunicorn = None
         gunicorn.stop()
@@ -430,13 +482,7 @@ def mysql_competitor(run: Run, round_no: int, key: str, scenario: MySQLScenario)
             print(f"  warning: {left} MySQL sessions of {user} left after {key}", flush=True)
     if run.guard_tripped:
         raise RuntimeError(f"{key}: " + "; ".join(run.guard_tripped))
-    run.records.append(result)
-    print(
-        f"  mysql  {key:<18} item {result['rps']:>6.0f}/s p50 {result['p50_ms']:>6.1f}ms "
-        f"p99 {result['p99_ms']:>6.1f}ms err {result['errors']} "
-        f"conns {result['peak_total']} (life {result['peak_life']})",
-        flush=True,
-    )
+    run.records.extend(results)
 
 
 def settle_between(run: Run, port: int, key: str) -> None:

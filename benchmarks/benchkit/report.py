@@ -20,6 +20,8 @@ from benchapp.competitors import (
     MYSQL_CONFIGS,
     MYSQL_GEVENTPOOL,
     MYSQL_OURS,
+    MYSQL_OURS_TRANSACTION,
+    MYSQL_VIEWS,
     OURS_PSYCOPG3,
     OURS_TRANSACTION,
     PG_REAL_POOL,
@@ -216,7 +218,11 @@ def summarize(
     spreads = [c["spread"] for v in http.values() for c in v.values()] + [
         c["spread"] for c in micro.values()
     ]
-    spreads += [c["spread"] for c in mysql_found.get("competitors", {}).values()]
+    spreads += [
+        c["spread"]
+        for v in mysql_found.get("views", {}).values()
+        for c in v["competitors"].values()
+    ]
     server_sleep = [r["sleep_rps"] for r in records if r["scenario"] == "server"]
     return {
         "http": http,
@@ -714,22 +720,52 @@ def skewed_lines(found: dict[str, Any]) -> list[str]:
 
 # ------------------------------------------------------------------ mysql
 
-#: The mysql scenario's target: ours against django-mysql-geventpool on the pk view.
+#: The mysql scenario's pk-view target: ours against django-mysql-geventpool.
 MYSQL_VS_GEVENTPOOL = 1.0
 MYSQL_TARGET = "mysql pk view"
+#: The mysql scenario's wait-view target: ours in transaction mode against every
+#: pool lending a connection per request (all the other MySQL competitors).
+MYSQL_WAIT_VS_OTHERS = WAIT_VS_OTHERS
+MYSQL_WAIT_TARGET = "mysql wait view, transaction mode"
+#: The targets of the mysql scenario (a run of that scenario alone shows only these).
+MYSQL_TARGETS = (MYSQL_TARGET, MYSQL_WAIT_TARGET)
+#: Per view, the competitor of ours the others are divided by ("ours / it"): the
+#: first of these that ran. Session mode on the pk view (what it is compared
+#: with django-mysql-geventpool in), transaction mode on the wait view.
+MYSQL_LEADS = {
+    "item": (MYSQL_OURS, MYSQL_OURS_TRANSACTION),
+    "wait": (MYSQL_OURS_TRANSACTION, MYSQL_OURS),
+}
+MYSQL_MODES = {MYSQL_OURS: "session mode", MYSQL_OURS_TRANSACTION: "transaction mode"}
+#: How the ratio columns name the competitor of ours the others are divided by.
+MYSQL_SHORT = {MYSQL_OURS: "ours", MYSQL_OURS_TRANSACTION: "ours tx"}
 
 
 def mysql_summary(records: list[dict[str, Any]], server: dict[str, Any]) -> dict[str, Any]:
-    """The ``mysql`` scenario: medians per competitor, and ours / each other one.
+    """The ``mysql`` scenario, per view: medians per competitor, and ours / each other one.
 
     Empty when the scenario was not asked for; only ``server`` (with
-    ``skipped``, the reason) when it was skipped. Ratios are taken round by
-    round (ours and the other competitor a few seconds apart in the same
-    round), then the median: ``rps`` > 1 and ``p99`` < 1 mean ours better.
+    ``skipped``, the reason) when it was skipped. ``views`` maps each view
+    measured to its competitors (``competitors``), the competitor of ours the
+    others are divided by (``ours``: see ``MYSQL_LEADS``) and the ratios
+    (``ours_vs``). Ratios are taken round by round (ours and the other
+    competitor a few seconds apart in the same round), then the median:
+    ``rps`` > 1 and ``p99`` < 1 mean ours better.
     """
     if not server:
         return {}
     rows = [r for r in records if r["scenario"] == "mysql"]
+    views: dict[str, Any] = {}
+    for view in MYSQL_VIEWS:
+        # Records of the first version of the scenario carry the pk view only.
+        mine = [r for r in rows if r.get("view", "item") == view]
+        if mine:
+            views[view] = _mysql_view_summary(view, mine)
+    return {"server": server, "views": views}
+
+
+def _mysql_view_summary(view: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One view of the mysql scenario: medians per competitor, the lead's ratios to the others."""
     competitors: dict[str, Any] = {}
     for key in (k for k in MYSQL_CONFIGS if any(r["competitor"] == k for r in rows)):
         mine = [r for r in rows if r["competitor"] == key]
@@ -754,10 +790,11 @@ def mysql_summary(records: list[dict[str, Any]], server: dict[str, Any]) -> dict
             "peak_life": max(r["peak_life"] for r in mine),
             "pool": pool_counters(mine),
         }
-    ours = {r["round"]: r for r in rows if r["competitor"] == MYSQL_OURS}
+    lead = next((k for k in MYSQL_LEADS[view] if k in competitors), None)
+    ours = {r["round"]: r for r in rows if r["competitor"] == lead}
     ratios: dict[str, Any] = {}
     for key in competitors:
-        if key == MYSQL_OURS:
+        if key == lead:
             continue
         pairs = [
             (ours[r["round"]], r) for r in rows if r["competitor"] == key and r["round"] in ours
@@ -770,30 +807,40 @@ def mysql_summary(records: list[dict[str, Any]], server: dict[str, Any]) -> dict
             "p99": median(p99) if p99 else None,
             "p99_rounds": p99,
         }
-    return {"server": server, "competitors": competitors, "ours_vs": ratios}
+    return {"ours": lead, "competitors": competitors, "ours_vs": ratios}
 
 
-MYSQL_HEADER = (
-    "competitor",
-    "clients",
-    "req/s",
-    "spread",
-    "p50 ms",
-    "p99 ms",
-    "errors",
-    "server conns",
-    "busy",
-    "ours / it, req/s",
-    "ours / it, p99",
-)
+def mysql_ran(found: dict[str, Any]) -> bool:
+    """Did the mysql scenario measure anything (``found``: the summary's ``mysql``)?"""
+    return any(v.get("competitors") for v in (found.get("views") or {}).values())
 
 
-def mysql_rows(found: dict[str, Any]) -> list[tuple[str, ...]]:
-    """The mysql table's rows, as strings."""
+def mysql_header(found: dict[str, Any], view: str) -> tuple[str, ...]:
+    """The header of one view's mysql table: ``ours`` named by its mode in the ratio columns."""
+    ours = MYSQL_SHORT.get(found["views"][view]["ours"], "ours")
+    return (
+        "competitor",
+        "clients",
+        "req/s",
+        "spread",
+        "p50 ms",
+        "p99 ms",
+        "errors",
+        "server conns",
+        "busy",
+        f"{ours} / it, req/s",
+        f"{ours} / it, p99",
+    )
+
+
+def mysql_rows(found: dict[str, Any], view: str) -> list[tuple[str, ...]]:
+    """One view's mysql table rows, as strings."""
+    measured = found["views"][view]
     rows = []
-    for key, row in found.get("competitors", {}).items():
-        ratio = found["ours_vs"].get(key, {})
+    for key, row in measured["competitors"].items():
+        ratio = measured["ours_vs"].get(key, {})
         busy = row["busy_share"]
+        lead = key == measured["ours"]
         rows.append(
             (
                 row["label"],
@@ -805,8 +852,8 @@ def mysql_rows(found: dict[str, Any]) -> list[tuple[str, ...]]:
                 str(row["errors"]),
                 f"{row['peak_server_conns']} (life {row['peak_life']})",
                 "-" if busy is None else f"{busy * 100:.0f}%",
-                "-" if key == MYSQL_OURS else _fmt_x(ratio.get("rps")),
-                "-" if key == MYSQL_OURS else _fmt_x(ratio.get("p99")),
+                "-" if lead else _fmt_x(ratio.get("rps")),
+                "-" if lead else _fmt_x(ratio.get("p99")),
             )
         )
     return rows
@@ -816,47 +863,74 @@ def _fmt_x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
-def mysql_title(found: dict[str, Any], config: dict[str, Any]) -> str:
-    """The mysql table's title."""
+def _session_ceiling(config: dict[str, Any]) -> float:
+    """Wait view: what a pool lending one connection per request can serve at most."""
+    return float(config["workers"] * config["max_conns"] / WAIT_SECONDS)
+
+
+def mysql_title(found: dict[str, Any], config: dict[str, Any], view: str) -> str:
+    """One view's mysql table title."""
     server = found["server"]
     version = (server.get("version") or "?").removeprefix("5.5.5-")  # MariaDB's old prefix
-    return (
-        f"MySQL: primary key (/item/<pk>/) from MariaDB/MySQL {version} "
+    title = (
+        f"MySQL: {VIEW_TITLES[view]} from MariaDB/MySQL {version} "
         f"at {server.get('server')}, {plural(config['workers'], 'gevent worker')}, "
         f"MAX_CONNS={config['max_conns']}, all on PyMySQL"
     )
+    if view == "wait":
+        title += (
+            f"; at most {_session_ceiling(config):.0f} req/s for a pool lending a "
+            "connection per request"
+        )
+    return title
 
 
-def mysql_lines(found: dict[str, Any]) -> list[str]:
-    """What the mysql table's columns mean, and ours' pool counters."""
+def mysql_lines(found: dict[str, Any], view: str) -> list[str]:
+    """What one view's mysql table columns mean, and ours' pool counters."""
+    measured = found["views"][view]
+    lead = measured["ours"]
     lines = [
         "server conns: peak sessions of the competitor's MySQL user in "
         "information_schema.PROCESSLIST (sampled every 20 ms) during the measured run; life: "
-        "from its start to its stop, warm-up included; busy: share of the sampled "
-        "session-time not Sleep; ours / it: per-round ratios, median (req/s > 1x and "
-        "p99 < 1x: ours better)",
+        "from its start to the end of this view's run, warm-up included; busy: share of the "
+        "sampled session-time not Sleep; "
+        + (
+            "ours / it: "
+            if lead is None
+            else f"{MYSQL_SHORT[lead]} / it: ours in {MYSQL_MODES[lead]} divided by it, "
+        )
+        + "per-round ratios, median (req/s > 1x and p99 < 1x: ours better)",
     ]
-    pool = found.get("competitors", {}).get(MYSQL_OURS, {}).get("pool")
-    if pool:
-        lines.append(
-            f"ours: {pool['checkouts_per_request']:.2f} pool checkouts per request, "
+    for key, mode in MYSQL_MODES.items():
+        pool = measured["competitors"].get(key, {}).get("pool")
+        if not pool:
+            continue
+        pins = {name[5:]: v for name, v in pool.items() if name.startswith("pins_") and v}
+        line = (
+            f"ours, {mode}: {pool['checkouts_per_request']:.2f} pool checkouts per request, "
             f"{pool.get('requests_timeouts', 0):.0f} checkout timeouts, "
             f"{pool.get('connections_num', 0):.0f} connections opened during the measured runs"
         )
+        if key == MYSQL_OURS_TRANSACTION:
+            line += ", connections pinned to a request (session state): " + (
+                ", ".join(f"{k} {v:.0f}" for k, v in pins.items()) or "none"
+            )
+        lines.append(line)
     return lines
 
 
 def mysql_target(summary: dict[str, Any], config: dict[str, Any]) -> Target:
-    """Ours >= 1x django-mysql-geventpool's req/s, p99 no worse, within MAX_CONNS."""
+    """Pk view: ours >= 1x django-mysql-geventpool's req/s, p99 no worse, within MAX_CONNS."""
     found = summary.get("mysql") or {}
     why = (found.get("server") or {}).get("skipped")
     if why:
         return Target(MYSQL_TARGET, None, f"scenario skipped: {why}")
-    rows = found.get("competitors", {})
+    measured = (found.get("views") or {}).get("item") or {}
+    rows = measured.get("competitors", {})
     ours, other = rows.get(MYSQL_OURS), rows.get(MYSQL_GEVENTPOOL)
-    ratio = found.get("ours_vs", {}).get(MYSQL_GEVENTPOOL, {}).get("rps")
-    if ours is None or other is None or ratio is None:
-        return Target(MYSQL_TARGET, None, "ours or django-mysql-geventpool not run")
+    ratio = measured.get("ours_vs", {}).get(MYSQL_GEVENTPOOL, {}).get("rps")
+    if measured.get("ours") != MYSQL_OURS or ours is None or other is None or ratio is None:
+        return Target(MYSQL_TARGET, None, "ours or django-mysql-geventpool not run on the pk view")
     cap = config["workers"] * config["max_conns"]
     passed = (
         ratio >= MYSQL_VS_GEVENTPOOL
@@ -874,6 +948,50 @@ def mysql_target(summary: dict[str, Any], config: dict[str, Any]) -> Target:
         f"{plural(config['workers'], 'worker')} x MAX_CONNS {config['max_conns']}), "
         f"{ours['errors']} errors",
     )
+
+
+def mysql_wait_target(summary: dict[str, Any], config: dict[str, Any]) -> Target:
+    """Wait view: ours in transaction mode >= 3x every pool lending a connection per request.
+
+    On MySQL every other competitor lends one per request (ours in session
+    mode, django-mysql-geventpool, the stock backend at both ages), so each
+    is held to ``MYSQL_WAIT_VS_OTHERS``, per-round ratios of req/s, median;
+    and ours in transaction mode must stay within workers x MAX_CONNS
+    sessions over its whole life. Its errors are reported.
+    """
+    name = MYSQL_WAIT_TARGET
+    found = summary.get("mysql") or {}
+    why = (found.get("server") or {}).get("skipped")
+    if why:
+        return Target(name, None, f"scenario skipped: {why}")
+    measured = (found.get("views") or {}).get("wait") or {}
+    rows = measured.get("competitors", {})
+    mine = rows.get(MYSQL_OURS_TRANSACTION)
+    if mine is None or measured.get("ours") != MYSQL_OURS_TRANSACTION:
+        return Target(name, None, _not_run(summary, MYSQL_OURS_TRANSACTION) + " on the wait view")
+    ratios = {key: r["rps"] for key, r in measured["ours_vs"].items() if r.get("rps") is not None}
+    if not ratios:
+        return Target(name, None, "no other competitor measured on the wait view")
+    cap = config["workers"] * config["max_conns"]
+    passed = all(vs >= MYSQL_WAIT_VS_OTHERS for vs in ratios.values()) and (
+        0 < mine["peak_life"] <= cap
+    )
+    missing = [k for k in MYSQL_CONFIGS if k not in rows]
+    detail = (
+        f"ours in transaction mode {mine['rps']:.0f} req/s (p99 {mine['p99_ms']:.1f} ms); "
+        f"pools lending a connection per request, at most {_session_ceiling(config):.0f} "
+        f"req/s (workers x MAX_CONNS / {WAIT_SECONDS} s): target >= "
+        f"{MYSQL_WAIT_VS_OTHERS}x each (median of the per-round ratios): "
+        + ", ".join(
+            f"{rows[key]['label']} {rows[key]['rps']:.0f} req/s: {vs:.2f}x"
+            for key, vs in ratios.items()
+        )
+        + (f" ({', '.join(missing)} not run)" if missing else "")
+        + f"; at most {mine['peak_life']} server connections from start to stop (target <= "
+        f"{cap} = {plural(config['workers'], 'worker')} x MAX_CONNS {config['max_conns']}), "
+        f"{mine['errors']} errors"
+    )
+    return Target(name, passed, detail)
 
 
 # ------------------------------------------------------------------ targets
@@ -1008,6 +1126,7 @@ def targets(summary: dict[str, Any], config: dict[str, Any]) -> list[Target]:
     out += transaction_targets(summary)
     if "mysql" in config["scenarios"]:
         out.append(mysql_target(summary, config))
+        out.append(mysql_wait_target(summary, config))
 
     ours_keys = ("ours", OURS_TRANSACTION)
     peaks = [view[k]["peak_per_worker"] for view in http.values() for k in ours_keys if k in view]
@@ -1301,12 +1420,12 @@ def text_report(summary: dict[str, Any], found: list[Target], config: dict[str, 
             *("  " + line for line in skewed_lines(found_skew)),
         ]
     found_mysql = summary.get("mysql") or {}
-    if found_mysql.get("competitors"):
+    for view in found_mysql.get("views", {}):
         out += [
             "",
-            mysql_title(found_mysql, config),
-            *_plain_table(MYSQL_HEADER, mysql_rows(found_mysql)),
-            *("  " + line for line in mysql_lines(found_mysql)),
+            mysql_title(found_mysql, config, view),
+            *_plain_table(mysql_header(found_mysql, view), mysql_rows(found_mysql, view)),
+            *("  " + line for line in mysql_lines(found_mysql, view)),
         ]
     skipped = skipped_lines(summary)
     if skipped:
@@ -1336,7 +1455,7 @@ def ran_postgresql(summary: dict[str, Any]) -> bool:
         any(summary["http"].values())
         or summary["micro"]
         or summary.get("skewed")
-        or not (summary.get("mysql") or {}).get("competitors")
+        or not mysql_ran(summary.get("mysql") or {})
     )
 
 
@@ -1344,7 +1463,7 @@ def shown_targets(summary: dict[str, Any], found: list[Target]) -> list[Target]:
     """The targets to print: a run of the mysql scenario alone lists its own only."""
     if ran_postgresql(summary):
         return found
-    return [t for t in found if t.name == MYSQL_TARGET]
+    return [t for t in found if t.name in MYSQL_TARGETS]
 
 
 def rst_report(
@@ -1355,9 +1474,9 @@ def rst_report(
     postgresql = ran_postgresql(summary)
     found_mysql = summary.get("mysql") or {}
     servers = []
-    if postgresql or not found_mysql.get("competitors"):
+    if postgresql or not mysql_ran(found_mysql):
         servers.append(machine["postgresql"])
-    if found_mysql.get("competitors"):
+    if mysql_ran(found_mysql):
         version = str(found_mysql["server"].get("version")).removeprefix("5.5.5-")
         servers.append(f"MariaDB/MySQL {version}")
     out = [
@@ -1373,7 +1492,7 @@ def rst_report(
         + (
             f" per view ({config['sleep_seconds']:g} s for the sleep view)"
             if postgresql
-            else " on the view"
+            else f" per view ({config['sleep_seconds']:g} s for the wait view)"
         )
         + f", {meta['wall_seconds']:.0f} s in all).",
         "",
@@ -1442,13 +1561,13 @@ def rst_report(
             *(f"- {line}" for line in skewed_lines(found_skew)),
             "",
         ]
-    if found_mysql.get("competitors"):
+    for view in found_mysql.get("views", {}):
         out += [
-            f"**{mysql_title(found_mysql, config)}**",
+            f"**{mysql_title(found_mysql, config, view)}**",
             "",
-            *_rst_table(MYSQL_HEADER, mysql_rows(found_mysql)),
+            *_rst_table(mysql_header(found_mysql, view), mysql_rows(found_mysql, view)),
             "",
-            *(f"- {line}" for line in mysql_lines(found_mysql)),
+            *(f"- {line}" for line in mysql_lines(found_mysql, view)),
             "",
         ]
     skipped = skipped_lines(summary)
@@ -1456,7 +1575,7 @@ def rst_report(
         out += [*(f"- {line}" for line in skipped), ""]
     out += ["Notes:", ""]
     notes = {c.label: c.notes for c in BY_KEY.values()} if postgresql else {}
-    if found_mysql.get("competitors"):
+    if mysql_ran(found_mysql):
         notes.update({c.label: c.notes for c in MYSQL_CONFIGS.values()})
     for name, note in notes.items():
         out.append(f"- {name}: {note}.")

@@ -29,6 +29,7 @@ from benchapp.competitors import (
     DBNAME,
     ITEMS,
     MICRO_BARE,
+    MYSQL_CONFIGS,
     OURS_PSYCOPG3,
     SLEEP_SECONDS,
     Competitor,
@@ -108,8 +109,12 @@ class Config:
         micro = micro_keys * (1.5 + self.micro_warmup * 3 + self.micro_seconds * 3)
         # Per configuration: start, warm, two phases (pinning, warm-up, window, drain), stop.
         skewed = 2 * (6.0 + 2 * (3.0 + self.skew_warmup + self.skew_seconds))
-        # Per MySQL competitor: start, warm, warm-up, the pk view, drains, stop.
-        mysql = 4 * (6.0 + self.http_warmup + self.http_seconds)
+        # Per MySQL competitor: start, warm, warm-up, its views, drains, stop.
+        mysql = len(MYSQL_CONFIGS) * (
+            6.0
+            + self.http_warmup
+            + sum(self.view_seconds(v) + 1.0 for v in mysqlbench.scenario_views(self.views))
+        )
         per_round = (
             ("http" in self.scenarios) * http
             + ("micro" in self.scenarios) * micro
