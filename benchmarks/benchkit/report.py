@@ -885,8 +885,8 @@ def mysql_title(found: dict[str, Any], config: dict[str, Any], view: str) -> str
     return title
 
 
-def mysql_lines(found: dict[str, Any], view: str) -> list[str]:
-    """What one view's mysql table columns mean, and ours' pool counters."""
+def mysql_lines(found: dict[str, Any], view: str, config: dict[str, Any]) -> list[str]:
+    """What one view's mysql table columns mean, ours' pool counters, the wait view's budget."""
     measured = found["views"][view]
     lead = measured["ours"]
     lines = [
@@ -916,7 +916,30 @@ def mysql_lines(found: dict[str, Any], view: str) -> list[str]:
                 ", ".join(f"{k} {v:.0f}" for k, v in pins.items()) or "none"
             )
         lines.append(line)
+    lines += _mysql_wait_budget(measured, config)
     return lines
+
+
+def _mysql_wait_budget(measured: dict[str, Any], config: dict[str, Any]) -> list[str]:
+    """Wait view: the lead's worker time per request against what the 3x target leaves it.
+
+    Ours in transaction mode is CPU-bound there (it holds no connection through
+    the wait), so ``workers / throughput`` is its CPU per request; serving 3x
+    the best pool that lends a connection per request allows at most
+    ``workers / (3 x its throughput)``.
+    """
+    lead = measured["ours"]
+    mine = measured["competitors"].get(lead or "")
+    others = [r["rps"] for k, r in measured["competitors"].items() if k != lead and r["rps"]]
+    if lead != MYSQL_OURS_TRANSACTION or mine is None or not mine["rps"] or not others:
+        return []
+    workers = config["workers"]
+    return [
+        f"worker time per request ({workers} / throughput): ours tx "
+        f"{workers * 1000 / mine['rps']:.2f} ms; {MYSQL_WAIT_VS_OTHERS:g}x the best pool "
+        f"lending a connection per request ({max(others):.0f} req/s) needs at most "
+        f"{workers * 1000 / (MYSQL_WAIT_VS_OTHERS * max(others)):.2f} ms"
+    ]
 
 
 def mysql_target(summary: dict[str, Any], config: dict[str, Any]) -> Target:
@@ -1425,7 +1448,7 @@ def text_report(summary: dict[str, Any], found: list[Target], config: dict[str, 
             "",
             mysql_title(found_mysql, config, view),
             *_plain_table(mysql_header(found_mysql, view), mysql_rows(found_mysql, view)),
-            *("  " + line for line in mysql_lines(found_mysql, view)),
+            *("  " + line for line in mysql_lines(found_mysql, view, config)),
         ]
     skipped = skipped_lines(summary)
     if skipped:
@@ -1567,7 +1590,7 @@ def rst_report(
             "",
             *_rst_table(mysql_header(found_mysql, view), mysql_rows(found_mysql, view)),
             "",
-            *(f"- {line}" for line in mysql_lines(found_mysql, view)),
+            *(f"- {line}" for line in mysql_lines(found_mysql, view, config)),
             "",
         ]
     skipped = skipped_lines(summary)
