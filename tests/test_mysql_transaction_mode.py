@@ -66,8 +66,7 @@ PINS: list[tuple[str, list[str], str, Any, Any, Any]] = [
     (
         "set",
         ["SET SESSION TRANSACTION ISOLATION LEVEL SERIALIZABLE"],
-        "SELECT VARIABLE_VALUE FROM information_schema.SESSION_VARIABLES"
-        " WHERE VARIABLE_NAME = 'TX_ISOLATION'",
+        "ISOLATION",  # the session's isolation level, named as this server names it
         "SERIALIZABLE",
         "READ-COMMITTED",  # Django's session setup, run again after the reset
         "READ-COMMITTED",
@@ -127,10 +126,15 @@ PIN = TX + textwrap.dedent(
         cur.execute("DELETE FROM dgp_pin_t")
         cur.execute("DELETE FROM dgp_pin_u")
         cur.execute("INSERT INTO dgp_pin_t VALUES (1), (2), (3)")
+    # MySQL 5.7.20+ and MariaDB 11.1+ say transaction_isolation; older ones tx_isolation.
+    isolation = "SELECT @@SESSION.transaction_isolation"
+    if probe(isolation) == "error":
+        isolation = "SELECT @@SESSION.tx_isolation"
     connection.close()
     close_pools()
     out = []
     for reason, setup, sql, _, _, _ in cases:
+        sql = isolation if sql == "ISOLATION" else sql
         got = {"reason": reason}
         made, owner_done = threading.Event(), threading.Event()  # gevent's when patched
 
